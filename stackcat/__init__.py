@@ -1,0 +1,39 @@
+"""stackcat: put every product of a catalogue into the right category.
+
+Strong, different base models (FastText, a fine-tuned BERT, a CLIP image head,
+a BERT+CLIP fusion net) produce out-of-fold probabilities; a CatBoost
+meta-learner combines them. Every base model is a scikit-learn classifier.
+
+Public names are imported lazily so that ``import stackcat`` (and the CLI's
+``--help``) does not pay for torch and transformers.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "read_table": "stackcat.data",
+    "prepare_table": "stackcat.data",
+    "TableSpec": "stackcat.data",
+    "PreparedTable": "stackcat.data",
+    "DataError": "stackcat.data",
+    "FastTextClassifier": "stackcat.models.fasttext",
+    "load_demo": "stackcat.demo",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'stackcat' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
+
+
+def __dir__() -> list[str]:
+    return __all__

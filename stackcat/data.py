@@ -1,0 +1,580 @@
+"""Read product tables, validate their columns and build the product text.
+
+Data flows one way: a CSV/Parquet table -> :func:`read_table` -> a
+:class:`TableSpec` saying which column holds what -> :func:`prepare_table`,
+which returns a :class:`PreparedTable` whose ``frame`` has the columns every
+stackcat model reads: ``id``, ``title``, ``text``, ``image_path`` and, for
+training data, ``label``.
+
+Two ways to name the inputs:
+
+* the KazanExpress format (a ``text_fields`` JSON column with title,
+  description, attributes, characteristics, filters, rating and sale, plus
+  ``shop_title``, ``product_id`` and ``category_id``), detected automatically;
+* a generic spec for any other table: text columns (the first one is the
+  title), attribute columns rendered as ``Key: value``, a target, an id and an
+  image column.
+
+Bad rows never crash a run: each one becomes a :class:`RowError` naming the
+row's id, the column and the reason. Training rows with an error are left out
+(and listed); rows to predict are kept with a best-effort text, since every
+product needs a prediction. ``strict=True`` turns any row error into one
+:class:`DataError` that lists them all.
+"""
+
+from __future__ import annotations
+
+import difflib
+import html
+import json
+import math
+import re
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+SALE_WORD = "Распродажа"
+KE_JSON_COLUMN = "text_fields"
+KE_LEAK_FIELDS = ("rating",)  # unknown when a product is listed
+CSV_SUFFIXES = {".csv", ".tsv", ".txt"}
+PARQUET_SUFFIXES = {".parquet", ".pq"}
+MAX_LISTED_ERRORS = 20
+
+_TAG = re.compile(r"<[^>]*>")
+_BRACKETS = re.compile(r"[\[\]{}<>]")
+_SPACES = re.compile(r"\s+")
+_TRUE_WORDS = {"true", "1", "yes", "y", "t", "да"}
+
+
+class DataError(ValueError):
+    """Input that stackcat cannot use; the message names the file, column or rows."""
+
+
+@dataclass(frozen=True)
+class RowError:
+    """One bad row: its position in the table, its id, the column and the reason."""
+
+    row: int
+    row_id: Any
+    column: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"row {self.row} (id {self.row_id!r}), column {self.column!r}: {self.reason}"
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    """Which column of a table holds what.
+
+    Parameters
+    ----------
+    text_columns : sequence of str
+        Free-text columns, most informative first; the first is the title.
+    attribute_columns : sequence of str
+        Columns rendered as ``"Column: value"`` after the text.
+    target : str or None
+        The category column (``None`` for tables to predict).
+    id_column : str or None
+        Product id column; ``None`` numbers the rows.
+    image_column : str or None
+        Column with image paths (absolute, or relative to ``image_dir``).
+    image_dir : str or None
+        Folder of images; without ``image_column`` each product's image is
+        ``<image_dir>/<id><image_suffix>``.
+    json_column : str or None
+        A KazanExpress-style JSON column with title, description, attributes,
+        characteristics and filters.
+    shop_column, sale_column : str or None
+        Shop name (put first: ``"shop: title. ..."``) and sale flag (adds
+        :data:`SALE_WORD`).
+    lowercase : bool
+        Lower-case the product text.
+
+    Examples
+    --------
+    >>> spec = TableSpec(text_columns=["name"], attribute_columns=["colour"], target="type")
+    >>> spec.required_columns()
+    ['name', 'colour', 'type']
+    """
+
+    text_columns: Sequence[str] = ()
+    attribute_columns: Sequence[str] = ()
+    target: str | None = None
+    id_column: str | None = None
+    image_column: str | None = None
+    image_dir: str | None = None
+    image_suffix: str = ".jpg"
+    json_column: str | None = None
+    shop_column: str | None = None
+    sale_column: str | None = None
+    lowercase: bool = False
+
+    @classmethod
+    def kazanexpress(cls, image_dir: str | None = None, target: str | None = "category_id") -> TableSpec:
+        """The KazanExpress product format (``text_fields`` JSON + shop + sale)."""
+        return cls(
+            target=target,
+            id_column="product_id",
+            json_column=KE_JSON_COLUMN,
+            shop_column="shop_title",
+            sale_column="sale",
+            image_dir=image_dir,
+        )
+
+    @classmethod
+    def detect(cls, columns: Iterable[str], **overrides: Any) -> TableSpec:
+        """Guess the spec from the column names: KazanExpress if ``text_fields`` is present.
+
+        Generic tables need ``text_columns`` (and ``target`` for training) in
+        ``overrides``; everything given in ``overrides`` wins over the guess.
+        """
+        names = set(columns)
+        if KE_JSON_COLUMN in names:
+            spec = cls.kazanexpress(target="category_id" if "category_id" in names else None)
+            optional = {"shop_column": spec.shop_column, "sale_column": spec.sale_column,
+                        "id_column": spec.id_column}
+            spec = replace(spec, **{k: (v if v in names else None) for k, v in optional.items()})
+        else:
+            spec = cls()
+        spec = replace(spec, **{k: v for k, v in overrides.items() if v is not None})
+        if not spec.json_column and not spec.text_columns:
+            raise DataError(
+                "cannot tell which columns hold the product text: the table has no "
+                f"{KE_JSON_COLUMN!r} column (KazanExpress format); name the text columns "
+                f"(--text-columns / TableSpec(text_columns=...)). Columns: {sorted(names)}"
+            )
+        return spec
+
+    def required_columns(self, with_target: bool = True) -> list[str]:
+        """Columns the table must have (the target only when ``with_target``)."""
+        named = [*self.text_columns, *self.attribute_columns, self.json_column,
+                 self.id_column, self.image_column]
+        if with_target:
+            named.append(self.target)
+        return list(dict.fromkeys(c for c in named if c))
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in self.__dict__.items()}
+        return out
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> TableSpec:
+        return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in values.items()})
+
+
+@dataclass
+class PreparedTable:
+    """The validated table: ``frame`` (id, title, text, image_path[, label]) and its row errors.
+
+    ``frame`` keeps the original row order; training rows with an error are
+    already left out of it, and ``errors`` says which and why.
+    """
+
+    frame: pd.DataFrame
+    errors: list[RowError] = field(default_factory=list)
+    spec: TableSpec = field(default_factory=TableSpec)
+    n_input_rows: int = 0
+
+    @property
+    def dropped_rows(self) -> list[int]:
+        kept = set(self.frame.index)
+        return sorted({e.row for e in self.errors if e.row not in kept})
+
+    def summary(self) -> str:
+        """A short human summary: rows read, rows kept, the first errors."""
+        kept = len(self.frame)
+        lines = [f"{self.n_input_rows} rows read, {kept} kept, {len(self.errors)} row problem(s)"]
+        if "label" in self.frame:
+            lines[0] += f", {self.frame['label'].nunique()} categories"
+        lines += [f"  - {e}" for e in self.errors[:MAX_LISTED_ERRORS]]
+        if len(self.errors) > MAX_LISTED_ERRORS:
+            lines.append(f"  ... and {len(self.errors) - MAX_LISTED_ERRORS} more")
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def read_table(path: str | Path, columns: Sequence[str] | None = None) -> pd.DataFrame:
+    """Read a CSV (``.csv``/``.tsv``/``.txt``) or Parquet (``.parquet``/``.pq``) table.
+
+    CSV cells are read as text (ids keep leading zeros; labels keep their
+    spelling). Bytes that are not UTF-8 are replaced and reported with their
+    line numbers as a warning. Text columns come back as ``object`` dtype.
+
+    Examples
+    --------
+    >>> from stackcat.demo import demo_csv_path
+    >>> read_table(demo_csv_path()).shape[0] > 1000
+    True
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: the file is empty")
+    suffix = path.suffix.lower()
+    if suffix in CSV_SUFFIXES:
+        frame = _read_csv(path)
+    elif suffix in PARQUET_SUFFIXES:
+        frame = _read_parquet(path)
+    else:
+        raise DataError(f"{path}: unknown table type {suffix!r}; use .csv, .tsv or .parquet")
+    if frame.empty:
+        raise DataError(f"{path}: the table has a header but no rows")
+    frame = _plain_object_text(frame)
+    if columns is not None:
+        require_columns(frame, columns, source=str(path))
+    return frame
+
+
+def _read_csv(path: Path) -> pd.DataFrame:
+    bad_lines = _non_utf8_lines(path)
+    if bad_lines:
+        shown = ", ".join(map(str, bad_lines[:10])) + (" ..." if len(bad_lines) > 10 else "")
+        warnings.warn(
+            f"{path}: bytes that are not UTF-8 on line(s) {shown}; they were replaced by U+FFFD. "
+            "Re-save the file as UTF-8 to keep those characters.",
+            stacklevel=3,
+        )
+    sep = "\t" if path.suffix.lower() == ".tsv" else ","
+    try:
+        return pd.read_csv(path, sep=sep, dtype=str, keep_default_na=True,
+                           encoding="utf-8", encoding_errors="replace")
+    except pd.errors.EmptyDataError as exc:
+        raise DataError(f"{path}: the file has no header and no rows") from exc
+    except pd.errors.ParserError as exc:
+        raise DataError(f"{path}: not a well-formed CSV table: {exc}") from exc
+
+
+def _non_utf8_lines(path: Path) -> list[int]:
+    bad: list[int] = []
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError:
+                bad.append(number)
+    return bad
+
+
+def _read_parquet(path: Path) -> pd.DataFrame:
+    try:
+        return pd.read_parquet(path)
+    except Exception as exc:  # pyarrow raises many types for a broken file
+        raise DataError(f"{path}: not a readable Parquet file: {exc}") from exc
+
+
+def _plain_object_text(frame: pd.DataFrame) -> pd.DataFrame:
+    """Arrow-backed strings (pandas 3) -> object arrays that scikit-learn can index."""
+    text_like = [c for c in frame.columns
+                 if pd.api.types.is_string_dtype(frame[c]) and frame[c].dtype != object]
+    if text_like:
+        frame = frame.astype({c: object for c in text_like})
+        for c in text_like:
+            frame[c] = frame[c].where(frame[c].notna(), None)
+    return frame
+
+
+def require_columns(frame: pd.DataFrame, columns: Iterable[str], source: str = "the table") -> None:
+    """Raise :class:`DataError` naming every missing column (and close matches)."""
+    missing = [c for c in dict.fromkeys(columns) if c not in frame.columns]
+    if not missing:
+        return
+    hints = []
+    for name in missing:
+        close = difflib.get_close_matches(name, [str(c) for c in frame.columns], n=1)
+        hints.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    raise DataError(
+        f"{source}: missing column(s) {', '.join(hints)}; it has {[str(c) for c in frame.columns]}"
+    )
+
+
+# --------------------------------------------------------------------------- text recipe
+
+
+def clean_text(value: Any) -> str:
+    """Strip HTML tags, entities and brackets; collapse whitespace. ``None``/NaN -> ``""``."""
+    if _is_missing(value):
+        return ""
+    text = html.unescape(_TAG.sub(" ", str(value)))
+    text = _BRACKETS.sub(" ", text)
+    return _SPACES.sub(" ", text).strip()
+
+
+def render_value(value: Any) -> str:
+    """A cell as text: lists joined by ``", "``, mappings as ``"Key: value"`` pairs."""
+    if _is_missing(value):
+        return ""
+    if isinstance(value, Mapping):
+        parts = []
+        for key, inner in value.items():
+            rendered = render_value(inner)
+            parts.append(f"{clean_text(key)}: {rendered}" if rendered else clean_text(key))
+        return ", ".join(p for p in parts if p)
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return ", ".join(p for p in (render_value(v) for v in value) if p)
+    return clean_text(value)
+
+
+def join_segments(segments: Iterable[str]) -> str:
+    """Join non-empty text pieces with ``". "`` without doubling the full stops."""
+    pieces = [s.strip().rstrip(".").strip() for s in segments]
+    return ". ".join(p for p in pieces if p)
+
+
+def ke_product_text(fields: Mapping[str, Any], shop_title: Any = None,
+                    sale: Any = None) -> tuple[str, str]:
+    """Title and product text of one KazanExpress product, by the reference recipe.
+
+    ``"shop: title. description. attributes. characteristics. filters"``, with
+    HTML and brackets stripped, ``rating`` dropped (a leak) and
+    :data:`SALE_WORD` appended when the product is on sale. ``sale`` may come
+    from the JSON or from its own column; the column wins when both are given.
+
+    Examples
+    --------
+    >>> fields = {"title": "Кабель <b>USB</b>", "description": "<p>Длина 1м</p>",
+    ...           "attributes": ["Цвет: черный"], "defined_characteristics": {"Длина": ["1м"]},
+    ...           "rating": 4.9, "sale": True}
+    >>> ke_product_text(fields, shop_title="Aksik")
+    ('Кабель USB', 'Aksik: Кабель USB. Длина 1м. Цвет: черный. Длина: 1м. Распродажа')
+    """
+    title = clean_text(fields.get("title"))
+    shop = clean_text(shop_title)
+    head = f"{shop}: {title}" if shop and title else (shop or title)
+    characteristics = [render_value(fields.get(k))
+                       for k in ("custom_characteristics", "defined_characteristics")]
+    filters = render_value(fields.get("filters"))
+    seen = {c for c in characteristics if c}
+    segments = [head, clean_text(fields.get("description")), render_value(fields.get("attributes")),
+                *characteristics, filters if filters not in seen else ""]
+    on_sale = _as_bool(sale) if not _is_missing(sale) else _as_bool(fields.get("sale"))
+    if on_sale:
+        segments.append(SALE_WORD)
+    return title, join_segments(segments)
+
+
+def upweight_title(text: str, title: str | None = None, words: int = 3, repeat: int = 2) -> str:
+    """Repeat the first ``words`` words of the title ``repeat`` times before the text.
+
+    The single most useful trick of the reference FastText model: the first
+    words of a title usually name the product type. With no title, the text's
+    own first words are used.
+
+    Examples
+    --------
+    >>> upweight_title("Shop: Red cotton shirt for men", "Red cotton shirt for men", words=2)
+    'Red cotton Red cotton Shop: Red cotton shirt for men'
+    """
+    source = title if title else text
+    head = " ".join(str(source).split()[:words]) if words > 0 else ""
+    if not head or repeat <= 0:
+        return text
+    return " ".join([head] * repeat + [text])
+
+
+# --------------------------------------------------------------------------- preparing
+
+
+def prepare_table(frame: pd.DataFrame, spec: TableSpec, *, with_target: bool = True,
+                  strict: bool = False, base_dir: str | Path | None = None) -> PreparedTable:
+    """Validate ``frame`` against ``spec`` and build the model-ready frame.
+
+    Parameters
+    ----------
+    frame : DataFrame
+        The raw table (from :func:`read_table` or your own).
+    spec : TableSpec
+        Which column holds what.
+    with_target : bool
+        Training data (target required; bad rows left out) or data to predict
+        (no target needed; every row kept, bad ones with a best-effort text).
+    strict : bool
+        Raise one :class:`DataError` listing every row problem instead of
+        reporting them.
+    base_dir : path, optional
+        Folder that relative image paths (and ``spec.image_dir``) start from.
+
+    Returns
+    -------
+    PreparedTable
+        ``frame`` with columns ``id, title, text, image_path`` (+ ``label``),
+        indexed by the original row position, plus the row errors.
+
+    Examples
+    --------
+    >>> raw = pd.DataFrame({"name": ["Red shirt", "Blue jeans"], "colour": ["red", None],
+    ...                     "type": ["Shirts", "Jeans"]})
+    >>> spec = TableSpec(text_columns=["name"], attribute_columns=["colour"], target="type")
+    >>> prepare_table(raw, spec).frame[["text", "label"]].values.tolist()
+    [['Red shirt. colour: red', 'Shirts'], ['Blue jeans', 'Jeans']]
+    """
+    if with_target and not spec.target:
+        raise DataError("no target column named: say which column holds the category (--target)")
+    require_columns(frame, spec.required_columns(with_target), source="the table")
+    frame = _plain_object_text(frame.reset_index(drop=True))
+    errors: list[RowError] = []
+    ids = _row_ids(frame, spec, errors, with_target)
+    titles, texts = _product_texts(frame, spec, ids, errors, with_target)
+    columns = {"id": ids, "title": titles, "text": texts,
+               "image_path": _image_paths(frame, spec, ids, base_dir)}
+    # object arrays, not pandas 3's inferred string dtype: scikit-learn indexes them as-is
+    out = pd.DataFrame(columns, index=frame.index, dtype=object)
+    if with_target:
+        out["label"] = pd.Series(_labels(frame[spec.target], spec.target, ids, errors),
+                                 index=out.index, dtype=object)
+    errors.sort(key=lambda e: e.row)
+    if strict and errors:
+        listed = "\n".join(f"  - {e}" for e in errors[:MAX_LISTED_ERRORS])
+        more = f"\n  ... and {len(errors) - MAX_LISTED_ERRORS} more" if len(errors) > MAX_LISTED_ERRORS else ""
+        raise DataError(f"{len(errors)} bad row(s) (strict mode):\n{listed}{more}")
+    if with_target:
+        out = out.drop(index=sorted({e.row for e in errors}))
+    return PreparedTable(frame=out, errors=errors, spec=spec, n_input_rows=len(frame))
+
+
+def _row_ids(frame: pd.DataFrame, spec: TableSpec, errors: list[RowError],
+             with_target: bool) -> np.ndarray:
+    if not spec.id_column:
+        return np.arange(len(frame), dtype=object)
+    ids = frame[spec.id_column].to_numpy(dtype=object)
+    first_seen: dict[Any, int] = {}
+    for row, value in enumerate(ids):
+        if _is_missing(value):
+            errors.append(RowError(row, None, spec.id_column, "missing product id"))
+            ids[row] = f"row-{row}"
+        elif value in first_seen:
+            reason = f"duplicate product id (first seen at row {first_seen[value]})"
+            if with_target:
+                errors.append(RowError(row, value, spec.id_column, reason + "; row left out"))
+            else:
+                warnings.warn(f"row {row} (id {value!r}): {reason}", stacklevel=3)
+        else:
+            first_seen[value] = row
+    return ids
+
+
+def _product_texts(frame: pd.DataFrame, spec: TableSpec, ids: np.ndarray,
+                   errors: list[RowError], with_target: bool) -> tuple[list[str], list[str]]:
+    titles, texts = [], []
+    for row, record in enumerate(frame.to_dict("records")):
+        try:
+            title, text = (_ke_row_text(record, spec) if spec.json_column
+                           else _generic_row_text(record, spec))
+        except ValueError as exc:
+            errors.append(RowError(row, ids[row], spec.json_column or "", str(exc)))
+            raw = "" if _is_missing(record[spec.json_column]) else str(record[spec.json_column])
+            title, text = "", clean_text(re.sub(r"[\"']|\\[nrt]", " ", raw))
+        else:
+            if not text.strip():
+                columns = spec.json_column or ", ".join(spec.text_columns)
+                errors.append(RowError(row, ids[row], columns, "empty product text"))
+        if spec.lowercase:
+            title, text = title.lower(), text.lower()
+        titles.append(title)
+        texts.append(text)
+    return titles, texts
+
+
+def _ke_row_text(record: Mapping[str, Any], spec: TableSpec) -> tuple[str, str]:
+    fields = _parse_fields(record[spec.json_column])
+    shop = record[spec.shop_column] if spec.shop_column else None
+    sale = record[spec.sale_column] if spec.sale_column else None
+    title, text = ke_product_text(fields, shop_title=shop, sale=sale)
+    extra = _generic_segments(record, [*spec.text_columns], spec.attribute_columns)
+    return title, join_segments([text, *extra])
+
+
+def _parse_fields(value: Any) -> Mapping[str, Any]:
+    if isinstance(value, Mapping):
+        return value
+    if _is_missing(value) or not str(value).strip():
+        raise ValueError("empty JSON")
+    try:
+        fields = json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"malformed JSON ({exc.msg} at char {exc.pos})") from None
+    if not isinstance(fields, Mapping):
+        raise ValueError(f"JSON is a {type(fields).__name__}, expected an object with a title")
+    return fields
+
+
+def _generic_row_text(record: Mapping[str, Any], spec: TableSpec) -> tuple[str, str]:
+    title = render_value(record[spec.text_columns[0]]) if spec.text_columns else ""
+    segments = _generic_segments(record, spec.text_columns, spec.attribute_columns)
+    if spec.shop_column and not _is_missing(record[spec.shop_column]):
+        segments[0:1] = [f"{clean_text(record[spec.shop_column])}: {segments[0] if segments else ''}"]
+    if spec.sale_column and _as_bool(record[spec.sale_column]):
+        segments.append(SALE_WORD)
+    return title, join_segments(segments)
+
+
+def _generic_segments(record: Mapping[str, Any], text_columns: Sequence[str],
+                      attribute_columns: Sequence[str]) -> list[str]:
+    segments = [render_value(record[c]) for c in text_columns]
+    attributes = [f"{c}: {v}" for c in attribute_columns if (v := render_value(record[c]))]
+    if attributes:
+        segments.append(", ".join(attributes))
+    return [s for s in segments if s]
+
+
+def _image_paths(frame: pd.DataFrame, spec: TableSpec, ids: np.ndarray,
+                 base_dir: str | Path | None) -> list[str | None]:
+    root = Path(base_dir) if base_dir else Path.cwd()
+    image_dir = root / spec.image_dir if spec.image_dir else None
+    if spec.image_column:
+        folder = image_dir or root
+        return [None if _is_missing(p) or not str(p).strip() else str(folder / str(p))
+                for p in frame[spec.image_column]]
+    if image_dir is not None:
+        return [str(image_dir / f"{i}{spec.image_suffix}") for i in ids]
+    return [None] * len(frame)
+
+
+def _labels(column: pd.Series, name: str, ids: np.ndarray, errors: list[RowError]) -> np.ndarray:
+    labels = column.to_numpy(dtype=object).copy()
+    present = np.array([not (_is_missing(v) or str(v).strip() == "") for v in labels], dtype=bool)
+    for row in np.flatnonzero(~present):
+        errors.append(RowError(int(row), ids[row], name, "missing target"))
+    labels[present] = _uniform_labels(labels[present], name, ids[present])
+    return labels
+
+
+def _uniform_labels(values: np.ndarray, name: str, ids: np.ndarray) -> np.ndarray:
+    """One Python type for all labels; integral floats (from a NaN-holed column) -> int."""
+    if len(values) and all(isinstance(v, (float, np.floating)) and float(v).is_integer() for v in values):
+        return np.array([int(v) for v in values], dtype=object)
+    kinds: dict[str, list[Any]] = {}
+    for value, row_id in zip(values, ids):
+        kind = "number" if isinstance(value, (int, float, np.integer, np.floating)) else type(value).__name__
+        kinds.setdefault(kind, []).append(row_id)
+    if len(kinds) > 1:
+        described = "; ".join(f"{k} (e.g. ids {v[:3]})" for k, v in kinds.items())
+        raise DataError(
+            f"target column {name!r} mixes label types: {described}. "
+            "Convert the column to one type (e.g. all strings) before training."
+        )
+    return values
+
+
+def _is_missing(value: Any) -> bool:
+    if value is None:
+        return True
+    if isinstance(value, float) and math.isnan(value):
+        return True
+    return value is pd.NA or value is pd.NaT
+
+
+def _as_bool(value: Any) -> bool:
+    if _is_missing(value):
+        return False
+    if isinstance(value, str):
+        return value.strip().lower() in _TRUE_WORDS
+    return bool(value)

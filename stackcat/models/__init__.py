@@ -1,0 +1,19 @@
+"""Base estimators: each one a scikit-learn classifier reading named DataFrame columns."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "FastTextClassifier": "stackcat.models.fasttext",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'stackcat.models' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)

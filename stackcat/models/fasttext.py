@@ -1,0 +1,248 @@
+"""FastTextClassifier: supervised fastText as a scikit-learn classifier."""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from numbers import Integral, Real
+from typing import Any
+
+import numpy as np
+from sklearn.base import BaseEstimator, ClassifierMixin, _fit_context
+from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils.validation import check_is_fitted
+
+from stackcat.data import upweight_title
+from stackcat.models._base import (
+    ProbaClassifierMixin,
+    as_texts,
+    column_values,
+    encode_labels,
+    normalize_rows,
+    optional_column,
+)
+
+_LABEL_PREFIX = "__label__"
+AUTO_EPOCH_UPDATES = 150_000
+
+
+def auto_epochs(n_samples: int) -> int:
+    """More passes for small data: fastText's linearly decaying lr needs enough updates."""
+    return int(np.clip(math.ceil(AUTO_EPOCH_UPDATES / max(n_samples, 1)), 25, 150))
+
+
+def _one_line(text: str) -> str:
+    # fastText reads one example per line and rejects newlines at predict time.
+    return " ".join(text.split())
+
+
+class FastTextClassifier(ProbaClassifierMixin, ClassifierMixin, BaseEstimator):
+    """Supervised fastText on the product text, with the title's first words up-weighted.
+
+    Parameters
+    ----------
+    text_column : str, default="text"
+        Column of X holding the text (X may also be a plain list of strings).
+    title_column : str or None, default="title"
+        Column holding the title; its first ``title_words`` words are repeated
+        ``title_repeat`` times before the text (from the text itself when the
+        column is absent).
+    title_words : int, default=3
+    title_repeat : int, default=1
+        0 turns the up-weighting off.
+    epoch : int or "auto", default="auto"
+        Passes over the data. ``"auto"`` gives small data sets more passes:
+        ``clip(ceil(150_000 / n_samples), 25, 150)`` (25 from ~6,000 rows up);
+        the value used is ``epoch_``.
+    lr, wordNgrams, dim, minn, maxn, minCount, bucket, loss :
+        fastText's own training parameters, same names and meaning.
+    pretrained_vectors : str or None
+        Path of a ``.vec`` file of word vectors (its dimension must equal ``dim``).
+    lowercase : bool, default=False
+        Lower-case texts before training and prediction.
+    thread : int or None, default=None
+        fastText threads; None uses every core. Training is exactly repeatable
+        only with ``thread=1`` (fastText's Hogwild updates race otherwise).
+    random_state : int, default=0
+        fastText's seed.
+    verbose : int, default=0
+
+    Attributes
+    ----------
+    classes_ : ndarray
+        The labels, sorted; columns of ``predict_proba`` follow this order.
+    epoch_ : int
+        The number of epochs trained.
+    model_ : fasttext.FastText._FastText
+        The trained model (pickled as its binary bytes).
+
+    Examples
+    --------
+    >>> clf = FastTextClassifier(epoch=10, thread=1)
+    >>> clf = clf.fit(["red cotton shirt", "blue denim jeans"] * 5, ["shirt", "jeans"] * 5)
+    >>> clf.predict(["cotton shirt"]).tolist()
+    ['shirt']
+    """
+
+    _parameter_constraints: dict = {
+        "text_column": [str],
+        "title_column": [str, None],
+        "title_words": [Interval(Integral, 0, None, closed="left")],
+        "title_repeat": [Interval(Integral, 0, None, closed="left")],
+        "epoch": [Interval(Integral, 1, None, closed="left"), StrOptions({"auto"})],
+        "lr": [Interval(Real, 0, None, closed="neither")],
+        "wordNgrams": [Interval(Integral, 1, None, closed="left")],
+        "dim": [Interval(Integral, 1, None, closed="left")],
+        "minn": [Interval(Integral, 0, None, closed="left")],
+        "maxn": [Interval(Integral, 0, None, closed="left")],
+        "minCount": [Interval(Integral, 1, None, closed="left")],
+        "bucket": [Interval(Integral, 0, None, closed="left")],
+        "loss": [StrOptions({"softmax", "ns", "hs", "ova"})],
+        "pretrained_vectors": [str, os.PathLike, None],
+        "lowercase": ["boolean"],
+        "thread": [Interval(Integral, 1, None, closed="left"), None],
+        "random_state": [Interval(Integral, 0, None, closed="left")],
+        "verbose": [Interval(Integral, 0, None, closed="left")],
+    }
+
+    def __init__(
+        self,
+        text_column: str = "text",
+        title_column: str | None = "title",
+        title_words: int = 3,
+        title_repeat: int = 1,
+        epoch: int | str = "auto",
+        lr: float = 0.5,
+        wordNgrams: int = 2,
+        dim: int = 100,
+        minn: int = 2,
+        maxn: int = 5,
+        minCount: int = 1,
+        bucket: int = 2_000_000,
+        loss: str = "softmax",
+        pretrained_vectors: str | None = None,
+        lowercase: bool = False,
+        thread: int | None = None,
+        random_state: int = 0,
+        verbose: int = 0,
+    ) -> None:
+        self.text_column = text_column
+        self.title_column = title_column
+        self.title_words = title_words
+        self.title_repeat = title_repeat
+        self.epoch = epoch
+        self.lr = lr
+        self.wordNgrams = wordNgrams
+        self.dim = dim
+        self.minn = minn
+        self.maxn = maxn
+        self.minCount = minCount
+        self.bucket = bucket
+        self.loss = loss
+        self.pretrained_vectors = pretrained_vectors
+        self.lowercase = lowercase
+        self.thread = thread
+        self.random_state = random_state
+        self.verbose = verbose
+
+    @_fit_context(prefer_skip_nested_validation=True)
+    def fit(self, X: Any, y: Any) -> FastTextClassifier:
+        """Train on texts ``X`` (DataFrame or list of strings) and labels ``y``."""
+        import fasttext
+
+        texts = self._texts(X)
+        self.classes_, y_index = encode_labels(y, len(texts))
+        self.epoch_ = auto_epochs(len(texts)) if self.epoch == "auto" else self.epoch
+        path = self._write_train_file(texts, y_index)
+        try:
+            self.model_ = fasttext.train_supervised(input=path, **self._train_options())
+        finally:
+            os.unlink(path)
+        return self
+
+    def predict_proba(self, X: Any) -> np.ndarray:
+        """Probabilities ``(n_samples, n_classes)`` in ``classes_`` order; rows sum to 1."""
+        check_is_fitted(self, "model_")
+        texts = self._texts(X)
+        proba = np.zeros((len(texts), len(self.classes_)), dtype=np.float64)
+        if not texts:
+            return proba
+        labels, scores = self.model_.predict(texts, k=-1, threshold=0.0)
+        for row, (row_labels, row_scores) in enumerate(zip(labels, scores)):
+            columns = [int(label[len(_LABEL_PREFIX):]) for label in row_labels]
+            proba[row, columns] = row_scores
+        return normalize_rows(proba)
+
+    def _texts(self, X: Any) -> list[str]:
+        texts = as_texts(column_values(X, self.text_column, what="text"))
+        title_values = optional_column(X, self.title_column)
+        titles = as_texts(title_values) if title_values is not None else [None] * len(texts)
+        out = [upweight_title(_one_line(t), _one_line(h) if h else None,
+                              self.title_words, self.title_repeat)
+               for t, h in zip(texts, titles)]
+        return [t.lower() for t in out] if self.lowercase else out
+
+    @staticmethod
+    def _write_train_file(texts: list[str], y_index: np.ndarray) -> str:
+        handle = tempfile.NamedTemporaryFile("w", encoding="utf-8", suffix=".txt",
+                                             prefix="stackcat-fasttext-", delete=False)
+        try:
+            with handle:
+                for text, label in zip(texts, y_index):
+                    handle.write(f"{_LABEL_PREFIX}{label} {text}\n")
+        except BaseException:
+            os.unlink(handle.name)
+            raise
+        return handle.name
+
+    def _train_options(self) -> dict[str, Any]:
+        options = dict(
+            epoch=self.epoch_, lr=self.lr, wordNgrams=self.wordNgrams, dim=self.dim,
+            minn=self.minn, maxn=self.maxn, minCount=self.minCount, bucket=self.bucket,
+            loss=self.loss, thread=self.thread or os.cpu_count() or 1,
+            seed=self.random_state, verbose=self.verbose,
+        )
+        if self.pretrained_vectors:
+            options["pretrainedVectors"] = str(self.pretrained_vectors)
+        return options
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        if "model_" in state:
+            state["model_"] = _model_bytes(state["model_"])
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        if isinstance(state.get("model_"), bytes):
+            state["model_"] = _model_from_bytes(state["model_"])
+        self.__dict__.update(state)
+
+    def __sklearn_tags__(self):  # noqa: D105
+        tags = super().__sklearn_tags__()
+        tags.input_tags.two_d_array = False
+        tags.input_tags.string = True
+        return tags
+
+
+def _model_bytes(model: Any) -> bytes:
+    fd, path = tempfile.mkstemp(suffix=".bin", prefix="stackcat-fasttext-")
+    os.close(fd)
+    try:
+        model.save_model(path)
+        with open(path, "rb") as handle:
+            return handle.read()
+    finally:
+        os.unlink(path)
+
+
+def _model_from_bytes(blob: bytes) -> Any:
+    import fasttext
+
+    fd, path = tempfile.mkstemp(suffix=".bin", prefix="stackcat-fasttext-")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(blob)
+        return fasttext.load_model(path)
+    finally:
+        os.unlink(path)

@@ -1,0 +1,20 @@
+"""Shared fixtures. Tests never download: models are tiny and built on the spot."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+DATA_DIR = Path(__file__).parent / "data"
+
+
+@pytest.fixture
+def ke_csv() -> Path:
+    """36 hand-made KazanExpress-format products (4 categories) with 3 bad rows."""
+    return DATA_DIR / "ke_products.csv"

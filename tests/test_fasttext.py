@@ -1,0 +1,84 @@
+from __future__ import annotations
+
+import os
+import tempfile
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.base import clone
+
+from contract import check_fitted_contract, check_sklearn_contract
+from stackcat.models.fasttext import FastTextClassifier
+
+TEXTS = ["red cotton shirt", "blue denim jeans", "leather wallet brown", "running shoes light"]
+
+
+def small_data(labels):
+    texts = [f"{t} {i}" for i in range(8) for t in TEXTS]
+    y = [labels[j] for _ in range(8) for j in range(4)]
+    return texts, y
+
+
+def test_sklearn_checks_that_apply():
+    check_sklearn_contract(FastTextClassifier())
+
+
+@pytest.mark.parametrize("labels", [
+    ["a shirt", "jeans & co", "wallet", "shoes"],   # strings with spaces
+    [10, 20, 30, 40],                              # ints
+])
+def test_contract_any_label_type(labels):
+    X, y = small_data(labels)
+    clf = FastTextClassifier(epoch=30, thread=1, dim=16)
+    check_fitted_contract(clf, X, y, ["cotton shirt", "denim", "new\nline text", ""])
+    assert clf.predict(["red cotton shirt"])[0] == labels[0]
+
+
+def test_reads_named_columns_of_a_dataframe():
+    X, y = small_data(["shirt", "jeans", "wallet", "shoes"])
+    frame = pd.DataFrame({"desc": X, "name": [t.split()[0] for t in X]})
+    clf = FastTextClassifier(text_column="desc", title_column="name", epoch=30, thread=1, dim=16)
+    proba = clf.fit(frame, y).predict_proba(frame)
+    assert (clf.classes_[proba.argmax(1)] == np.array(y)).mean() > 0.9
+
+
+def test_missing_column_is_named():
+    clf = FastTextClassifier(text_column="body")
+    with pytest.raises(KeyError, match="'body'"):
+        clf.fit(pd.DataFrame({"text": ["a"]}), ["x"])
+
+
+def test_title_upweighting_reaches_fasttext():
+    clf = FastTextClassifier(title_words=2, title_repeat=3)
+    frame = pd.DataFrame({"text": ["Shop: Red shirt men"], "title": ["Red shirt men"]})
+    assert clf._texts(frame) == ["Red shirt Red shirt Red shirt Shop: Red shirt men"]
+    assert FastTextClassifier(title_repeat=0)._texts(frame) == ["Shop: Red shirt men"]
+
+
+def test_invalid_param_rejected_at_fit_not_init():
+    clf = FastTextClassifier(loss="nope")
+    with pytest.raises(ValueError, match="loss"):
+        clf.fit(["a b"], ["x"])
+
+
+def test_single_thread_is_repeatable():
+    X, y = small_data(["shirt", "jeans", "wallet", "shoes"])
+    clf = FastTextClassifier(epoch=5, thread=1, random_state=3)
+    a = clone(clf).fit(X, y).predict_proba(X)
+    b = clone(clf).fit(X, y).predict_proba(X)
+    np.testing.assert_array_equal(a, b)
+
+
+def test_train_file_removed_even_when_training_fails(monkeypatch):
+    import fasttext
+
+    def boom(**kwargs):
+        raise RuntimeError("simulated failure")
+
+    monkeypatch.setattr(fasttext, "train_supervised", boom)
+    before = {f for f in os.listdir(tempfile.gettempdir()) if f.startswith("stackcat-fasttext-")}
+    with pytest.raises(RuntimeError, match="simulated"):
+        FastTextClassifier().fit(["a b", "c d"], ["x", "y"])
+    after = {f for f in os.listdir(tempfile.gettempdir()) if f.startswith("stackcat-fasttext-")}
+    assert after == before
