@@ -30,7 +30,7 @@ import json
 import math
 import re
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -214,18 +214,8 @@ def read_table(path: str | Path, columns: Sequence[str] | None = None) -> pd.Dat
     >>> read_table(demo_csv_path()).shape[0] > 1000
     True
     """
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
-    if path.stat().st_size == 0:
-        raise DataError(f"{path}: the file is empty")
-    suffix = path.suffix.lower()
-    if suffix in CSV_SUFFIXES:
-        frame = _read_csv(path)
-    elif suffix in PARQUET_SUFFIXES:
-        frame = _read_parquet(path)
-    else:
-        raise DataError(f"{path}: unknown table type {suffix!r}; use .csv, .tsv or .parquet")
+    path = _checked_table_path(path)
+    frame = _read_parquet(path) if path.suffix.lower() in PARQUET_SUFFIXES else _read_csv(path)
     if frame.empty:
         raise DataError(f"{path}: the table has a header but no rows")
     frame = _plain_object_text(frame)
@@ -234,18 +224,68 @@ def read_table(path: str | Path, columns: Sequence[str] | None = None) -> pd.Dat
     return frame
 
 
-def _read_csv(path: Path) -> pd.DataFrame:
+def read_table_chunks(path: str | Path, chunk_rows: int = 10_000) -> Iterator[pd.DataFrame]:
+    """Read a table in chunks of at most ``chunk_rows`` rows (bounded memory for large files).
+
+    Same formats, checks and dtypes as :func:`read_table`; the chunks' index
+    continues across chunks (row numbers of the whole file).
+    """
+    path = _checked_table_path(path)
+    if path.suffix.lower() in PARQUET_SUFFIXES:
+        import pyarrow.parquet as pq
+
+        try:
+            batches = pq.ParquetFile(path).iter_batches(batch_size=chunk_rows)
+        except Exception as exc:
+            raise DataError(f"{path}: not a readable Parquet file: {exc}") from exc
+        chunks = (batch.to_pandas() for batch in batches)
+    else:
+        _warn_non_utf8(path)
+        try:
+            chunks = pd.read_csv(path, sep=_separator(path), dtype=str, chunksize=chunk_rows,
+                                 encoding="utf-8", encoding_errors="replace")
+        except pd.errors.EmptyDataError as exc:
+            raise DataError(f"{path}: the file has no header and no rows") from exc
+    start, seen_rows = 0, False
+    for chunk in chunks:
+        chunk.index = pd.RangeIndex(start, start + len(chunk))
+        start += len(chunk)
+        seen_rows = seen_rows or len(chunk) > 0
+        yield _plain_object_text(chunk)
+    if not seen_rows:
+        raise DataError(f"{path}: the table has a header but no rows")
+
+
+def _checked_table_path(path: str | Path) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: the file is empty")
+    if path.suffix.lower() not in CSV_SUFFIXES | PARQUET_SUFFIXES:
+        raise DataError(f"{path}: unknown table type {path.suffix.lower()!r}; use .csv, .tsv or .parquet")
+    return path
+
+
+def _separator(path: Path) -> str:
+    return "\t" if path.suffix.lower() == ".tsv" else ","
+
+
+def _warn_non_utf8(path: Path) -> None:
     bad_lines = _non_utf8_lines(path)
     if bad_lines:
         shown = ", ".join(map(str, bad_lines[:10])) + (" ..." if len(bad_lines) > 10 else "")
         warnings.warn(
             f"{path}: bytes that are not UTF-8 on line(s) {shown}; they were replaced by U+FFFD. "
             "Re-save the file as UTF-8 to keep those characters.",
-            stacklevel=3,
+            stacklevel=4,
         )
-    sep = "\t" if path.suffix.lower() == ".tsv" else ","
+
+
+def _read_csv(path: Path) -> pd.DataFrame:
+    _warn_non_utf8(path)
     try:
-        return pd.read_csv(path, sep=sep, dtype=str, keep_default_na=True,
+        return pd.read_csv(path, sep=_separator(path), dtype=str, keep_default_na=True,
                            encoding="utf-8", encoding_errors="replace")
     except pd.errors.EmptyDataError as exc:
         raise DataError(f"{path}: the file has no header and no rows") from exc

@@ -50,10 +50,24 @@ def test_missing_column_is_named():
 
 
 def test_title_upweighting_reaches_fasttext():
-    clf = FastTextClassifier(title_words=2, title_repeat=3)
+    clf = FastTextClassifier(title_words=2, title_repeat=3, normalize=False)
     frame = pd.DataFrame({"text": ["Shop: Red shirt men"], "title": ["Red shirt men"]})
     assert clf._texts(frame) == ["Red shirt Red shirt Red shirt Shop: Red shirt men"]
-    assert FastTextClassifier(title_repeat=0)._texts(frame) == ["Shop: Red shirt men"]
+    assert FastTextClassifier(title_repeat=0, normalize=False)._texts(frame) == ["Shop: Red shirt men"]
+
+
+def test_auto_upweighting_only_where_the_title_is_drowned():
+    clf = FastTextClassifier(title_words=2)
+    long_card = "Shop: Red shirt. " + "soft cotton fabric, long sleeves " * 3
+    frame = pd.DataFrame({"text": [long_card, "Red shirt. colour: red"], "title": ["Red shirt", "Red shirt"]})
+    upweighted, short = clf._texts(frame)
+    assert upweighted.startswith("red shirt red shirt shop red shirt soft cotton")
+    assert short == "red shirt colour red"
+
+
+def test_normalize_lowercases_and_splits_punctuation():
+    clf = FastTextClassifier(title_repeat=0)
+    assert clf._texts(["Blue,Jeans.\nMen's  (slim)"]) == ["blue jeans men s slim"]
 
 
 def test_invalid_param_rejected_at_fit_not_init():

@@ -1,0 +1,291 @@
+"""BertClassifier: fine-tune a Hugging Face encoder (mean pooling + linear head)."""
+
+from __future__ import annotations
+
+import os
+from numbers import Integral, Real
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.base import BaseEstimator, ClassifierMixin, _fit_context
+from sklearn.utils._param_validation import Interval
+from sklearn.utils.validation import check_is_fitted
+from torch import nn
+from tqdm.auto import tqdm
+
+from stackcat.models._base import (
+    ProbaClassifierMixin,
+    as_texts,
+    column_values,
+    encode_labels,
+    resolve_device,
+)
+from stackcat.models._torch import (
+    Collator,
+    LengthBucketBatchSampler,
+    SavableTorchMixin,
+    SortedBatchSampler,
+    Stage,
+    TrainingLoop,
+    batch_loader,
+    history_records,
+    label_indices,
+    load_non_encoder_state,
+    load_saved_encoder,
+    load_text_encoder,
+    mean_pool,
+    predict_probabilities,
+    save_text_module,
+    start_fit,
+    tokenize,
+    torch_threads,
+    training_callbacks,
+    usable_max_length,
+)
+
+DEFAULT_MODEL = "cointegrated/rubert-tiny2"
+
+
+class MeanPoolingClassifier(nn.Module):
+    """Encoder -> attention-masked mean of the last hidden states -> dropout -> linear."""
+
+    def __init__(self, encoder: nn.Module, n_classes: int, dropout: float):
+        super().__init__()
+        self.encoder = encoder
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(encoder.config.hidden_size, n_classes)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        states = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return self.head(self.dropout(mean_pool(states, attention_mask)))
+
+
+class BertClassifier(SavableTorchMixin, ProbaClassifierMixin, ClassifierMixin, BaseEstimator):
+    """Fine-tune a Hugging Face encoder on product texts: mean pooling + linear head.
+
+    The recipe of the reference work: AdamW, linear warmup then linear decay,
+    light label smoothing. Batches hold texts of similar length, padded to their
+    own longest text (dynamic padding), so short product titles cost little.
+
+    Parameters
+    ----------
+    model_name : str or path-like, default="cointegrated/rubert-tiny2"
+        A Hugging Face hub name (must be in the local cache when offline) or a
+        local checkpoint folder (as written by ``save_pretrained``).
+    text_column : str, default="text"
+        Column of X holding the text (X may also be a plain list of strings).
+    max_length : int, default=128
+        Tokens kept per text (capped by the model's own limit).
+    epochs : int, default=5
+        Training epochs in all (the head-only ones included).
+    batch_size : int, default=32
+    lr : float, default=5e-5
+        Peak learning rate (encoder and head).
+    weight_decay : float, default=1e-4
+        AdamW weight decay.
+    warmup_ratio : float, default=0.1
+        Share of each stage's steps with a linearly rising learning rate.
+    label_smoothing : float, default=0.003
+    dropout : float, default=0.1
+        Dropout before the linear head.
+    freeze_encoder : bool, default=False
+        Train the head only (the encoder is a frozen feature extractor).
+    train_encoder_after : int, default=0
+        Staged training: the first ``train_encoder_after`` epochs train the head
+        only, the rest train everything (a fresh optimizer and schedule per stage).
+    early_stopping_patience : int or None, default=2
+        With ``fit(..., eval_set=...)``: a stage ends after this many epochs
+        without a lower eval loss (None: never early). The weights of the best
+        epoch are always the ones kept.
+    predict_batch_size : int, default=128
+    device : str, default="auto"
+        ``"auto"``: CUDA when present (bf16 mixed precision, or fp16 with a
+        GradScaler where bf16 is unsupported), else CPU (fp32).
+    num_threads : int or None, default=None
+        ``torch.set_num_threads`` during fit and predict (restored after);
+        None leaves torch's setting alone.
+    random_state : int or None, default=0
+        Seeds head initialization, dropout and batch order: on CPU the same seed
+        gives identical probabilities.
+    progress : bool, default=True
+        Show a tqdm bar per epoch (running loss) and for prediction.
+
+    Attributes
+    ----------
+    classes_ : ndarray
+        The labels, sorted; columns of ``predict_proba`` follow this order.
+    module_ : MeanPoolingClassifier
+        The fine-tuned torch module (encoder + head).
+    tokenizer_ : transformers tokenizer
+    max_length_ : int
+        The token limit used (``max_length`` capped by the model).
+    history_ : list of dict
+        One record per epoch: stage, epoch, train_loss, valid_loss.
+    best_epoch_ : dict or None
+        The epoch whose weights were kept (with an eval set), else None.
+
+    Examples
+    --------
+    >>> clf = BertClassifier(model_name="/models/rubert-tiny2", epochs=3)  # doctest: +SKIP
+    >>> clf.fit(frame, frame["label"], eval_set=(valid, valid["label"]))  # doctest: +SKIP
+    >>> clf.predict_proba(test).shape  # doctest: +SKIP
+    (1000, 840)
+    >>> clf.save("artifacts/bert")  # doctest: +SKIP
+    >>> BertClassifier.load("artifacts/bert").predict(test)  # doctest: +SKIP
+    """
+
+    _parameter_constraints: dict = {
+        "model_name": [str, os.PathLike],
+        "text_column": [str],
+        "max_length": [Interval(Integral, 2, None, closed="left")],
+        "epochs": [Interval(Integral, 1, None, closed="left")],
+        "batch_size": [Interval(Integral, 1, None, closed="left")],
+        "lr": [Interval(Real, 0, None, closed="neither")],
+        "weight_decay": [Interval(Real, 0, None, closed="left")],
+        "warmup_ratio": [Interval(Real, 0, 1, closed="both")],
+        "label_smoothing": [Interval(Real, 0, 1, closed="left")],
+        "dropout": [Interval(Real, 0, 1, closed="left")],
+        "freeze_encoder": ["boolean"],
+        "train_encoder_after": [Interval(Integral, 0, None, closed="left")],
+        "early_stopping_patience": [Interval(Integral, 1, None, closed="left"), None],
+        "predict_batch_size": [Interval(Integral, 1, None, closed="left")],
+        "device": [str],
+        "num_threads": [Interval(Integral, 1, None, closed="left"), None],
+        "random_state": [Interval(Integral, 0, None, closed="left"), None],
+        "progress": ["boolean"],
+    }
+    _torch_attributes = ("module_", "tokenizer_")
+
+    def __init__(
+        self,
+        model_name: str | os.PathLike = DEFAULT_MODEL,
+        text_column: str = "text",
+        max_length: int = 128,
+        epochs: int = 5,
+        batch_size: int = 32,
+        lr: float = 5e-5,
+        weight_decay: float = 1e-4,
+        warmup_ratio: float = 0.1,
+        label_smoothing: float = 0.003,
+        dropout: float = 0.1,
+        freeze_encoder: bool = False,
+        train_encoder_after: int = 0,
+        early_stopping_patience: int | None = 2,
+        predict_batch_size: int = 128,
+        device: str = "auto",
+        num_threads: int | None = None,
+        random_state: int | None = 0,
+        progress: bool = True,
+    ) -> None:
+        self.model_name = model_name
+        self.text_column = text_column
+        self.max_length = max_length
+        self.epochs = epochs
+        self.batch_size = batch_size
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.warmup_ratio = warmup_ratio
+        self.label_smoothing = label_smoothing
+        self.dropout = dropout
+        self.freeze_encoder = freeze_encoder
+        self.train_encoder_after = train_encoder_after
+        self.early_stopping_patience = early_stopping_patience
+        self.predict_batch_size = predict_batch_size
+        self.device = device
+        self.num_threads = num_threads
+        self.random_state = random_state
+        self.progress = progress
+
+    @_fit_context(prefer_skip_nested_validation=True)
+    def fit(self, X: Any, y: Any, eval_set: tuple[Any, Any] | None = None) -> BertClassifier:
+        """Fine-tune on texts ``X`` and labels ``y``.
+
+        Parameters
+        ----------
+        X : DataFrame or list of str
+        y : array-like of labels
+        eval_set : (X_val, y_val), optional
+            Scored (cross-entropy) after every epoch; the best epoch's weights
+            are kept, and training stops early per ``early_stopping_patience``.
+            Its labels must all occur in ``y``.
+        """
+        texts = self._texts(X)
+        self.classes_, y_index = encode_labels(y, len(texts))
+        with torch_threads(self.num_threads):
+            device = start_fit(self.random_state, self.device)
+            encoder, self.tokenizer_ = load_text_encoder(self.model_name)
+            self.max_length_ = usable_max_length(self.max_length, self.tokenizer_, encoder)
+            self.module_ = MeanPoolingClassifier(encoder, len(self.classes_), self.dropout)
+            train = self._loader(texts, y_index, shuffle=True)
+            valid = self._eval_loader(eval_set)
+            loop = TrainingLoop(
+                self.module_,
+                nn.CrossEntropyLoss(label_smoothing=self.label_smoothing),
+                device,
+                training_callbacks(self.progress, valid is not None, self.early_stopping_patience),
+            )
+            loop.fit(self._stages(), train, valid)
+        self.history_, self.best_epoch_ = history_records(loop)
+        return self
+
+    def predict_proba(self, X: Any) -> np.ndarray:
+        """Probabilities ``(n_samples, n_classes)`` in ``classes_`` order; rows sum to 1."""
+        check_is_fitted(self, "module_")
+        texts = self._texts(X)
+        with torch_threads(self.num_threads):
+            token_ids = tokenize(self.tokenizer_, texts, self.max_length_)
+            loader = batch_loader(
+                len(texts),
+                SortedBatchSampler([len(t) for t in token_ids], self.predict_batch_size),
+                Collator(token_ids, self._pad_id(), with_rows=True),
+            )
+            batches = tqdm(loader, desc="predict", unit="batch", disable=not self.progress)
+            return predict_probabilities(self.module_, batches, len(texts), len(self.classes_),
+                                  resolve_device(self.device))
+
+    def _texts(self, X: Any) -> list[str]:
+        return as_texts(column_values(X, self.text_column, what="text"))
+
+    def _pad_id(self) -> int:
+        return self.tokenizer_.pad_token_id if self.tokenizer_.pad_token_id is not None else 0
+
+    def _loader(self, texts: list[str], labels: np.ndarray, *, shuffle: bool) -> Any:
+        token_ids = tokenize(self.tokenizer_, texts, self.max_length_)
+        lengths = [len(t) for t in token_ids]
+        sampler = (LengthBucketBatchSampler(lengths, self.batch_size, seed=self.random_state) if shuffle
+                   else SortedBatchSampler(lengths, self.predict_batch_size))
+        return batch_loader(len(texts), sampler, Collator(token_ids, self._pad_id(), labels=labels))
+
+    def _eval_loader(self, eval_set: tuple[Any, Any] | None) -> Any:
+        if eval_set is None:
+            return None
+        X_val, y_val = eval_set
+        texts = self._texts(X_val)
+        return self._loader(texts, label_indices(self.classes_, y_val, len(texts)), shuffle=False)
+
+    def _stages(self) -> list[Stage]:
+        head = list(self.module_.head.parameters())
+        head_epochs = self.epochs if self.freeze_encoder else min(self.train_encoder_after, self.epochs)
+        group = {"lr": self.lr, "weight_decay": self.weight_decay}
+        return [
+            Stage("head", head_epochs, [{"params": head, **group}], self.warmup_ratio),
+            Stage("full", self.epochs - head_epochs,
+                  [{"params": list(self.module_.parameters()), **group}], self.warmup_ratio),
+        ]
+
+    def _save_weights(self, folder: Path) -> None:
+        save_text_module(folder, self.module_, self.tokenizer_)
+
+    def _load_weights(self, folder: Path) -> None:
+        encoder, self.tokenizer_ = load_saved_encoder(folder)
+        self.module_ = MeanPoolingClassifier(encoder, len(self.classes_), self.dropout)
+        load_non_encoder_state(self.module_, folder)
+
+    def __sklearn_tags__(self):  # noqa: D105
+        tags = super().__sklearn_tags__()
+        tags.input_tags.two_d_array = False
+        tags.input_tags.string = True
+        tags.non_deterministic = self.random_state is None
+        return tags

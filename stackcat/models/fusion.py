@@ -1,0 +1,454 @@
+"""FusionClassifier: BERT token states and a frozen image embedding, fused by dual attention.
+
+The reference work's best single model (rubert-tiny2 + CLIP ViT-L/14, weighted F1
+0.8902): each modality attends over the other, the two pooled results are
+concatenated, batch-normalized and classified.
+
+Architecture (``B`` rows, ``T`` tokens, BERT width ``H``, image embedding width ``D``,
+``F = fusion_dim``, ``K = image_tokens``)::
+
+    text   = Linear(H, F)(BERT(text))                               (B, T, F)
+    code   = Linear(D, image_dim)(image embedding)                  (B, image_dim)
+             (rows without a usable image: a learned "missing image" code)
+    image  = Linear(image_dim, K * F)(code).view(B, K, F)           (B, K, F)
+    t2i    = softmax(text @ image^T / sqrt(F)) @ image  -> masked mean over T   (B, F)
+    i2t    = softmax(image @ text^T / sqrt(F)) @ text   -> mean over K           (B, F)
+    logits = Linear(Dropout(BatchNorm1d([t2i, i2t])))
+
+The image embedding becomes ``K`` tokens (not one vector) so that attention has
+something to choose between: with a single image token, every text token would
+attend to it with weight 1 and the text-to-image attention would reduce to a copy
+of the image vector. ``image_dim`` is the reference's narrow bottleneck (32) that
+keeps the image side from dominating the text.
+
+Training runs three stages (0 epochs skips one), as in the reference:
+
+1. ``image_epochs``: BERT is not run; the text tokens are Gaussian noise, so the
+   image branch must learn on its own; its weights get the strong
+   ``image_weight_decay``.
+2. ``frozen_epochs``: BERT frozen, everything else trains.
+3. ``epochs``: everything trains (BERT at ``lr``, the rest at ``head_lr``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from numbers import Integral, Real
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.base import BaseEstimator, ClassifierMixin, _fit_context
+from sklearn.utils._param_validation import Interval
+from sklearn.utils.validation import check_is_fitted
+from torch import nn
+from tqdm.auto import tqdm
+
+from stackcat.models._base import (
+    ProbaClassifierMixin,
+    as_texts,
+    column_values,
+    encode_labels,
+    resolve_device,
+)
+from stackcat.models._torch import (
+    Collator,
+    LengthBucketBatchSampler,
+    SavableTorchMixin,
+    SortedBatchSampler,
+    Stage,
+    TrainingLoop,
+    batch_loader,
+    history_records,
+    label_indices,
+    load_non_encoder_state,
+    load_saved_encoder,
+    load_text_encoder,
+    mean_pool,
+    predict_probabilities,
+    save_text_module,
+    start_fit,
+    tokenize,
+    torch_threads,
+    training_callbacks,
+    usable_max_length,
+)
+from stackcat.models.bert import DEFAULT_MODEL
+
+DEFAULT_IMAGE_ENCODER = "ViT-L-14/openai"
+
+
+class DualAttentionFusion(nn.Module):
+    """BERT + image embedding -> dual dot-product attention -> BatchNorm -> dropout -> linear."""
+
+    def __init__(self, encoder: nn.Module, image_embedding_dim: int, n_classes: int, *,
+                 image_dim: int = 32, fusion_dim: int = 64, image_tokens: int = 4,
+                 dropout: float = 0.1):
+        super().__init__()
+        self.encoder = encoder
+        self.fusion_dim = fusion_dim
+        self.n_image_tokens = image_tokens
+        self.text_projection = nn.Linear(encoder.config.hidden_size, fusion_dim)
+        self.image_projection = nn.Linear(image_embedding_dim, image_dim)
+        self.missing_image = nn.Parameter(torch.zeros(image_dim))
+        self.image_tokens = nn.Linear(image_dim, image_tokens * fusion_dim)
+        self.norm = nn.BatchNorm1d(2 * fusion_dim)
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(2 * fusion_dim, n_classes)
+
+    def image_branch(self) -> list[nn.Parameter]:
+        """Parameters that turn the image embedding into image tokens."""
+        return [*self.image_projection.parameters(), self.missing_image,
+                *self.image_tokens.parameters()]
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, image: torch.Tensor,
+                image_ok: torch.Tensor, text_noise: bool = False) -> torch.Tensor:
+        text = self.text_projection(self._text_states(input_ids, attention_mask, text_noise))
+        code = self.image_projection(image)
+        code = torch.where(image_ok.unsqueeze(-1), code, self.missing_image.to(code.dtype))
+        image_tokens = self.image_tokens(code).view(len(code), self.n_image_tokens, self.fusion_dim)
+
+        scale = 1.0 / math.sqrt(self.fusion_dim)
+        text_to_image = torch.softmax(text @ image_tokens.transpose(1, 2) * scale, dim=-1) @ image_tokens
+        scores = image_tokens @ text.transpose(1, 2) * scale
+        scores = scores.masked_fill(~attention_mask.bool().unsqueeze(1), torch.finfo(scores.dtype).min)
+        image_to_text = torch.softmax(scores, dim=-1) @ text
+        fused = torch.cat([mean_pool(text_to_image, attention_mask), image_to_text.mean(dim=1)], dim=-1)
+        return self.head(self.dropout(self.norm(fused)))
+
+    def _text_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                     noise: bool) -> torch.Tensor:
+        if noise:
+            shape = (*input_ids.shape, self.encoder.config.hidden_size)
+            return torch.randn(shape, device=input_ids.device)
+        return self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+
+class FusionClassifier(SavableTorchMixin, ProbaClassifierMixin, ClassifierMixin, BaseEstimator):
+    """Text + image classifier: a fine-tuned BERT and a frozen image embedding, dual attention.
+
+    See the module docstring for the architecture and the three training stages.
+    Rows without a usable image (missing path, unreadable file) use a learned
+    "missing image" code in place of the projected embedding, so they are
+    classified from their text.
+
+    Parameters
+    ----------
+    model_name : str or path-like, default="cointegrated/rubert-tiny2"
+        Hugging Face hub name (cached, when offline) or local checkpoint folder.
+    text_column : str, default="text"
+    image_column : str, default="image_path"
+        Column of image file paths (missing values are allowed).
+    image_encoder : str or object, default="ViT-L-14/openai"
+        An open_clip ``"ARCH/PRETRAINED"`` name or any object with ``.name`` and
+        ``.encode(list_of_PIL_images) -> (n, d) float32`` (see ``stackcat.encoders``).
+        The encoder stays frozen; its embeddings are computed once per call.
+    image_cache_dir : str or None, default=None
+        Folder caching image embeddings across fits and folds (see ``stackcat.images``).
+    image_batch_size : int, default=64
+        Images per batch of the image encoder.
+    max_length : int, default=128
+    image_dim : int, default=32
+        Width of the image code (the reference's 32-wide bottleneck).
+    fusion_dim : int, default=64
+        Width of the text and image tokens that attend to each other.
+    image_tokens : int, default=4
+        Number of image tokens the image code is expanded into.
+    dropout : float, default=0.1
+    image_epochs, frozen_epochs, epochs : int, default=1, 1, 3
+        Epochs of stage 1 (image branch, noise for text), stage 2 (BERT frozen)
+        and stage 3 (everything). 0 skips a stage; at least one must be > 0.
+    batch_size : int, default=32
+    lr : float, default=5e-5
+        Peak learning rate of BERT (stage 3).
+    head_lr : float, default=1e-3
+        Peak learning rate of the fusion layers (all stages).
+    weight_decay : float, default=1e-4
+    image_weight_decay : float, default=0.5
+        AdamW weight decay of the image branch in stage 1.
+    warmup_ratio : float, default=0.1
+    label_smoothing : float, default=0.003
+    early_stopping_patience : int or None, default=2
+        With ``fit(..., eval_set=...)``: a stage ends after this many epochs
+        without a lower eval loss; the best epoch's weights (stages 2-3) are kept.
+    predict_batch_size : int, default=128
+    device : str, default="auto"
+        CUDA when present (mixed precision), else CPU; also used by the image encoder.
+    num_threads : int or None, default=None
+    random_state : int or None, default=0
+    progress : bool, default=True
+
+    Attributes
+    ----------
+    classes_ : ndarray
+    module_ : DualAttentionFusion
+    tokenizer_ : transformers tokenizer
+    max_length_ : int
+    image_embedding_dim_ : int
+        Width of the image encoder's embeddings.
+    image_encoder_name_ : str
+        ``.name`` of the image encoder used in fit (checked again at predict time).
+    n_missing_images_ : int
+        Training rows that had no usable image.
+    history_ : list of dict
+    best_epoch_ : dict or None
+
+    Examples
+    --------
+    >>> clf = FusionClassifier(model_name="/models/rubert-tiny2",
+    ...                        image_cache_dir="artifacts/emb")  # doctest: +SKIP
+    >>> clf.fit(frame, frame["label"]).predict_proba(test).shape  # doctest: +SKIP
+    (1000, 840)
+    """
+
+    _parameter_constraints: dict = {
+        "model_name": [str, os.PathLike],
+        "text_column": [str],
+        "image_column": [str],
+        "image_encoder": "no_validation",  # a spec or an encoder object: get_encoder checks it
+        "image_cache_dir": [str, os.PathLike, None],
+        "image_batch_size": [Interval(Integral, 1, None, closed="left")],
+        "max_length": [Interval(Integral, 2, None, closed="left")],
+        "image_dim": [Interval(Integral, 1, None, closed="left")],
+        "fusion_dim": [Interval(Integral, 1, None, closed="left")],
+        "image_tokens": [Interval(Integral, 1, None, closed="left")],
+        "dropout": [Interval(Real, 0, 1, closed="left")],
+        "image_epochs": [Interval(Integral, 0, None, closed="left")],
+        "frozen_epochs": [Interval(Integral, 0, None, closed="left")],
+        "epochs": [Interval(Integral, 0, None, closed="left")],
+        "batch_size": [Interval(Integral, 2, None, closed="left")],
+        "lr": [Interval(Real, 0, None, closed="neither")],
+        "head_lr": [Interval(Real, 0, None, closed="neither")],
+        "weight_decay": [Interval(Real, 0, None, closed="left")],
+        "image_weight_decay": [Interval(Real, 0, None, closed="left")],
+        "warmup_ratio": [Interval(Real, 0, 1, closed="both")],
+        "label_smoothing": [Interval(Real, 0, 1, closed="left")],
+        "early_stopping_patience": [Interval(Integral, 1, None, closed="left"), None],
+        "predict_batch_size": [Interval(Integral, 1, None, closed="left")],
+        "device": [str],
+        "num_threads": [Interval(Integral, 1, None, closed="left"), None],
+        "random_state": [Interval(Integral, 0, None, closed="left"), None],
+        "progress": ["boolean"],
+    }
+    _torch_attributes = ("module_", "tokenizer_")
+    _transient_attributes = ("_encoder_cache",)
+
+    def __init__(
+        self,
+        model_name: str | os.PathLike = DEFAULT_MODEL,
+        text_column: str = "text",
+        image_column: str = "image_path",
+        image_encoder: Any = DEFAULT_IMAGE_ENCODER,
+        image_cache_dir: str | os.PathLike | None = None,
+        image_batch_size: int = 64,
+        max_length: int = 128,
+        image_dim: int = 32,
+        fusion_dim: int = 64,
+        image_tokens: int = 4,
+        dropout: float = 0.1,
+        image_epochs: int = 1,
+        frozen_epochs: int = 1,
+        epochs: int = 3,
+        batch_size: int = 32,
+        lr: float = 5e-5,
+        head_lr: float = 1e-3,
+        weight_decay: float = 1e-4,
+        image_weight_decay: float = 0.5,
+        warmup_ratio: float = 0.1,
+        label_smoothing: float = 0.003,
+        early_stopping_patience: int | None = 2,
+        predict_batch_size: int = 128,
+        device: str = "auto",
+        num_threads: int | None = None,
+        random_state: int | None = 0,
+        progress: bool = True,
+    ) -> None:
+        self.model_name = model_name
+        self.text_column = text_column
+        self.image_column = image_column
+        self.image_encoder = image_encoder
+        self.image_cache_dir = image_cache_dir
+        self.image_batch_size = image_batch_size
+        self.max_length = max_length
+        self.image_dim = image_dim
+        self.fusion_dim = fusion_dim
+        self.image_tokens = image_tokens
+        self.dropout = dropout
+        self.image_epochs = image_epochs
+        self.frozen_epochs = frozen_epochs
+        self.epochs = epochs
+        self.batch_size = batch_size
+        self.lr = lr
+        self.head_lr = head_lr
+        self.weight_decay = weight_decay
+        self.image_weight_decay = image_weight_decay
+        self.warmup_ratio = warmup_ratio
+        self.label_smoothing = label_smoothing
+        self.early_stopping_patience = early_stopping_patience
+        self.predict_batch_size = predict_batch_size
+        self.device = device
+        self.num_threads = num_threads
+        self.random_state = random_state
+        self.progress = progress
+
+    @_fit_context(prefer_skip_nested_validation=True)
+    def fit(self, X: Any, y: Any, eval_set: tuple[Any, Any] | None = None) -> FusionClassifier:
+        """Train on a DataFrame ``X`` (text and image-path columns) and labels ``y``.
+
+        Parameters
+        ----------
+        X : DataFrame
+        y : array-like of labels
+        eval_set : (X_val, y_val), optional
+            Scored after every epoch of stages 2 and 3; the best epoch's
+            weights are kept and stages end early per ``early_stopping_patience``.
+        """
+        if self.image_epochs + self.frozen_epochs + self.epochs == 0:
+            raise ValueError("image_epochs, frozen_epochs and epochs are all 0: nothing to train")
+        texts = self._texts(X)
+        self.classes_, y_index = encode_labels(y, len(texts))
+        with torch_threads(self.num_threads):
+            device = start_fit(self.random_state, self.device)
+            self.image_encoder_name_ = self._image_encoder().name
+            self.__dict__.pop("image_embedding_dim_", None)  # from an earlier fit
+            images, image_ok = self._image_inputs(X, len(texts))
+            self.image_embedding_dim_ = int(images.shape[1])
+            self.n_missing_images_ = int((~image_ok).sum())
+            encoder, self.tokenizer_ = load_text_encoder(self.model_name)
+            self.max_length_ = usable_max_length(self.max_length, self.tokenizer_, encoder)
+            self.module_ = self._build_module(encoder)
+            train = self._loader(texts, images, image_ok, y_index, shuffle=True)
+            valid = self._eval_loader(eval_set)
+            loop = TrainingLoop(
+                self.module_,
+                nn.CrossEntropyLoss(label_smoothing=self.label_smoothing),
+                device,
+                training_callbacks(self.progress, valid is not None, self.early_stopping_patience),
+            )
+            loop.fit(self._stages(), train, valid)
+        self.history_, self.best_epoch_ = history_records(loop)
+        return self
+
+    def predict_proba(self, X: Any) -> np.ndarray:
+        """Probabilities ``(n_samples, n_classes)`` in ``classes_`` order; rows sum to 1."""
+        check_is_fitted(self, "module_")
+        texts = self._texts(X)
+        with torch_threads(self.num_threads):
+            images, image_ok = self._image_inputs(X, len(texts))
+            token_ids = tokenize(self.tokenizer_, texts, self.max_length_)
+            loader = batch_loader(
+                len(texts),
+                SortedBatchSampler([len(t) for t in token_ids], self.predict_batch_size),
+                Collator(token_ids, self._pad_id(), arrays={"image": images, "image_ok": image_ok},
+                         with_rows=True),
+            )
+            batches = tqdm(loader, desc="predict", unit="batch", disable=not self.progress)
+            return predict_probabilities(self.module_, batches, len(texts), len(self.classes_),
+                                  resolve_device(self.device))
+
+    def _texts(self, X: Any) -> list[str]:
+        if not isinstance(X, pd.DataFrame):
+            raise TypeError(f"FusionClassifier reads two columns ({self.text_column!r} and "
+                            f"{self.image_column!r}): X must be a DataFrame, not {type(X).__name__}")
+        return as_texts(column_values(X, self.text_column, what="text"))
+
+    def _pad_id(self) -> int:
+        return self.tokenizer_.pad_token_id if self.tokenizer_.pad_token_id is not None else 0
+
+    def _image_encoder(self) -> Any:
+        from stackcat.encoders import get_encoder
+
+        cached = getattr(self, "_encoder_cache", None)
+        if cached is None or cached[0] is not self.image_encoder:
+            self._encoder_cache = (self.image_encoder, get_encoder(self.image_encoder, device=self.device))
+        return self._encoder_cache[1]
+
+    def _image_inputs(self, X: pd.DataFrame, n_rows: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(embeddings float32 (n, d), usable bool (n,))`` of the rows' images."""
+        from stackcat.images import image_embeddings
+
+        paths = column_values(X, self.image_column, what="image")
+        encoder = self._image_encoder()
+        if encoder.name != self.image_encoder_name_:
+            raise ValueError(f"the model was trained on {self.image_encoder_name_!r} image "
+                             f"embeddings, but image_encoder gives {encoder.name!r}")
+        paths = [None if _is_missing(p) else str(p) for p in paths]
+        embeddings, ok = image_embeddings(paths, encoder, cache_dir=self.image_cache_dir,
+                                          batch_size=self.image_batch_size, device=self.device,
+                                          progress=self.progress)
+        ok = np.asarray(ok, dtype=bool)
+        expected = getattr(self, "image_embedding_dim_", None)
+        if not ok.any() and n_rows:
+            if expected is None:
+                raise ValueError(f"no row has a usable image in column {self.image_column!r}; "
+                                 "FusionClassifier needs images to train on")
+            embeddings = np.zeros((n_rows, expected), dtype=np.float32)  # the encoder said no dim
+        return np.ascontiguousarray(embeddings, dtype=np.float32), ok
+
+    def _build_module(self, encoder: nn.Module) -> DualAttentionFusion:
+        return DualAttentionFusion(encoder, self.image_embedding_dim_, len(self.classes_),
+                                   image_dim=self.image_dim, fusion_dim=self.fusion_dim,
+                                   image_tokens=self.image_tokens, dropout=self.dropout)
+
+    def _loader(self, texts: list[str], images: np.ndarray, image_ok: np.ndarray,
+                labels: np.ndarray, *, shuffle: bool) -> Any:
+        token_ids = tokenize(self.tokenizer_, texts, self.max_length_)
+        lengths = [len(t) for t in token_ids]
+        sampler = (LengthBucketBatchSampler(lengths, self.batch_size, seed=self.random_state) if shuffle
+                   else SortedBatchSampler(lengths, self.predict_batch_size))
+        collate = Collator(token_ids, self._pad_id(), labels=labels,
+                           arrays={"image": images, "image_ok": image_ok})
+        return batch_loader(len(texts), sampler, collate)
+
+    def _eval_loader(self, eval_set: tuple[Any, Any] | None) -> Any:
+        if eval_set is None:
+            return None
+        X_val, y_val = eval_set
+        texts = self._texts(X_val)
+        images, image_ok = self._image_inputs(X_val, len(texts))
+        return self._loader(texts, images, image_ok, label_indices(self.classes_, y_val, len(texts)),
+                            shuffle=False)
+
+    def _stages(self) -> list[Stage]:
+        module = self.module_
+        image_branch = module.image_branch()
+        image_ids = {id(p) for p in image_branch}
+        text_projection = {id(p) for p in module.text_projection.parameters()}
+        encoder = list(module.encoder.parameters())
+        encoder_ids = {id(p) for p in encoder}
+        fusion = [p for p in module.parameters() if id(p) not in encoder_ids]
+        fusion_head = [p for p in fusion if id(p) not in image_ids | text_projection]
+        head_group = {"lr": self.head_lr, "weight_decay": self.weight_decay}
+        return [
+            Stage("image", self.image_epochs,
+                  [{"params": image_branch, "lr": self.head_lr, "weight_decay": self.image_weight_decay},
+                   {"params": fusion_head, **head_group}],
+                  self.warmup_ratio, forward_kwargs={"text_noise": True}, monitor=False),
+            Stage("frozen", self.frozen_epochs, [{"params": fusion, **head_group}], self.warmup_ratio),
+            Stage("full", self.epochs,
+                  [{"params": encoder, "lr": self.lr, "weight_decay": self.weight_decay},
+                   {"params": fusion, **head_group}],
+                  self.warmup_ratio),
+        ]
+
+    def _save_weights(self, folder: Path) -> None:
+        save_text_module(folder, self.module_, self.tokenizer_)
+
+    def _load_weights(self, folder: Path) -> None:
+        encoder, self.tokenizer_ = load_saved_encoder(folder)
+        self.module_ = self._build_module(encoder)
+        load_non_encoder_state(self.module_, folder)
+
+    def __sklearn_tags__(self):  # noqa: D105
+        tags = super().__sklearn_tags__()
+        tags.input_tags.two_d_array = False
+        tags.input_tags.string = True
+        tags.non_deterministic = self.random_state is None
+        return tags
+
+
+def _is_missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and np.isnan(value)) or str(value).strip() == ""
