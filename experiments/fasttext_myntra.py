@@ -14,6 +14,7 @@ import json
 import resource
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -80,9 +81,12 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=Path("../shared/data/myntra/styles_merged.csv"))
     parser.add_argument("--configs", nargs="+", default=["wrapper", "plain", "tfidf_svc"],
                         choices=[*CONFIGS, "tfidf_svc"])
+    parser.add_argument("--reference-text", action="store_true",
+                        help="the reference work's text: attribute values without their keys, lower-cased")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    prepared = prepare_table(read_table(args.data), SPEC)
+    spec = replace(SPEC, attribute_keys=False, lowercase=True) if args.reference_text else SPEC
+    prepared = prepare_table(read_table(args.data), spec)
     print(prepared.summary().splitlines()[0])
     frame = prepared.frame
     y = frame["label"].to_numpy(dtype=object)
@@ -91,7 +95,7 @@ def main() -> None:
         folds = list(StratifiedKFold(5, shuffle=True, random_state=42).split(frame, y))
     rows = []
     for name in args.configs:
-        rows.append(run_config(name, frame, y, folds))
+        rows.append({**run_config(name, frame, y, folds), "reference_text": args.reference_text})
         print(json.dumps(rows[-1]), flush=True)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -95,6 +95,8 @@ class TableSpec:
         :data:`SALE_WORD`).
     lowercase : bool
         Lower-case the product text.
+    attribute_keys : bool
+        Render attributes as ``"Column: value"`` (default) or as bare values.
 
     Examples
     --------
@@ -114,6 +116,7 @@ class TableSpec:
     shop_column: str | None = None
     sale_column: str | None = None
     lowercase: bool = False
+    attribute_keys: bool = True
 
     @classmethod
     def kazanexpress(cls, image_dir: str | None = None, target: str | None = "category_id") -> TableSpec:
@@ -528,7 +531,7 @@ def _ke_row_text(record: Mapping[str, Any], spec: TableSpec) -> tuple[str, str]:
     shop = record[spec.shop_column] if spec.shop_column else None
     sale = record[spec.sale_column] if spec.sale_column else None
     title, text = ke_product_text(fields, shop_title=shop, sale=sale)
-    extra = _generic_segments(record, [*spec.text_columns], spec.attribute_columns)
+    extra = _generic_segments(record, spec)
     return title, join_segments([text, *extra])
 
 
@@ -548,7 +551,7 @@ def _parse_fields(value: Any) -> Mapping[str, Any]:
 
 def _generic_row_text(record: Mapping[str, Any], spec: TableSpec) -> tuple[str, str]:
     title = render_value(record[spec.text_columns[0]]) if spec.text_columns else ""
-    segments = _generic_segments(record, spec.text_columns, spec.attribute_columns)
+    segments = _generic_segments(record, spec)
     if spec.shop_column and not _is_missing(record[spec.shop_column]):
         segments[0:1] = [f"{clean_text(record[spec.shop_column])}: {segments[0] if segments else ''}"]
     if spec.sale_column and _as_bool(record[spec.sale_column]):
@@ -556,10 +559,10 @@ def _generic_row_text(record: Mapping[str, Any], spec: TableSpec) -> tuple[str, 
     return title, join_segments(segments)
 
 
-def _generic_segments(record: Mapping[str, Any], text_columns: Sequence[str],
-                      attribute_columns: Sequence[str]) -> list[str]:
-    segments = [render_value(record[c]) for c in text_columns]
-    attributes = [f"{c}: {v}" for c in attribute_columns if (v := render_value(record[c]))]
+def _generic_segments(record: Mapping[str, Any], spec: TableSpec) -> list[str]:
+    segments = [render_value(record[c]) for c in spec.text_columns]
+    attributes = [f"{c}: {v}" if spec.attribute_keys else v
+                  for c in spec.attribute_columns if (v := render_value(record[c]))]
     if attributes:
         segments.append(", ".join(attributes))
     return [s for s in segments if s]

@@ -148,6 +148,17 @@ def test_staged_training_unfreezes_after_n_epochs(tiny_model):
     assert both.history_[0]["train_loss"] == head_only.history_[0]["train_loss"]
 
 
+def test_freeze_embeddings_trains_the_rest_of_the_encoder(tiny_model):
+    from transformers import AutoModel
+
+    X, y = toy_data()
+    original = AutoModel.from_pretrained(tiny_model).state_dict()
+    trained = encoder_state(tiny_clf(tiny_model, epochs=2, freeze_embeddings=True).fit(X, y))
+    assert torch.equal(trained["embeddings.word_embeddings.weight"], original["embeddings.word_embeddings.weight"])
+    assert not torch.equal(trained["encoder.layer.0.attention.self.query.weight"],
+                           original["encoder.layer.0.attention.self.query.weight"])
+
+
 def test_early_stopping_stops_and_keeps_best(tiny_model):
     X, y = toy_data()
     names = list(GROUPS)

@@ -115,6 +115,13 @@ def test_generic_spec_attributes_and_lowercase():
     assert frame["id"].tolist() == ["a1", "b2"] and frame["title"].tolist() == ["red shirt", "jeans"]
 
 
+def test_attributes_without_keys():
+    raw = pd.DataFrame({"name": ["Red Shirt"], "colour": ["Red"], "season": ["Fall"], "type": ["Shirts"]})
+    spec = TableSpec(text_columns=["name"], attribute_columns=["colour", "season"], target="type",
+                     attribute_keys=False)
+    assert prepare_table(raw, spec).frame["text"].tolist() == ["Red Shirt. Red, Fall"]
+
+
 def test_missing_columns_are_named_with_a_hint():
     raw = pd.DataFrame({"name": ["x"], "categroy": ["y"]})
     with pytest.raises(DataError, match=r"missing column\(s\) 'category' \(did you mean 'categroy'\?\)"):

@@ -30,6 +30,7 @@ from stackcat.models._torch import (
     Stage,
     TrainingLoop,
     batch_loader,
+    encoder_parameters,
     history_records,
     label_indices,
     load_non_encoder_state,
@@ -92,6 +93,9 @@ class BertClassifier(SavableTorchMixin, ProbaClassifierMixin, ClassifierMixin, B
         Dropout before the linear head.
     freeze_encoder : bool, default=False
         Train the head only (the encoder is a frozen feature extractor).
+    freeze_embeddings : bool, default=False
+        Keep the word-embedding matrix frozen while the encoder trains (much
+        faster on a CPU for models with large vocabularies).
     train_encoder_after : int, default=0
         Staged training: the first ``train_encoder_after`` epochs train the head
         only, the rest train everything (a fresh optimizer and schedule per stage).
@@ -148,6 +152,7 @@ class BertClassifier(SavableTorchMixin, ProbaClassifierMixin, ClassifierMixin, B
         "label_smoothing": [Interval(Real, 0, 1, closed="left")],
         "dropout": [Interval(Real, 0, 1, closed="left")],
         "freeze_encoder": ["boolean"],
+        "freeze_embeddings": ["boolean"],
         "train_encoder_after": [Interval(Integral, 0, None, closed="left")],
         "early_stopping_patience": [Interval(Integral, 1, None, closed="left"), None],
         "predict_batch_size": [Interval(Integral, 1, None, closed="left")],
@@ -171,6 +176,7 @@ class BertClassifier(SavableTorchMixin, ProbaClassifierMixin, ClassifierMixin, B
         label_smoothing: float = 0.003,
         dropout: float = 0.1,
         freeze_encoder: bool = False,
+        freeze_embeddings: bool = False,
         train_encoder_after: int = 0,
         early_stopping_patience: int | None = 2,
         predict_batch_size: int = 128,
@@ -190,6 +196,7 @@ class BertClassifier(SavableTorchMixin, ProbaClassifierMixin, ClassifierMixin, B
         self.label_smoothing = label_smoothing
         self.dropout = dropout
         self.freeze_encoder = freeze_encoder
+        self.freeze_embeddings = freeze_embeddings
         self.train_encoder_after = train_encoder_after
         self.early_stopping_patience = early_stopping_patience
         self.predict_batch_size = predict_batch_size
@@ -272,7 +279,8 @@ class BertClassifier(SavableTorchMixin, ProbaClassifierMixin, ClassifierMixin, B
         return [
             Stage("head", head_epochs, [{"params": head, **group}], self.warmup_ratio),
             Stage("full", self.epochs - head_epochs,
-                  [{"params": list(self.module_.parameters()), **group}], self.warmup_ratio),
+                  [{"params": encoder_parameters(self.module_.encoder, self.freeze_embeddings) + head,
+                    **group}], self.warmup_ratio),
         ]
 
     def _save_weights(self, folder: Path) -> None:

@@ -62,6 +62,7 @@ from stackcat.models._torch import (
     Stage,
     TrainingLoop,
     batch_loader,
+    encoder_parameters,
     history_records,
     label_indices,
     load_non_encoder_state,
@@ -167,6 +168,9 @@ class FusionClassifier(SavableTorchMixin, ProbaClassifierMixin, ClassifierMixin,
     head_lr : float, default=1e-3
         Peak learning rate of the fusion layers (all stages).
     weight_decay : float, default=1e-4
+    freeze_embeddings : bool, default=False
+        Keep BERT's word-embedding matrix frozen in the last stage (faster on a
+        CPU; see :class:`~stackcat.models.bert.BertClassifier`).
     image_weight_decay : float, default=0.5
         AdamW weight decay of the image branch in stage 1.
     warmup_ratio : float, default=0.1
@@ -224,6 +228,7 @@ class FusionClassifier(SavableTorchMixin, ProbaClassifierMixin, ClassifierMixin,
         "head_lr": [Interval(Real, 0, None, closed="neither")],
         "weight_decay": [Interval(Real, 0, None, closed="left")],
         "image_weight_decay": [Interval(Real, 0, None, closed="left")],
+        "freeze_embeddings": ["boolean"],
         "warmup_ratio": [Interval(Real, 0, 1, closed="both")],
         "label_smoothing": [Interval(Real, 0, 1, closed="left")],
         "early_stopping_patience": [Interval(Integral, 1, None, closed="left"), None],
@@ -257,6 +262,7 @@ class FusionClassifier(SavableTorchMixin, ProbaClassifierMixin, ClassifierMixin,
         head_lr: float = 1e-3,
         weight_decay: float = 1e-4,
         image_weight_decay: float = 0.5,
+        freeze_embeddings: bool = False,
         warmup_ratio: float = 0.1,
         label_smoothing: float = 0.003,
         early_stopping_patience: int | None = 2,
@@ -285,6 +291,7 @@ class FusionClassifier(SavableTorchMixin, ProbaClassifierMixin, ClassifierMixin,
         self.head_lr = head_lr
         self.weight_decay = weight_decay
         self.image_weight_decay = image_weight_decay
+        self.freeze_embeddings = freeze_embeddings
         self.warmup_ratio = warmup_ratio
         self.label_smoothing = label_smoothing
         self.early_stopping_patience = early_stopping_patience
@@ -429,7 +436,8 @@ class FusionClassifier(SavableTorchMixin, ProbaClassifierMixin, ClassifierMixin,
                   self.warmup_ratio, forward_kwargs={"text_noise": True}, monitor=False),
             Stage("frozen", self.frozen_epochs, [{"params": fusion, **head_group}], self.warmup_ratio),
             Stage("full", self.epochs,
-                  [{"params": encoder, "lr": self.lr, "weight_decay": self.weight_decay},
+                  [{"params": encoder_parameters(module.encoder, self.freeze_embeddings),
+                    "lr": self.lr, "weight_decay": self.weight_decay},
                    {"params": fusion, **head_group}],
                   self.warmup_ratio),
         ]

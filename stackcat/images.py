@@ -1,0 +1,580 @@
+"""Loading product images safely, and embedding them once with a frozen encoder.
+
+Image policy (:func:`load_image`): every image comes back as RGB or not at all,
+with a status that says why:
+
+==============  ===============================================================
+``ok``          decoded; grey, CMYK, palette and 16-bit images converted to RGB,
+                transparency composited on white, EXIF orientation applied
+``no_path``     the row has no path (None, NaN or an empty string)
+``missing``     no readable file at the path
+``too_large``   more than ``max_pixels`` pixels (checked from the header, before
+                decoding), or refused by Pillow's decompression-bomb guard
+``corrupt``     not an image, truncated, or not convertible to RGB
+==============  ===============================================================
+
+Embeddings (:func:`image_embeddings`): a row whose image is unusable gets a zero
+vector and ``ok=False``; nothing stops the run. With ``cache_dir`` each image is
+encoded once per encoder, whatever the number of folds, models and processes
+that ask for it.
+
+Cache design
+------------
+Key: the encoder's ``name`` + a BLAKE2b-128 hash of the image file's bytes.
+Content, not (path, size, mtime): identical photos under several paths (a
+product's colour variants) are encoded once; a data set copied to another
+folder or another machine (a Dask worker) reuses its cache; a file replaced in
+place is never served a stale vector. The price, reading each file once per
+process to hash it, is small next to decoding and encoding it; within a process
+the hash is remembered per (path, size, mtime).
+
+Layout: ``<cache_dir>/<encoder slug>/<first 2 hex of key>/<key>.npy``, one
+float32 vector per file (a 2-level tree: 256 folders of ~400 files for 100k
+images). Each file is written to a temporary name in the same folder and
+renamed into place with ``os.replace``, which is atomic: a reader sees a whole
+entry or none, whatever runs concurrently or is killed (``kill -9``) mid-write.
+Temporary names never end in ``.npy``, so they are never read; an entry that
+fails to load (disk damage) is recomputed and rewritten. Entries are small and
+independent, so parallel fold jobs need no lock; to encode each image exactly
+once when jobs start at the same time, fill the cache first with one call on
+all the paths. Without ``cache_dir``, a bounded in-process memory cache (LRU,
+:data:`MEMORY_CACHE_BYTES`) still avoids re-encoding within one process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import math
+import os
+import re
+import stat
+import tempfile
+import threading
+import warnings
+from collections import Counter, OrderedDict
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from stackcat.encoders import ImageEncoder, get_encoder
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+__all__ = [
+    "DEFAULT_MAX_PIXELS",
+    "IMAGE_STATUSES",
+    "MEMORY_CACHE_BYTES",
+    "ImageEmbeddings",
+    "clear_memory_cache",
+    "image_embeddings",
+    "load_image",
+    "to_rgb",
+]
+
+#: Larger images are refused before decoding (a 48 MP phone photo still passes).
+DEFAULT_MAX_PIXELS = 50_000_000
+IMAGE_STATUSES = ("ok", "no_path", "missing", "too_large", "corrupt")
+#: Budget of the in-process embedding cache (least recently used entries are dropped).
+MEMORY_CACHE_BYTES = 512 * 2**20
+# JPEGs are decoded at a reduced scale when they are much larger than this (PIL draft mode);
+# encoders look at 224-336 px.
+_DRAFT_SIZE = 512
+_CACHE_FORMAT = "v1"
+_READ_CHUNK = 1 << 20
+
+
+def load_image(
+    path: str | os.PathLike | None,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    draft_size: int | None = None,
+) -> tuple[Image.Image | None, str]:
+    """Open one image as RGB, or say why it cannot be used.
+
+    Parameters
+    ----------
+    path : str, path-like or None
+        The image file. None, NaN and ``""`` give status ``"no_path"``.
+    max_pixels : int, default=DEFAULT_MAX_PIXELS
+        Images with more pixels (width x height, read from the file header, before
+        any decoding) are refused with ``"too_large"``.
+    draft_size : int or None, default=None
+        When set, a JPEG at least twice this size on both sides is decoded at a
+        reduced scale (1/2, 1/4 or 1/8) that stays at least this size: much faster
+        and lighter for large photos that will be shrunk anyway.
+
+    Returns
+    -------
+    image : PIL.Image.Image or None
+        RGB image, fully loaded (the file is closed), or None.
+    status : str
+        One of :data:`IMAGE_STATUSES` (see the module docstring).
+
+    Examples
+    --------
+    >>> image, status = load_image("no/such/file.jpg")
+    >>> image, status
+    (None, 'missing')
+    >>> load_image(None)[1]
+    'no_path'
+    """
+    file_path = _as_file_path(path)
+    if file_path is None:
+        return None, "no_path"
+    if not os.path.isfile(file_path):
+        return None, "missing"
+    try:
+        with open(file_path, "rb") as handle:
+            return _decode(handle, max_pixels=max_pixels, draft_size=draft_size)
+    except OSError:
+        return None, "missing"
+
+
+def _decode(source: Any, *, max_pixels: int, draft_size: int | None) -> tuple[Image.Image | None, str]:
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            # Our own max_pixels check comes first; Pillow's warning would only repeat it.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(source) as image:
+                if image.width * image.height > max_pixels:
+                    return None, "too_large"
+                if draft_size and image.format == "JPEG":
+                    image.draft("RGB", (draft_size, draft_size))
+                image.load()
+                return to_rgb(image), "ok"
+    except Image.DecompressionBombError:
+        return None, "too_large"
+    except MemoryError:
+        return None, "too_large"
+    except Exception:  # noqa: BLE001 - any decoder failure (OSError, SyntaxError, struct.error, ...)
+        return None, "corrupt"
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB version of ``image``: EXIF orientation applied, alpha composited on white.
+
+    Handles grey (``L``, ``1``), 16/32-bit grey (``I;16``, ``I``, ``F``), palette
+    (``P``, with or without transparency), ``LA``, ``RGBA``, ``CMYK``, ``YCbCr``.
+
+    Examples
+    --------
+    >>> from PIL import Image
+    >>> to_rgb(Image.new("RGBA", (2, 2), (0, 0, 0, 0))).getpixel((0, 0))
+    (255, 255, 255)
+    """
+    from PIL import Image, ImageOps
+
+    try:
+        image = ImageOps.exif_transpose(image)
+    except Exception:  # noqa: BLE001 - a broken EXIF block must not cost the picture
+        pass
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        image = _to_8bit_grey(image)
+    if image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def _to_8bit_grey(image: Image.Image) -> Image.Image:
+    from PIL import Image
+
+    values = np.asarray(image, dtype=np.float64)
+    if image.mode == "F" and values.size and np.nanmax(values) <= 1.0:
+        values = values * 255.0
+    elif values.size and np.nanmax(values) > 255:
+        values = values / 257.0  # 16-bit range onto 8 bits
+    return Image.fromarray(np.clip(np.nan_to_num(values), 0, 255).astype(np.uint8), mode="L")
+
+
+def _as_file_path(path: Any) -> str | None:
+    if path is None or (isinstance(path, float) and math.isnan(path)) or _is_na(path):
+        return None
+    try:
+        text = os.fspath(path)
+    except TypeError:
+        text = str(path)
+    if isinstance(text, bytes):
+        text = os.fsdecode(text)
+    return text if text.strip() else None
+
+
+def _is_na(value: Any) -> bool:
+    """pandas' missing markers (``pd.NA``, ``NaT``), without importing pandas for plain paths."""
+    if isinstance(value, (str, bytes, os.PathLike)):
+        return False
+    import pandas as pd
+
+    return bool(pd.api.types.is_scalar(value) and pd.isna(value))
+
+
+class ImageEmbeddings(tuple):
+    """``(embeddings, ok)``, unpackable as a pair, that also carries each row's load status.
+
+    Attributes
+    ----------
+    embeddings : ndarray of shape (n, dim), float32
+        Zero rows where ``ok`` is False.
+    ok : ndarray of shape (n,), bool
+    status : ndarray of shape (n,), object
+        One of :data:`IMAGE_STATUSES` per row (a cached image counts as ``"ok"``).
+    status_counts : dict
+        Rows per status, every status listed (zeros included).
+    """
+
+    def __new__(cls, embeddings: np.ndarray, ok: np.ndarray, status: np.ndarray) -> ImageEmbeddings:
+        result = super().__new__(cls, (embeddings, ok))
+        result.status = status
+        return result
+
+    def __getnewargs__(self) -> tuple:
+        return (self[0], self[1], self.status)
+
+    @property
+    def embeddings(self) -> np.ndarray:
+        return self[0]
+
+    @property
+    def ok(self) -> np.ndarray:
+        return self[1]
+
+    @property
+    def status_counts(self) -> dict[str, int]:
+        counts = Counter(self.status.tolist())
+        return {name: int(counts.get(name, 0)) for name in IMAGE_STATUSES}
+
+
+def image_embeddings(
+    paths: Sequence[str | None],
+    encoder: ImageEncoder | str,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    batch_size: int = 64,
+    device: str = "auto",
+    progress: bool = True,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> ImageEmbeddings:
+    """Embed the image of every row with a frozen encoder, encoding each image at most once.
+
+    Parameters
+    ----------
+    paths : sequence of str or None
+        One image path per row; None/NaN/"" for rows without an image.
+    encoder : ImageEncoder or str
+        An encoder object, or a spec for :func:`stackcat.encoders.get_encoder`
+        (``"ViT-L-14/openai"``, ``"efficientnet-lite0"``, ...).
+    cache_dir : str, path-like or None, default=None
+        Folder of the on-disk embedding cache (created when needed). See the module
+        docstring for its keys and layout.
+    batch_size : int, default=64
+        Images decoded and passed to ``encoder.encode`` at a time.
+    device : str, default="auto"
+        Device of an encoder built from a string spec.
+    progress : bool, default=True
+        Show a tqdm bar while encoding images that are not cached.
+    max_pixels : int, default=DEFAULT_MAX_PIXELS
+        Larger images get status ``"too_large"``.
+
+    Returns
+    -------
+    ImageEmbeddings
+        Unpacks as ``embeddings, ok``: ``(n, dim)`` float32 (zero rows where the
+        image is unusable) and a bool mask; ``.status`` / ``.status_counts`` say why
+        rows failed. ``dim`` is 0 when no image is usable and the encoder has no
+        ``dim`` attribute.
+
+    Raises
+    ------
+    ValueError
+        When the encoder returns the wrong number of rows, or vectors of a size
+        that differs from cached ones.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> class MeanColour:
+    ...     name = "mean-colour"
+    ...     def encode(self, images):
+    ...         return np.array([np.asarray(im, np.float32).mean((0, 1)) for im in images])
+    >>> from stackcat.demo import load_demo
+    >>> frame, _ = load_demo(n_rows=80)
+    >>> embeddings, ok = image_embeddings(list(frame["image_path"]) + [None], MeanColour(),
+    ...                                   progress=False)
+    >>> embeddings.shape, int(ok.sum())
+    ((81, 3), 80)
+    """
+    encoder = get_encoder(encoder, device=device)
+    batch_size = int(batch_size)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    status = np.full(len(paths), "ok", dtype=object)
+    row_keys: list[str | None] = []
+    first_path: dict[str, str] = {}
+    for row, raw in enumerate(paths):
+        key, row_status, file_path = _content_key(raw)
+        row_keys.append(key)
+        if key is None:
+            status[row] = row_status
+        else:
+            first_path.setdefault(key, file_path)
+
+    store = _EmbeddingStore(encoder.name, cache_dir)
+    vectors = store.get_many(list(first_path))
+    to_encode = [(key, path) for key, path in first_path.items() if key not in vectors]
+    failed = _encode_missing(to_encode, encoder, store, vectors, batch_size=batch_size,
+                             progress=progress, max_pixels=max_pixels)
+    return _assemble(row_keys, status, vectors, failed, getattr(encoder, "dim", None))
+
+
+def _encode_missing(
+    to_encode: list[tuple[str, str]],
+    encoder: ImageEncoder,
+    store: _EmbeddingStore,
+    vectors: dict[str, np.ndarray],
+    *,
+    batch_size: int,
+    progress: bool,
+    max_pixels: int,
+) -> dict[str, str]:
+    """Decode and encode the images not in the cache, batch by batch; returns key -> failure status."""
+    from tqdm.auto import tqdm
+
+    failed: dict[str, str] = {}
+    if not to_encode:
+        return failed
+    workers = max(1, min(8, os.cpu_count() or 1))
+    bar = tqdm(total=len(to_encode), unit="img", desc=f"encoding images [{encoder.name}]",
+               disable=not progress)
+    with bar, ThreadPoolExecutor(max_workers=workers) as pool:
+        for start in range(0, len(to_encode), batch_size):
+            batch = to_encode[start:start + batch_size]
+            # Decoding releases the GIL: threads overlap it on many-core machines.
+            loaded = list(pool.map(
+                lambda item: load_image(item[1], max_pixels=max_pixels, draft_size=_DRAFT_SIZE), batch))
+            good_keys = [key for (key, _), (image, _) in zip(batch, loaded) if image is not None]
+            failed.update({key: st for (key, _), (image, st) in zip(batch, loaded) if image is None})
+            images = [image for image, _ in loaded if image is not None]
+            if images:
+                encoded = _checked_output(encoder.encode(images), len(images), encoder.name)
+                for key, vector in zip(good_keys, encoded):
+                    vectors[key] = vector
+                    store.put(key, vector)
+            bar.update(len(batch))
+    return failed
+
+
+def _checked_output(output: Any, n_images: int, encoder_name: str) -> np.ndarray:
+    array = np.asarray(output, dtype=np.float32)
+    if array.ndim != 2 or array.shape[0] != n_images:
+        raise ValueError(
+            f"encoder {encoder_name!r} returned an array of shape {array.shape} for {n_images} images; "
+            f"expected ({n_images}, dim)"
+        )
+    return array
+
+
+def _assemble(
+    row_keys: list[str | None],
+    status: np.ndarray,
+    vectors: dict[str, np.ndarray],
+    failed: dict[str, str],
+    encoder_dim: int | None,
+) -> ImageEmbeddings:
+    dims = {vector.shape[0] for vector in vectors.values()}
+    if len(dims) > 1:
+        raise ValueError(
+            f"the encoder's vectors have different sizes {sorted(dims)} (cached vs new?): "
+            f"an encoder's name must change when its output changes"
+        )
+    dim = dims.pop() if dims else int(encoder_dim or 0)
+    embeddings = np.zeros((len(row_keys), dim), dtype=np.float32)
+    ok = np.zeros(len(row_keys), dtype=bool)
+    for row, key in enumerate(row_keys):
+        if key is None:
+            continue
+        if key in vectors:
+            embeddings[row] = vectors[key]
+            ok[row] = True
+        else:
+            status[row] = failed[key]
+    return ImageEmbeddings(embeddings, ok, status)
+
+
+# (path, size, mtime_ns) -> content hash, so a process hashes each file once.
+_hash_memo: dict[tuple[str, int, int], str] = {}
+_hash_memo_lock = threading.Lock()
+
+
+def _content_key(raw_path: Any) -> tuple[str | None, str, str | None]:
+    """``(content hash, status, path)``; the hash is None when the row has no readable file."""
+    path = _as_file_path(raw_path)
+    if path is None:
+        return None, "no_path", None
+    try:
+        info = os.stat(path)
+    except (OSError, ValueError):
+        return None, "missing", path
+    if not stat.S_ISREG(info.st_mode):
+        return None, "missing", path
+    memo_key = (os.path.abspath(path), info.st_size, info.st_mtime_ns)
+    with _hash_memo_lock:
+        cached = _hash_memo.get(memo_key)
+    if cached is not None:
+        return cached, "ok", path
+    try:
+        digest = _file_hash(path)
+    except OSError:
+        return None, "missing", path
+    with _hash_memo_lock:
+        _hash_memo[memo_key] = digest
+    return digest, "ok", path
+
+
+def _file_hash(path: str) -> str:
+    hasher = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(_READ_CHUNK), b""):
+            hasher.update(chunk)
+    return hasher.hexdigest()
+
+
+class _MemoryCache:
+    """A process-wide LRU of embedding vectors, bounded in bytes."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[tuple[str, str], np.ndarray] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, encoder_name: str, key: str) -> np.ndarray | None:
+        with self._lock:
+            vector = self._entries.get((encoder_name, key))
+            if vector is not None:
+                self._entries.move_to_end((encoder_name, key))
+            return vector
+
+    def put(self, encoder_name: str, key: str, vector: np.ndarray) -> None:
+        if vector.nbytes > self.max_bytes:
+            return
+        with self._lock:
+            old = self._entries.pop((encoder_name, key), None)
+            if old is not None:
+                self._bytes -= old.nbytes
+            self._entries[(encoder_name, key)] = vector
+            self._bytes += vector.nbytes
+            while self._bytes > self.max_bytes:
+                _, dropped = self._entries.popitem(last=False)
+                self._bytes -= dropped.nbytes
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self._bytes = 0
+
+
+_memory_cache = _MemoryCache(MEMORY_CACHE_BYTES)
+
+
+def clear_memory_cache() -> None:
+    """Forget the embeddings (and file hashes) remembered by this process."""
+    _memory_cache.clear()
+    with _hash_memo_lock:
+        _hash_memo.clear()
+
+
+class _EmbeddingStore:
+    """Memory LRU in front of the optional on-disk cache of one encoder."""
+
+    def __init__(self, encoder_name: str, cache_dir: str | os.PathLike | None) -> None:
+        self.encoder_name = encoder_name
+        self.root = Path(cache_dir) / _encoder_slug(encoder_name) if cache_dir is not None else None
+        self._write_warned = False
+
+    def get_many(self, keys: list[str]) -> dict[str, np.ndarray]:
+        found: dict[str, np.ndarray] = {}
+        for key in keys:
+            vector = _memory_cache.get(self.encoder_name, key)
+            if vector is None and self.root is not None:
+                vector = self._read(key)
+                if vector is not None:
+                    _memory_cache.put(self.encoder_name, key, vector)
+            if vector is not None:
+                found[key] = vector
+        return found
+
+    def put(self, key: str, vector: np.ndarray) -> None:
+        vector = np.ascontiguousarray(vector, dtype=np.float32)
+        _memory_cache.put(self.encoder_name, key, vector)
+        if self.root is not None:
+            self._write(key, vector)
+
+    def _entry_path(self, key: str) -> Path:
+        return self.root / key[:2] / f"{key}.npy"
+
+    def _read(self, key: str) -> np.ndarray | None:
+        try:
+            vector = np.load(self._entry_path(key), allow_pickle=False)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, EOFError):
+            return None  # a damaged entry: recomputed and replaced
+        if vector.ndim != 1 or vector.dtype != np.float32:
+            return None
+        return vector
+
+    def _write(self, key: str, vector: np.ndarray) -> None:
+        final = self._entry_path(key)
+        try:
+            if not self.root.exists():
+                self._create_root()
+            final.parent.mkdir(exist_ok=True)
+            _atomic_write(final, _npy_bytes(vector))
+        except OSError as exc:
+            # The vector is already computed: a full disk costs the cache, not the run.
+            if not self._write_warned:
+                warnings.warn(f"cannot write the image embedding cache under {self.root}: {exc}",
+                              RuntimeWarning, stacklevel=3)
+                self._write_warned = True
+
+    def _create_root(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        info = f"encoder: {self.encoder_name}\nformat: {_CACHE_FORMAT}\n"
+        _atomic_write(self.root / "ENCODER.txt", info.encode("utf-8"))
+
+
+def _encoder_slug(encoder_name: str) -> str:
+    readable = re.sub(r"[^A-Za-z0-9._-]+", "_", encoder_name).strip("_")[:60]
+    digest = hashlib.blake2b(f"{_CACHE_FORMAT}\0{encoder_name}".encode(), digest_size=6).hexdigest()
+    return f"{readable}-{digest}"
+
+
+def _npy_bytes(vector: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, vector, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def _atomic_write(final: Path, payload: bytes) -> None:
+    """Write to a temporary file beside ``final`` (never named ``*.npy``), then rename over it."""
+    fd, temporary = tempfile.mkstemp(dir=final.parent, prefix=f".{final.stem}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(payload)
+        os.replace(temporary, final)
+    except BaseException:
+        try:
+            os.unlink(temporary)
+        except OSError:
+            pass
+        raise

@@ -1,0 +1,182 @@
+"""ClipImageClassifier: estimator contract, missing-image policy, pickling, shared embedding cache."""
+
+from __future__ import annotations
+
+import io
+
+import joblib
+import numpy as np
+import pandas as pd
+import pytest
+from contract import check_fitted_contract, check_sklearn_contract
+from sklearn.base import clone
+from sklearn.model_selection import StratifiedKFold
+from tiny_images import (
+    CLASS_COLOURS,
+    CountingEncoder,
+    tiny_open_clip_dir,
+    toy_image_dataset,
+    write_truncated_jpeg,
+)
+
+from stackcat.encoders import OpenClipEncoder, clear_loaded_models
+from stackcat.images import clear_memory_cache
+from stackcat.models.clip import ClipImageClassifier
+
+
+@pytest.fixture(autouse=True)
+def fresh_memory_cache():
+    clear_memory_cache()
+    yield
+    clear_memory_cache()
+
+
+@pytest.fixture
+def toy(tmp_path):
+    return toy_image_dataset(tmp_path / "images", per_class=6)
+
+
+def stub_classifier(**params) -> ClipImageClassifier:
+    params.setdefault("encoder", CountingEncoder())
+    params.setdefault("normalize", "standard")
+    return ClipImageClassifier(progress=False, **params)
+
+
+def test_sklearn_checks_that_apply():
+    check_sklearn_contract(ClipImageClassifier())
+
+
+@pytest.mark.parametrize("labels", [None, [10, 20, 30]])
+def test_contract_on_a_dataframe(toy, tmp_path, labels):
+    paths, y = toy
+    if labels is not None:
+        y = [labels[list(CLASS_COLOURS).index(v)] for v in y]
+    frame = pd.DataFrame({"photo": paths, "other": range(len(paths))})
+    clf = stub_classifier(image_column="photo")
+    new = pd.DataFrame({"photo": paths[:4] + [None, str(tmp_path / "gone.jpg")]})
+    proba = check_fitted_contract(clf, frame, y, new)
+    assert (clf.predict(frame) == np.asarray(y)).mean() == 1.0
+    np.testing.assert_allclose(proba[4], clf.class_prior_)
+
+
+def test_plain_list_of_paths_and_learned_attributes(toy):
+    paths, y = toy
+    clf = stub_classifier(normalize="l2", C=100.0).fit(paths, y)
+    assert clf.embedding_dim_ == 8 and clf.n_images_failed_ == 0
+    assert clf.image_status_counts_["ok"] == len(paths)
+    assert clf.scaler_ is None
+    assert (clf.predict(paths) == np.asarray(y)).mean() > 0.9
+
+
+def test_rows_without_usable_image_get_the_training_prior(toy, tmp_path):
+    paths, y = toy
+    broken = str(write_truncated_jpeg(tmp_path / "cut.jpg"))
+    X = paths + [None, broken, str(tmp_path / "missing.jpg")]
+    y = y + ["shirt", "shirt", "jeans"]
+    clf = stub_classifier().fit(X, y)
+    assert clf.n_images_failed_ == 3
+    assert clf.image_status_counts_ == {"ok": 18, "no_path": 1, "missing": 1, "too_large": 0,
+                                        "corrupt": 1}
+    expected_prior = np.array([y.count(c) for c in clf.classes_]) / len(y)
+    np.testing.assert_allclose(clf.class_prior_, expected_prior)
+    proba = clf.predict_proba([None, broken, float("nan"), paths[0]])
+    np.testing.assert_allclose(proba[:3], np.tile(expected_prior, (3, 1)))
+    assert clf.predict([paths[0]])[0] == "shirt"
+    uniform = stub_classifier(missing_image="uniform").fit(X, y)
+    np.testing.assert_allclose(uniform.predict_proba([None]), [[1 / 3] * 3])
+
+
+def test_head_is_trained_only_on_usable_rows(toy, tmp_path):
+    paths, y = toy
+    X = paths + [None] * 5
+    y = y + ["hat"] * 5  # a class seen only on rows without image
+    clf = stub_classifier().fit(X, y)
+    assert list(clf.classes_) == ["hat", "jeans", "shirt", "shoes"]
+    assert list(clf.head_.classes_) == [1, 2, 3]
+    proba = clf.predict_proba(paths[:3] + [None])
+    assert (proba[:3, 0] == 0).all()  # the head never saw "hat"
+    assert proba[3, 0] == pytest.approx(5 / 23)
+
+
+def test_missing_image_error_names_rows(toy):
+    paths, y = toy
+    clf = stub_classifier(missing_image="error")
+    with pytest.raises(ValueError, match=r"row 18: no_path"):
+        clf.fit(paths + [None], y + ["shirt"])
+    clf.fit(paths, y)
+    with pytest.raises(ValueError, match="missing_image='error'"):
+        clf.predict_proba([None])
+
+
+def test_no_usable_image_at_all_is_a_clear_error(tmp_path):
+    clf = stub_classifier(image_column="img")
+    X = pd.DataFrame({"img": [None, str(tmp_path / "a.jpg")]})
+    with pytest.raises(ValueError, match=r"none of the 2 training rows .* 'img'.*missing"):
+        clf.fit(X, ["a", "b"])
+
+
+def test_missing_column_is_named(toy):
+    with pytest.raises(KeyError, match="'picture'"):
+        stub_classifier(image_column="picture").fit(pd.DataFrame({"image_path": toy[0]}), toy[1])
+
+
+def test_single_class_among_usable_rows(toy):
+    paths, _ = toy
+    clf = stub_classifier().fit(paths[:3] + [None], ["shirt"] * 3 + ["jeans"])
+    proba = clf.predict_proba(paths[3:6])
+    np.testing.assert_allclose(proba[:, list(clf.classes_).index("shirt")], 1.0)
+
+
+def test_invalid_params_rejected_at_fit(toy):
+    with pytest.raises(ValueError, match="normalize"):
+        stub_classifier(normalize="max").fit(*toy)
+    with pytest.raises(ValueError, match="encoder"):
+        ClipImageClassifier(encoder=3).fit(*toy)
+
+
+def test_joblib_round_trip_gives_identical_probabilities(toy, tmp_path):
+    paths, y = toy
+    folder = tiny_open_clip_dir(tmp_path / "tiny")
+    clf = ClipImageClassifier(encoder=f"local-dir:{folder}", device="cpu", progress=False)
+    clf.fit(paths, y)
+    assert isinstance(clf.encoder_, OpenClipEncoder)
+    proba = clf.predict_proba(paths)
+    buffer = io.BytesIO()
+    joblib.dump(clf, buffer)
+    assert buffer.tell() < 50_000, "the encoder must pickle as its settings, not its weights"
+    buffer.seek(0)
+    clear_memory_cache()
+    clear_loaded_models()  # the restored model re-encodes with weights loaded afresh
+    restored = joblib.load(buffer)
+    np.testing.assert_allclose(restored.predict_proba(paths), proba, rtol=0, atol=1e-7)
+
+
+def test_each_image_encoded_once_across_folds_and_models(toy, tmp_path):
+    paths, y = toy
+    encoder = CountingEncoder()
+    cache = tmp_path / "cache"
+    X, y = np.array(paths, dtype=object), np.array(y)
+    for model in (stub_classifier(encoder=encoder, cache_dir=cache),
+                  stub_classifier(encoder=encoder, cache_dir=cache, normalize="l2", C=3.0)):
+        for train, test in StratifiedKFold(5, shuffle=True, random_state=0).split(X, y):
+            clear_memory_cache()  # as if each fold ran in its own process
+            fold_model = clone(model).fit(X[train], y[train])
+            fold_model.predict_proba(X[test])
+    assert encoder.max_encodings_per_image == 1
+    assert len(encoder.encoded) == len(paths)
+
+
+def test_n_jobs_limits_threads_and_restores_them(toy):
+    import torch
+
+    before = torch.get_num_threads()
+    seen = []
+
+    class ThreadSpy(CountingEncoder):
+        def encode(self, images):
+            seen.append(torch.get_num_threads())
+            return super().encode(images)
+
+    stub_classifier(encoder=ThreadSpy(), n_jobs=1).fit(*toy)
+    assert seen == [1]
+    assert torch.get_num_threads() == before
