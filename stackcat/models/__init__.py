@@ -7,6 +7,9 @@ from typing import Any
 
 _EXPORTS = {
     "FastTextClassifier": "stackcat.models.fasttext",
+    "BertClassifier": "stackcat.models.bert",
+    "ClipImageClassifier": "stackcat.models.clip",
+    "FusionClassifier": "stackcat.models.fusion",
 }
 
 __all__ = sorted(_EXPORTS)

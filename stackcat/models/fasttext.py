@@ -6,6 +6,7 @@ import math
 import os
 import re
 import tempfile
+import warnings
 from numbers import Integral, Real
 from typing import Any
 
@@ -27,6 +28,7 @@ from stackcat.models._base import (
 _LABEL_PREFIX = "__label__"
 _NON_WORD = re.compile(r"[^\w]+")
 AUTO_EPOCH_UPDATES = 150_000
+MAX_LR_HALVINGS = 4
 
 
 def auto_epochs(n_samples: int) -> int:
@@ -85,6 +87,9 @@ class FastTextClassifier(ProbaClassifierMixin, ClassifierMixin, BaseEstimator):
         The labels, sorted; columns of ``predict_proba`` follow this order.
     epoch_ : int
         The number of epochs trained.
+    lr_ : float
+        The learning rate used: ``lr``, halved (with a warning) each time
+        fastText diverged (its "Encountered NaN" error), at most 4 times.
     model_ : fasttext.FastText._FastText
         The trained model (pickled as its binary bytes).
 
@@ -160,14 +165,12 @@ class FastTextClassifier(ProbaClassifierMixin, ClassifierMixin, BaseEstimator):
     @_fit_context(prefer_skip_nested_validation=True)
     def fit(self, X: Any, y: Any) -> FastTextClassifier:
         """Train on texts ``X`` (DataFrame or list of strings) and labels ``y``."""
-        import fasttext
-
         texts = self._texts(X)
         self.classes_, y_index = encode_labels(y, len(texts))
         self.epoch_ = auto_epochs(len(texts)) if self.epoch == "auto" else self.epoch
         path = self._write_train_file(texts, y_index)
         try:
-            self.model_ = fasttext.train_supervised(input=path, **self._train_options())
+            self.model_, self.lr_ = _train_halving_lr_on_nan(path, self._train_options())
         finally:
             os.unlink(path)
         return self
@@ -239,6 +242,21 @@ class FastTextClassifier(ProbaClassifierMixin, ClassifierMixin, BaseEstimator):
         tags.input_tags.two_d_array = False
         tags.input_tags.string = True
         return tags
+
+
+def _train_halving_lr_on_nan(path: str, options: dict[str, Any]) -> tuple[Any, float]:
+    import fasttext
+
+    lr = options["lr"]
+    for attempt in range(MAX_LR_HALVINGS + 1):
+        try:
+            return fasttext.train_supervised(input=path, **{**options, "lr": lr}), lr
+        except RuntimeError as exc:
+            if "NaN" not in str(exc) or attempt == MAX_LR_HALVINGS:
+                raise
+            warnings.warn(f"fastText diverged with lr={lr}; retrying with lr={lr / 2}", stacklevel=3)
+            lr /= 2
+    raise AssertionError("unreachable")
 
 
 def _model_bytes(model: Any) -> bytes:

