@@ -8,9 +8,14 @@ import joblib
 import numpy as np
 import pandas as pd
 import pytest
-from contract import check_fitted_contract, check_sklearn_contract
 from sklearn.base import clone
 from sklearn.model_selection import StratifiedKFold
+
+from stackcat.encoders import OpenClipEncoder, clear_loaded_models
+from stackcat.images import clear_memory_cache
+from stackcat.models.clip import ClipImageClassifier
+
+from contract import check_fitted_contract, check_sklearn_contract
 from tiny_images import (
     CLASS_COLOURS,
     CountingEncoder,
@@ -18,10 +23,6 @@ from tiny_images import (
     toy_image_dataset,
     write_truncated_jpeg,
 )
-
-from stackcat.encoders import OpenClipEncoder, clear_loaded_models
-from stackcat.images import clear_memory_cache
-from stackcat.models.clip import ClipImageClassifier
 
 
 @pytest.fixture(autouse=True)

@@ -211,7 +211,7 @@ def test_read_missing_and_unknown_files(tmp_path):
 
 def test_read_non_utf8_bytes_warns_with_line_numbers(tmp_path):
     path = tmp_path / "latin.csv"
-    path.write_bytes("name,y\nok,1\n".encode() + b"caf\xe9,2\n")
+    path.write_bytes(b"name,y\nok,1\n" + b"caf\xe9,2\n")
     with pytest.warns(UserWarning, match=r"not UTF-8 on line\(s\) 3"):
         frame = read_table(path)
     assert frame["name"].tolist() == ["ok", "caf\ufffd"]
