@@ -352,6 +352,11 @@ class StackingCategorizer(ClassifierMixin, _BaseComposition, BaseEstimator):
         estimators = self.named_estimators
         run_path = str(run.path) if run else None
         results = list(done)
+        for name in dict.fromkeys(job.model for job in pending):
+            # frozen encoders fill their cache once here instead of once per parallel job
+            warm_cache = getattr(estimators[name], "warm_cache", None)
+            if callable(warm_cache):
+                warm_cache(X)
         bar = _progress_bar(len(jobs), len(done), self.progress)
         if done and self.verbose:
             bar.write(f"{len(done)} of {len(jobs)} jobs already done in {run.path}; {len(pending)} to run")

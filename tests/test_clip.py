@@ -181,3 +181,15 @@ def test_n_jobs_limits_threads_and_restores_them(toy):
     stub_classifier(encoder=ThreadSpy(), n_jobs=1).fit(*toy)
     assert seen == [1]
     assert torch.get_num_threads() == before
+
+
+def test_warm_cache_encodes_every_image_once_for_later_folds(toy, tmp_path):
+    paths, y = toy
+    encoder = CountingEncoder()
+    clf = stub_classifier(encoder=encoder, cache_dir=tmp_path / "cache")
+    clf.warm_cache(paths)
+    assert len(encoder.encoded) == len(paths) and encoder.max_encodings_per_image == 1
+    calls = encoder.calls
+    clear_memory_cache()
+    clf.fit(paths, y).predict_proba(paths)
+    assert encoder.calls == calls  # fit and predict only read the cache

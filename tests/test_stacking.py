@@ -232,3 +232,20 @@ def test_resume_after_kill_9_gives_the_same_oof(tmp_path):
     clean = clone(namespace["stack"]).set_params(run_dir=None).fit(namespace["X"], namespace["y"])
     for name in ("a", "b"):
         np.testing.assert_array_equal(resumed.oof_[name], clean.oof_[name])
+
+
+class WarmedNaiveBayes(NaiveBayesText):
+    warmed: list = []
+
+    def warm_cache(self, X):
+        WarmedNaiveBayes.warmed.append(len(X))
+
+
+def test_frozen_encoder_caches_are_warmed_once_before_pending_jobs(tmp_path):
+    X, y = toy_table()
+    WarmedNaiveBayes.warmed.clear()
+    estimators = [("warm", WarmedNaiveBayes())]
+    stack_of(estimators, run_dir=tmp_path / "run").fit(X, y)
+    assert WarmedNaiveBayes.warmed == [len(X)]
+    stack_of(estimators, run_dir=tmp_path / "run").fit(X, y)  # nothing pending: no warm-up
+    assert WarmedNaiveBayes.warmed == [len(X)]

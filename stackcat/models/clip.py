@@ -208,6 +208,19 @@ class ClipImageClassifier(ProbaClassifierMixin, ClassifierMixin, BaseEstimator):
                                                   range(len(self.classes_)))
         return normalize_rows(proba)
 
+    def warm_cache(self, X: Any) -> None:
+        """Encode every image of ``X`` into ``cache_dir`` once, before fold jobs start in parallel.
+
+        The stacking engine calls this in the main process, so that parallel
+        fold jobs read the cache instead of each encoding the same images.
+        """
+        if self.cache_dir is None:
+            return
+        paths = column_values(X, self.image_column, what="image")
+        with _thread_limit(self.n_jobs):
+            image_embeddings(list(paths), get_encoder(self.encoder, device=self.device),
+                             cache_dir=self.cache_dir, batch_size=self.batch_size, progress=self.progress)
+
     def _embed(self, paths: np.ndarray) -> ImageEmbeddings:
         return image_embeddings(list(paths), self.encoder_, cache_dir=self.cache_dir,
                                 batch_size=self.batch_size, device=self.device,
