@@ -8,10 +8,10 @@ models -- and measures:
   process, candidate recall, and hold-out accuracy / weighted F1 against the
   best single model and the plain average of the models;
 * CatBoost MultiClass on the concatenated log-OOF (what a naive stack does):
-  seconds per boosting iteration, measured on a row subsample (the time of a
-  1+k iteration fit minus a 1-iteration fit, over k) and extrapolated to the
-  full size between a low bound (x classes / classes present in the sample)
-  and a high bound (also x rows / sample rows); both are in the output.
+  seconds per boosting iteration (the time of a 1+k iteration fit minus a
+  1-iteration fit, over k), measured on two row subsamples that hold every
+  class they can, and extrapolated to the full size with
+  ``t = classes * (a + b * rows)`` (see :func:`extrapolate_multiclass`).
 
 Synthetic data (see :func:`make_oof`):
 
@@ -340,15 +340,28 @@ def _top_features(meta: Any, n: int = 12) -> dict[str, float]:
     return {meta.feature_names_[i]: round(float(meta.feature_importances_[i]), 2) for i in order}
 
 
+def covering_sample(y: np.ndarray, n_rows: int, rng: np.random.Generator) -> np.ndarray:
+    """``n_rows`` random rows holding as many classes as possible (one row of each first)."""
+    shuffled = rng.permutation(len(y))
+    first_of_class = shuffled[np.unique(y[shuffled], return_index=True)[1]]
+    rest = np.setdiff1d(shuffled, first_of_class, assume_unique=True)
+    rng.shuffle(first_of_class)
+    return np.concatenate([first_of_class, rng.permutation(rest)])[: min(n_rows, len(y))]
+
+
 def multiclass_worker(folder: str, n_rows: int, iterations: int, threads: int, seed: int) -> dict[str, Any]:
-    """Seconds per CatBoost MultiClass iteration on ``n_rows`` rows of the concatenated log-OOF."""
+    """Seconds per CatBoost MultiClass iteration on ``n_rows`` rows of the concatenated log-OOF.
+
+    Per-iteration time = (fit with 1 + k trees - fit with 1 tree) / k, so data
+    loading and quantization are left out.
+    """
     from catboost import CatBoostClassifier
 
     from stackcat.meta import log_features
 
     folder_path = Path(folder)
     y = np.load(folder_path / "y_train.npy")
-    rows = np.random.default_rng(seed).choice(len(y), size=min(n_rows, len(y)), replace=False)
+    rows = covering_sample(y, n_rows, np.random.default_rng(seed))
     train = load_part(folder_path, "train")
     features = log_features([m[rows] for m in train.values()])
     del train
@@ -360,16 +373,34 @@ def multiclass_worker(folder: str, n_rows: int, iterations: int, threads: int, s
         started = time.perf_counter()
         model.fit(features, y[rows])
         timings[n_trees] = time.perf_counter() - started
-    per_iteration = (timings[1 + iterations] - timings[1]) / iterations
     return {
         "rows": len(rows),
         "features": features.shape[1],
         "classes_present": int(len(np.unique(y[rows]))),
         "iterations_timed": iterations,
         "fit_seconds_1_iteration": timings[1],
-        "seconds_per_iteration": per_iteration,
+        "seconds_per_iteration": (timings[1 + iterations] - timings[1]) / iterations,
         "peak_rss_gb": peak_rss_gb(),
     }
+
+
+def extrapolate_multiclass(small: dict[str, Any], large: dict[str, Any], rows: int, classes: int) -> dict[str, Any]:
+    """Seconds per iteration at ``rows`` x ``classes`` from two subsample timings.
+
+    Model: ``t = classes_present * (a + b * rows)`` -- split scoring over the
+    features' borders costs per class whatever the rows (a), histograms cost
+    per row and class (b); a and b are solved from the two measurements. When
+    timing noise makes b negative it is set to 0 and the result is only a
+    lower bound (``lower_bound``): use larger subsamples (``--multiclass-rows``).
+    """
+    per_class = [m["seconds_per_iteration"] / m["classes_present"] for m in (small, large)]
+    slope = (per_class[1] - per_class[0]) / max(large["rows"] - small["rows"], 1)
+    lower_bound = slope <= 0
+    slope = max(slope, 0.0)
+    intercept = max(per_class[0] - slope * small["rows"], 0.0)
+    return {"seconds_per_iteration": classes * (intercept + slope * rows), "a": intercept, "b": slope,
+            "lower_bound": lower_bound,
+            "model": "t = classes_present * (a + b * rows), a and b from the two subsamples"}
 
 
 def run_in_child(function: Any, *args: Any) -> Any:
@@ -387,7 +418,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rows", type=int, default=REFERENCE_ROWS, help="training (OOF) rows")
     parser.add_argument("--classes", type=int, default=874)
     parser.add_argument("--holdout", type=float, default=0.2, help="hold-out rows as a share of --rows")
-    parser.add_argument("--iterations", type=int, default=1000, help="RerankMeta max iterations")
+    parser.add_argument("--iterations", type=int, default=500, help="RerankMeta max iterations")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--loss", default="Logloss", help="RerankMeta loss")
     parser.add_argument("--top-k", type=int, default=5)
@@ -398,7 +429,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--multiclass-iterations", type=int, default=2,
                         help="MultiClass iterations timed (after a 1-iteration warm-up fit); 0 skips it")
     parser.add_argument("--multiclass-rows", type=int, default=2000,
-                        help="rows subsampled for the MultiClass timing")
+                        help="MultiClass timed on this many rows and on half as many (one row of each class first)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="JSON file for the results")
     return parser.parse_args(argv)
@@ -435,22 +466,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         report["rerank"] = run_in_child(rerank_worker, folder, params)
         print(json.dumps(report["rerank"], indent=2, default=float), flush=True)
         if args.multiclass_iterations > 0:
-            timing = run_in_child(multiclass_worker, folder, args.multiclass_rows,
-                                  args.multiclass_iterations, args.threads, args.seed)
-            # Split scoring over 3,500 features x borders x leaves grows with the number of
-            # classes (gradient dimensions) but hardly with rows on a small sample; histogram
-            # building grows with rows. Bracket the full-size cost between the two.
-            class_factor = args.classes / timing["classes_present"]
-            row_factor = args.rows / timing["rows"]
-            timing["extrapolated_seconds_per_iteration_low"] = timing["seconds_per_iteration"] * class_factor
-            timing["extrapolated_seconds_per_iteration_high"] = (timing["seconds_per_iteration"]
-                                                                 * class_factor * row_factor)
-            timing["extrapolation"] = ("low: x classes / classes present (rows-independent part); "
-                                       "high: also x rows / subsample rows")
+            sizes = (args.multiclass_rows // 2, args.multiclass_rows)
+            timings = [run_in_child(multiclass_worker, folder, size, args.multiclass_iterations,
+                                    args.threads, args.seed) for size in sizes]
+            full = extrapolate_multiclass(*timings, args.rows, args.classes)
+            timing = {"subsamples": timings, "extrapolated_full": full}
             report["multiclass"] = timing
-            per_iteration = report["rerank"]["seconds_per_iteration"]
-            report["speedup_per_iteration_low"] = timing["extrapolated_seconds_per_iteration_low"] / per_iteration
-            report["speedup_per_iteration_high"] = timing["extrapolated_seconds_per_iteration_high"] / per_iteration
+            report["speedup_per_iteration"] = (full["seconds_per_iteration"]
+                                               / report["rerank"]["seconds_per_iteration"])
             print(json.dumps(timing, indent=2), flush=True)
     report["total_seconds"] = time.perf_counter() - started
     if args.out:

@@ -1,0 +1,162 @@
+"""The full stack on real data (Myntra), against its parts and against the peers.
+
+Image subset (9,583 products with a photo, 75 classes):
+    python experiments/myntra_stack.py --subset images --run-dir artifacts/myntra_images
+
+Text only, all 44,446 products (143 classes):
+    python experiments/myntra_stack.py --subset all --models fasttext,bert --run-dir artifacts/myntra_text
+
+Target articleType; text = productDisplayName + gender, baseColour, season, usage
+(values only, lower-cased, as in the reference figures); folds
+StratifiedKFold(5, shuffle=True, random_state=42). Base models run through
+``StackingCategorizer`` with a run folder, so a stopped run resumes; each
+meta-learner is then fitted on the same OOF matrices and scored on its own
+nested out-of-fold predictions. Peers on the same folds: TF-IDF + LinearSVC,
+plain fastText, and scikit-learn-style stacking (LogisticRegression on the
+concatenated log-OOF, nested over the same folds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from stackcat.data import TableSpec, prepare_table, read_table
+from stackcat.metrics import comparison_table, write_report
+from stackcat.models.fasttext import FastTextClassifier
+from stackcat.presets import ModelOptions, build_models, offline_weights
+from stackcat.stacking import StackingCategorizer
+
+SPEC = TableSpec(text_columns=["productDisplayName"], attribute_columns=["gender", "baseColour", "season", "usage"],
+                 target="articleType", id_column="id", image_dir="images_224", attribute_keys=False,
+                 lowercase=True)
+METAS = ("average", "multiclass", "rerank")
+PROFILES = {
+    # frozen multilingual e5-small: each text encoded once per run, heads trained on the cache
+    "frozen": {"bert": {"freeze_encoder": True}, "fusion": {"epochs": 0}},
+    # fine-tuned e5-small (word embeddings frozen: the CPU cost is the 96M-row-embedding AdamW update)
+    "finetuned": {"bert": {"freeze_embeddings": True}, "fusion": {"freeze_embeddings": True}},
+}
+
+
+def load_subset(data_dir: Path, subset: str) -> pd.DataFrame:
+    raw = read_table(data_dir / "styles_merged.csv")
+    if subset == "images":
+        has_image = raw["id"].map(lambda i: (data_dir / "images_224" / f"{i}.jpg").exists())
+        raw = raw[has_image.to_numpy(dtype=bool)].reset_index(drop=True)
+    return raw
+
+
+def peak_rss_mb() -> int:
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+
+
+def peer_predictions(frame: pd.DataFrame, y_index: np.ndarray, folds: np.ndarray, n_classes: int,
+                     oof: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Out-of-fold one-hot/probabilities of the peers, on the stack's folds."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.svm import LinearSVC
+
+    texts = frame["text"].to_numpy(dtype=object)
+    results = {name: np.zeros((len(texts), n_classes), dtype=np.float32)
+               for name in ("peer:tfidf_linearsvc", "peer:plain_fasttext", "peer:sklearn_stacking_lr")}
+    stacked_features = np.hstack([np.log(np.clip(np.asarray(m, dtype=np.float64), 1e-7, 1)) for m in oof.values()])
+    for fold in np.unique(folds):
+        train, test = folds != fold, folds == fold
+        svc = make_pipeline(TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True), LinearSVC())
+        svc.fit(texts[train], y_index[train])
+        results["peer:tfidf_linearsvc"][np.flatnonzero(test), svc.predict(texts[test])] = 1.0
+        plain = FastTextClassifier(epoch=25, lr=0.5, wordNgrams=2, minn=2, maxn=5, dim=100, title_repeat=0,
+                                   normalize=False, bucket=2_000_000)
+        plain.fit(list(texts[train]), y_index[train])
+        results["peer:plain_fasttext"][np.ix_(np.flatnonzero(test), plain.classes_)] = plain.predict_proba(
+            list(texts[test]))
+        lr = LogisticRegression(C=1.0, max_iter=2000).fit(stacked_features[train], y_index[train])
+        results["peer:sklearn_stacking_lr"][np.ix_(np.flatnonzero(test), lr.classes_)] = lr.predict_proba(
+            stacked_features[test])
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=Path("../shared/data/myntra"))
+    parser.add_argument("--subset", choices=["images", "all"], default="images")
+    parser.add_argument("--models", default="fasttext,bert,clip,fusion")
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="frozen")
+    parser.add_argument("--max-length", type=int, default=48)
+    parser.add_argument("--epochs", type=int, default=2, help="BERT epochs (fine-tuned profile)")
+    parser.add_argument("--run-dir", type=Path, default=Path("artifacts/myntra_images"))
+    parser.add_argument("--results", type=Path, default=Path("experiments/results/myntra"))
+    parser.add_argument("--n-jobs", type=int, default=1)
+    args = parser.parse_args()
+
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    raw = load_subset(args.data, args.subset)
+    spec = SPEC if args.subset == "images" else TableSpec(**{**SPEC.to_dict(), "image_dir": None})
+    prepared = prepare_table(raw, spec, base_dir=args.data)
+    frame = prepared.frame
+    labels = frame["label"].to_numpy(dtype=object)
+    print(prepared.summary().splitlines()[0], flush=True)
+    timings["prepare_data"] = time.perf_counter() - start
+
+    text_model, image_encoder = offline_weights()
+    options = ModelOptions(text_model=text_model, image_encoder=image_encoder,
+                           image_cache_dir=str(args.run_dir / "embeddings"), max_length=args.max_length,
+                           epochs=args.epochs, random_state=0, progress=True)
+    names = args.models.split(",")
+    profile = PROFILES[args.profile]
+    models = build_models(names, options, {name: params for name, params in profile.items() if name in names})
+    stack = StackingCategorizer(models, meta="average", n_splits=5, random_state=42, run_dir=args.run_dir,
+                                n_jobs=args.n_jobs, verbose=1)
+    start = time.perf_counter()
+    stack.fit(frame, labels)
+    timings["base_models_wall"] = time.perf_counter() - start
+    for model, row in stack.jobs_.groupby("model")[["fit_seconds", "predict_seconds"]].sum().iterrows():
+        timings[f"{model}_fit"] = float(row.fit_seconds)
+        timings[f"{model}_predict"] = float(row.predict_seconds)
+
+    results = {name: np.asarray(p, dtype=np.float32) for name, p in stack.oof_.items()}
+    results["average"] = np.mean(list(results.values()), axis=0)
+    for meta in METAS[1:]:
+        start = time.perf_counter()
+        stack.set_params(meta=meta).fit(frame, labels)
+        timings[f"meta_{meta}_nested_cv_and_fit"] = time.perf_counter() - start
+        results[f"meta:{meta}"] = stack.meta_oof_
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        results.update(peer_predictions(frame, stack.oof_target_, stack.fold_of_row_, len(stack.classes_),
+                                        stack.oof_))
+    timings["peers"] = time.perf_counter() - start
+
+    table = comparison_table(results, stack.oof_target_)
+    args.results.mkdir(parents=True, exist_ok=True)
+    report = write_report(args.run_dir / "comparison", results, stack.oof_target_, stack.classes_,
+                          train_counts=stack.class_counts_,
+                          title=f"Myntra {args.subset}: stackcat vs its parts and the peers",
+                          headline="meta:rerank")
+    for png in report.parent.glob("*.png"):
+        shutil.copy(png, args.results / png.name)
+    summary = {"subset": args.subset, "rows": len(frame), "classes": len(stack.classes_),
+               "models": names, "profile": args.profile, "text_model": text_model, "image_encoder": image_encoder,
+               "max_length": args.max_length, "scores": table.round(4).to_dict("index"),
+               "seconds": {k: round(v, 1) for k, v in timings.items()}, "peak_rss_mb": peak_rss_mb()}
+    (args.results / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    print(table.round(4).to_string())
+    print(json.dumps(summary["seconds"], indent=2))
+    print(f"peak RSS {summary['peak_rss_mb']} MB; report {report}")
+
+
+if __name__ == "__main__":
+    main()
