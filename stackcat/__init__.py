@@ -32,6 +32,8 @@ _EXPORTS = {
     "AverageBlend": "stackcat.meta",
     "make_meta": "stackcat.meta",
     "score": "stackcat.metrics",
+    "comparison_table": "stackcat.metrics",
+    "per_class_report": "stackcat.metrics",
     "write_report": "stackcat.metrics",
     "build_models": "stackcat.presets",
     "load_demo": "stackcat.demo",
