@@ -22,6 +22,8 @@ from stackcat import __version__
 EXIT_OK, EXIT_RUN_ERROR, EXIT_USAGE = 0, 1, 2
 TABLE_SETTINGS = "table.json"
 DATA_PROBLEMS = "data_problems.csv"
+IMAGE_PROBLEMS = "image_problems.csv"
+MAX_PRINTED_PROBLEMS = 10
 DEFAULT_MODELS = "fasttext,bert,clip,fusion"
 
 
@@ -123,7 +125,7 @@ def _names(value: str) -> list[str]:
 def run_fit(args: argparse.Namespace) -> int:
     from stackcat.data import TableSpec, prepare_table, read_table
 
-    run_dir = args.run_dir or Path("artifacts") / args.train.stem
+    run_dir = args.run_dir = args.run_dir or Path("artifacts") / args.train.stem  # for the Ctrl-C hint
     _check_run_folder(run_dir, args.resume)
     raw = read_table(args.train)
     spec = TableSpec.detect(raw.columns, **_spec_overrides(args))
@@ -137,9 +139,17 @@ def run_fit(args: argparse.Namespace) -> int:
 def _check_run_folder(run_dir: Path, resume: bool) -> None:
     from stackcat.runs import MANIFEST
 
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UsageError(f"--run-dir {run_dir} is a file, not a folder: choose another --run-dir")
     if (run_dir / MANIFEST).exists() and not resume:
         raise UsageError(f"run folder {run_dir} already holds a run: pass --resume to continue it "
                          "(finished jobs are reused), or choose another --run-dir")
+    if run_dir.is_dir() and not (run_dir / MANIFEST).exists() and not (run_dir / TABLE_SETTINGS).exists():
+        others = sorted(p.name for p in run_dir.iterdir())
+        if others:
+            raise UsageError(f"--run-dir {run_dir} is not a stackcat run folder and is not empty "
+                             f"({', '.join(others[:5])}{' ...' if len(others) > 5 else ''}): "
+                             "choose a new or empty folder, so that no file of yours is mixed with the run")
 
 
 def _spec_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -172,7 +182,10 @@ def _models_from_args(args: argparse.Namespace, run_dir: Path) -> list[tuple[str
         options = replace(options, text_model=args.text_model)
     if args.image_encoder:
         options = replace(options, image_encoder=args.image_encoder)
-    return build_models(names, options, _model_params(args.param, names))
+    try:
+        return build_models(names, options, _model_params(args.param, names))
+    except ValueError as exc:  # an unknown model name, or a --param the model does not have
+        raise UsageError(str(exc)) from exc
 
 
 def _model_params(assignments: Sequence[str], names: Sequence[str]) -> dict[str, dict[str, Any]]:
@@ -198,9 +211,9 @@ def _fit_and_report(prepared: Any, models: list[tuple[str, Any]], run_dir: Path,
     from stackcat.runs import RunFolder, write_json
     from stackcat.stacking import StackingCategorizer
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_json({"spec": prepared.spec.to_dict(), "source": source}, run_dir / TABLE_SETTINGS)
-    _write_data_problems(prepared, run_dir)
+    with RunFolder(run_dir).locked():  # another fit working on this folder: refused before any write
+        write_json({"spec": prepared.spec.to_dict(), "source": source}, run_dir / TABLE_SETTINGS)
+        _write_data_problems(prepared, run_dir)
     frame = prepared.frame
     stack = StackingCategorizer(
         models, meta=args.meta, n_splits=args.folds, random_state=getattr(args, "seed", 0),
@@ -239,24 +252,37 @@ def _write_report(stack: Any, prepared: Any, out_dir: Path, fit_seconds: float |
                                                 for m, r in timings.iterrows()) + "."]
     if fit_seconds is not None:
         notes.append(f"Wall time of this fit: {fit_seconds:.0f} s (jobs found in the run folder are not re-run).")
-    notes += _image_notes(prepared)
+    notes += _image_notes(prepared, out_dir)
     notes += list(extra_notes)
     return write_report(out_dir, results if results is not None else stack.oof_results(),
                         stack.oof_target_ if y_index is None else y_index, stack.classes_,
                         train_counts=stack.class_counts_, notes=notes)
 
 
-def _image_notes(prepared: Any) -> list[str]:
+def _image_notes(prepared: Any, out_dir: Path) -> list[str]:
     from collections import Counter
 
-    from stackcat.images import load_image
+    import pandas as pd
 
-    paths = prepared.frame["image_path"]
-    if paths.isna().all():
+    from stackcat.images import load_image
+    from stackcat.runs import write_text
+
+    frame = prepared.frame
+    if frame["image_path"].isna().all():
         return []
     # a reduced-size decode is enough to tell ok / missing / corrupt / too large
-    counts = Counter(load_image(path, draft_size=64)[1] for path in paths)
+    statuses = [load_image(path, draft_size=64)[1] for path in frame["image_path"]]
+    counts = Counter(statuses)
     note = "Images: " + ", ".join(f"{status} {n}" for status, n in sorted(counts.items())) + "."
+    problems = pd.DataFrame({"row": frame.index, "id": frame["id"], "image_path": frame["image_path"],
+                             "status": statuses})
+    problems = problems[~problems["status"].isin(["ok", "no_path"])]
+    if not problems.empty:
+        write_text(problems.to_csv(index=False), out_dir / IMAGE_PROBLEMS)
+        for problem in problems.head(MAX_PRINTED_PROBLEMS).itertuples():
+            print(f"warning: row {problem.row} (id {problem.id!r}), image {problem.image_path}: {problem.status}",
+                  file=sys.stderr)
+        note += f" Unusable images are listed in {IMAGE_PROBLEMS}."
     if counts.keys() - {"ok"}:
         note += (" Rows without a usable image get a zero embedding and a missing-image flag: "
                  "the image model predicts the class prior there, the fusion net uses the text.")
@@ -329,7 +355,7 @@ def _plain(value: Any) -> Any:
 def run_evaluate(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from stackcat.data import PreparedTable, prepare_table, read_table
+    from stackcat.data import DataError, PreparedTable, prepare_table, read_table
     from stackcat.metrics import comparison_table
 
     stack, spec = _load_run(args.run_dir)
@@ -349,6 +375,10 @@ def run_evaluate(args: argparse.Namespace) -> int:
                      f"({', '.join(unseen[:10])}{' ...' if len(unseen) > 10 else ''}) are left out of the "
                      "scores below; every one of them is necessarily mispredicted.")
         print("warning: " + notes[-1], file=sys.stderr)
+    if not seen.any():
+        raise DataError(f"{args.table}: no row has a category seen in training "
+                        f"(the run knows {len(known)}, e.g. {[_plain(c) for c in stack.classes_[:5]]}): "
+                        "nothing to score. Is it the right run folder and target column?")
     frame = prepared.frame[seen]
     base = stack.predict_base_proba(frame)
     results = dict(base)
@@ -419,15 +449,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"stackcat {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        run_dir = getattr(args, "run_dir", None)
-        hint = (f"; finished jobs are saved in {run_dir}: run the same command with --resume to continue"
-                if run_dir and args.command == "fit" else
-                f"; finished jobs are saved in {run_dir}: run it again to continue" if run_dir else "")
-        print(f"\nstackcat {args.command}: stopped by Ctrl-C{hint}", file=sys.stderr)
+        print(f"\nstackcat {args.command}: stopped by Ctrl-C{_how_to_continue(args)}", file=sys.stderr)
         return EXIT_RUN_ERROR
     except (DataError, RunFolderError, FileNotFoundError, OSError, ValueError, RuntimeError, ImportError) as exc:
-        print(f"stackcat {args.command}: error: {exc}", file=sys.stderr)
+        print(f"stackcat {args.command}: error: {exc}{_how_to_continue(args, failed=True)}", file=sys.stderr)
         return EXIT_RUN_ERROR
+
+
+def _how_to_continue(args: argparse.Namespace, failed: bool = False) -> str:
+    """What survives a stopped or failed command, and how to go on from there."""
+    from stackcat.runs import MANIFEST
+
+    if args.command == "predict":
+        return f"; nothing was written to {args.out}"
+    run_dir = getattr(args, "run_dir", None)
+    if args.command not in ("fit", "demo") or run_dir is None or not (Path(run_dir) / MANIFEST).exists():
+        return ""
+    again = "fix the problem, then run" if failed else "run"
+    how = "the same command with --resume" if args.command == "fit" else "it again"
+    return f"; finished jobs are saved in {run_dir}: {again} {how} to continue"
 
 
 if __name__ == "__main__":

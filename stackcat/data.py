@@ -157,7 +157,7 @@ class TableSpec:
     def required_columns(self, with_target: bool = True) -> list[str]:
         """Columns the table must have (the target only when ``with_target``)."""
         named = [*self.text_columns, *self.attribute_columns, self.json_column,
-                 self.id_column, self.image_column]
+                 self.id_column, self.image_column, self.shop_column, self.sale_column]
         if with_target:
             named.append(self.target)
         return list(dict.fromkeys(c for c in named if c))
@@ -249,14 +249,23 @@ def read_table_chunks(path: str | Path, chunk_rows: int = 10_000) -> Iterator[pd
                                  encoding="utf-8", encoding_errors="replace")
         except pd.errors.EmptyDataError as exc:
             raise DataError(f"{path}: the file has no header and no rows") from exc
-    start, seen_rows = 0, False
-    for chunk in chunks:
+    start = 0
+    for chunk in _named_parse_errors(chunks, path):
+        if not len(chunk):  # a header-only CSV yields one empty chunk: models cannot predict 0 rows
+            continue
         chunk.index = pd.RangeIndex(start, start + len(chunk))
         start += len(chunk)
-        seen_rows = seen_rows or len(chunk) > 0
         yield _plain_object_text(chunk)
-    if not seen_rows:
+    if not start:
         raise DataError(f"{path}: the table has a header but no rows")
+
+
+def _named_parse_errors(chunks: Iterator[pd.DataFrame], path: Path) -> Iterator[pd.DataFrame]:
+    """Chunks as they come; a broken row met mid-file raises a DataError naming the file."""
+    try:
+        yield from chunks
+    except pd.errors.ParserError as exc:
+        raise DataError(f"{path}: not a well-formed CSV table: {str(exc).strip()}") from exc
 
 
 def _checked_table_path(path: str | Path) -> Path:
@@ -271,7 +280,17 @@ def _checked_table_path(path: str | Path) -> Path:
 
 
 def _separator(path: Path) -> str:
-    return "\t" if path.suffix.lower() == ".tsv" else ","
+    """Tab for ``.tsv``; else comma, unless the header has no comma but semicolons or tabs
+    (spreadsheet exports in many locales use ``;``)."""
+    if path.suffix.lower() == ".tsv":
+        return "\t"
+    with path.open("rb") as handle:
+        header = handle.readline().decode("utf-8", errors="replace")
+    if "," not in header:
+        for candidate in (";", "\t"):
+            if candidate in header:
+                return candidate
+    return ","
 
 
 def _warn_non_utf8(path: Path) -> None:
@@ -462,9 +481,13 @@ def prepare_table(frame: pd.DataFrame, spec: TableSpec, *, with_target: bool = T
     if with_target and not spec.target:
         raise DataError("no target column named: say which column holds the category (--target)")
     require_columns(frame, spec.required_columns(with_target), source="the table")
+    first_row = _first_row_number(frame)
     frame = _plain_object_text(frame.reset_index(drop=True))
+    for column in (spec.id_column, spec.target if with_target else None):
+        if column:
+            _require_plain_values(frame[column], column, first_row)
     errors: list[RowError] = []
-    ids = _row_ids(frame, spec, errors, with_target)
+    ids = _row_ids(frame, spec, errors, with_target, first_row)
     titles, texts = _product_texts(frame, spec, ids, errors, with_target)
     columns = {"id": ids, "title": titles, "text": texts,
                "image_path": _image_paths(frame, spec, ids, base_dir)}
@@ -474,31 +497,62 @@ def prepare_table(frame: pd.DataFrame, spec: TableSpec, *, with_target: bool = T
         out["label"] = pd.Series(_labels(frame[spec.target], spec.target, ids, errors),
                                  index=out.index, dtype=object)
     errors.sort(key=lambda e: e.row)
+    if first_row:
+        errors = [replace(e, row=e.row + first_row) for e in errors]
+        out.index = out.index + first_row
     if strict and errors:
-        listed = "\n".join(f"  - {e}" for e in errors[:MAX_LISTED_ERRORS])
-        more = f"\n  ... and {len(errors) - MAX_LISTED_ERRORS} more" if len(errors) > MAX_LISTED_ERRORS else ""
-        raise DataError(f"{len(errors)} bad row(s) (strict mode):\n{listed}{more}")
+        raise DataError(f"{len(errors)} bad row(s) (strict mode):\n{_listed(errors)}")
     if with_target:
         out = out.drop(index=sorted({e.row for e in errors}))
+        if out.empty and len(frame):
+            raise DataError(f"no usable training rows: each of the {len(frame)} rows has a problem:\n"
+                            f"{_listed(errors)}")
     return PreparedTable(frame=out, errors=errors, spec=spec, n_input_rows=len(frame))
 
 
+def _listed(errors: Sequence[RowError]) -> str:
+    listed = "\n".join(f"  - {e}" for e in errors[:MAX_LISTED_ERRORS])
+    more = f"\n  ... and {len(errors) - MAX_LISTED_ERRORS} more" if len(errors) > MAX_LISTED_ERRORS else ""
+    return listed + more
+
+
+def _first_row_number(frame: pd.DataFrame) -> int:
+    """Row number of the frame's first row in its file: a chunk of :func:`read_table_chunks`
+    starts where the previous one ended; any other frame starts at 0."""
+    index = frame.index
+    if isinstance(index, pd.RangeIndex) and index.step == 1 and len(index):
+        return int(index.start)
+    return 0
+
+
+def _require_plain_values(column: pd.Series, name: str, first_row: int) -> None:
+    """Ids and categories must be plain values (a Parquet list/struct cell is neither hashable nor a label)."""
+    nested = [row + first_row for row, value in enumerate(column.to_numpy(dtype=object))
+              if isinstance(value, (list, tuple, np.ndarray, Mapping))]
+    if nested:
+        shown = ", ".join(map(str, nested[:10])) + (" ..." if len(nested) > 10 else "")
+        raise DataError(
+            f"column {name!r} holds nested values (lists or structs) at row(s) {shown}; product ids "
+            "and categories must be plain text or numbers: flatten the column before using it"
+        )
+
+
 def _row_ids(frame: pd.DataFrame, spec: TableSpec, errors: list[RowError],
-             with_target: bool) -> np.ndarray:
+             with_target: bool, first_row: int = 0) -> np.ndarray:
+    """Each row's id (its row number in the file without an id column); missing and
+    duplicate ids are row errors (duplicates are left out of training, still predicted)."""
     if not spec.id_column:
-        return np.arange(len(frame), dtype=object)
+        return np.arange(first_row, first_row + len(frame)).astype(object)
     ids = frame[spec.id_column].to_numpy(dtype=object)
     first_seen: dict[Any, int] = {}
     for row, value in enumerate(ids):
         if _is_missing(value):
             errors.append(RowError(row, None, spec.id_column, "missing product id"))
-            ids[row] = f"row-{row}"
+            ids[row] = f"row-{row + first_row}"
         elif value in first_seen:
-            reason = f"duplicate product id (first seen at row {first_seen[value]})"
-            if with_target:
-                errors.append(RowError(row, value, spec.id_column, reason + "; row left out"))
-            else:
-                warnings.warn(f"row {row} (id {value!r}): {reason}", stacklevel=3)
+            reason = f"duplicate product id (first seen at row {first_seen[value] + first_row})"
+            outcome = "; row left out" if with_target else "; both rows predicted"
+            errors.append(RowError(row, value, spec.id_column, reason + outcome))
         else:
             first_seen[value] = row
     return ids

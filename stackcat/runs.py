@@ -227,6 +227,22 @@ class RunFolder:
     def meta_path(self, key: str) -> Path:
         return self.path / "meta" / f"{key[:16]}.joblib"
 
+    def remove_temp_files(self) -> list[Path]:
+        """Delete temporary files that a killed writer left (``.<name>.<random>.tmp``).
+
+        Call it while holding the lock: no other process is writing then. The
+        image embedding cache (``embeddings/``) is left alone: it never reads
+        its temporary names.
+        """
+        folders = [self.path, self.path / "meta", *sorted((self.path / "jobs").glob("*"))]
+        removed = []
+        for folder in folders:
+            if folder.is_dir():
+                for file in folder.glob(".*.tmp"):
+                    file.unlink(missing_ok=True)
+                    removed.append(file)
+        return removed
+
     def remove_stale_jobs(self, model: str, keep_keys: set[str]) -> list[Path]:
         """Delete job files of ``model`` whose key is not in ``keep_keys`` (params changed since)."""
         folder = self.path / "jobs" / _safe_name(model)

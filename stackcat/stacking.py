@@ -45,6 +45,7 @@ from stackcat import __version__
 from stackcat.models._base import encode_labels, proba_for_classes
 from stackcat.runs import (
     RunFolder,
+    RunFolderError,
     digest,
     frame_fingerprint,
     model_fingerprint,
@@ -150,16 +151,28 @@ def run_job(job: Job, estimator: Any, X: Any, y: np.ndarray, classes: np.ndarray
 
 
 def load_job(run: RunFolder, job: Job) -> JobResult | None:
-    """The stored result of ``job``, or None when it has not finished."""
+    """The stored result of ``job``, or None when it has not finished.
+
+    A job whose files were damaged or deleted since (disk errors, a hand-edited
+    folder) is not trusted: it is recomputed, with a warning.
+    """
     path = run.oof_path(job.model, job.name, job.key)
     if not path.exists():
         return None
-    with np.load(path) as stored:
-        if not np.array_equal(stored["test"], job.test):
-            return None
-        fit_seconds, predict_seconds = stored["timings"].tolist()
-        return JobResult(job.model, job.name, job.key, stored["test"], stored["oof"], fit_seconds,
-                         predict_seconds, int(stored["n_train"]), cached=True)
+    if not run.model_path(job.model, job.name, job.key).exists():
+        warnings.warn(f"{path}: its fitted model file is gone; the job is computed again", stacklevel=3)
+        return None
+    try:
+        with np.load(path) as stored:
+            if not np.array_equal(stored["test"], job.test):
+                return None
+            fit_seconds, predict_seconds = stored["timings"].tolist()
+            return JobResult(job.model, job.name, job.key, stored["test"], stored["oof"], fit_seconds,
+                             predict_seconds, int(stored["n_train"]), cached=True)
+    except Exception as exc:  # a damaged zip raises BadZipFile, ValueError, KeyError, EOFError...
+        warnings.warn(f"{path}: unreadable ({type(exc).__name__}: {exc}); the job is computed again",
+                      stacklevel=3)
+        return None
 
 
 # --------------------------------------------------------------------------- the estimator
@@ -288,6 +301,9 @@ class StackingCategorizer(ClassifierMixin, _BaseComposition, BaseEstimator):
         self._check_estimators()
         n_rows = len(X)
         self.classes_, y_index = encode_labels(y, n_rows)
+        if len(self.classes_) < 2:
+            raise ValueError(f"y holds a single category ({self.classes_[0]!r}): there is nothing to "
+                             "learn. Is the target the right column?")
         labels = self.classes_[y_index]
         self.oof_target_ = y_index
         self.fold_of_row_ = make_folds(y_index, self.n_splits, self.random_state)
@@ -301,6 +317,7 @@ class StackingCategorizer(ClassifierMixin, _BaseComposition, BaseEstimator):
             previous = run.read_manifest() if run else None
             if run:
                 run.warn_if_versions_differ(previous)
+                run.remove_temp_files()
                 run.write_manifest(self._manifest(data_key, n_rows, status="running"))
             jobs = self._plan_jobs(data_key)
             results = self._run_jobs(jobs, X, labels, run)
@@ -309,10 +326,11 @@ class StackingCategorizer(ClassifierMixin, _BaseComposition, BaseEstimator):
             self.oof_scores_ = self._score_table(y_index)
             if run:
                 self.run_dir_ = str(Path(self.run_dir).resolve())
-                for name, _ in self.estimators:
-                    run.remove_stale_jobs(name, {job.key for job in jobs if job.model == name})
                 write_joblib(self, run.path / STACKER_FILE)
                 run.write_manifest(self._manifest(data_key, n_rows, status="complete"))
+                # only now: until the new stacker.joblib is in place, the old one refers to these files
+                for name, _ in self.estimators:
+                    run.remove_stale_jobs(name, {job.key for job in jobs if job.model == name})
         return self
 
     def _check_estimators(self) -> None:
@@ -536,13 +554,26 @@ class StackingCategorizer(ClassifierMixin, _BaseComposition, BaseEstimator):
         path = Path(run_dir) / STACKER_FILE
         if not path.exists():
             raise FileNotFoundError(f"{run_dir}: no {STACKER_FILE}; the fit did not finish (run it again to resume)")
-        stack = joblib.load(path)
+        try:
+            stack = joblib.load(path)
+        except Exception as exc:  # a damaged pickle raises almost anything
+            raise RunFolderError(
+                f"{path}: unreadable ({type(exc).__name__}: {exc}); the file is damaged. Run the same "
+                "fit again with --resume to rebuild it (finished jobs are reused)"
+            ) from exc
         stack.run_dir_ = str(Path(run_dir).resolve())
         return stack
 
 
 def _read_cached(path: Path) -> Any:
-    return joblib.load(path) if path.exists() else None
+    """A cached result, or None when absent or damaged (then it is computed again)."""
+    if not path.exists():
+        return None
+    try:
+        return joblib.load(path)
+    except Exception as exc:  # a damaged pickle raises almost anything
+        warnings.warn(f"{path}: unreadable ({type(exc).__name__}: {exc}); computed again", stacklevel=3)
+        return None
 
 
 def _progress_bar(total: int, initial: int, enabled: bool) -> Any:

@@ -116,3 +116,11 @@ def test_divergence_halves_the_learning_rate(monkeypatch):
     with pytest.warns(UserWarning, match="diverged with lr=0.5"):
         clf = FastTextClassifier(lr=0.5, epoch=5, thread=1).fit(X, y)
     assert seen == [0.5, 0.25, 0.125] and clf.lr_ == 0.125
+
+
+def test_repeated_fits_in_one_process_are_identical():
+    # before the malloc fix, the 5th+ fit of a tiny model in one process drifted
+    X, y = small_data(["shirt", "jeans", "wallet", "shoes"])
+    probas = [FastTextClassifier(thread=1, dim=16).fit(X, y).predict_proba(X) for _ in range(8)]
+    for proba in probas[1:]:
+        np.testing.assert_array_equal(proba, probas[0])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import math
 import os
 import re
@@ -29,6 +31,7 @@ _LABEL_PREFIX = "__label__"
 _NON_WORD = re.compile(r"[^\w]+")
 AUTO_EPOCH_UPDATES = 150_000
 MAX_LR_HALVINGS = 4
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
 
 
 def auto_epochs(n_samples: int) -> int:
@@ -76,7 +79,8 @@ class FastTextClassifier(ProbaClassifierMixin, ClassifierMixin, BaseEstimator):
         only, so "Blue," and "blue" would be different words).
     thread : int or None, default=None
         fastText threads; None uses every core. Training is exactly repeatable
-        only with ``thread=1`` (fastText's Hogwild updates race otherwise).
+        only with ``thread=1`` (fastText's Hogwild updates race otherwise);
+        see docs/reliability.md.
     random_state : int, default=0
         fastText's seed.
     verbose : int, default=0
@@ -165,6 +169,12 @@ class FastTextClassifier(ProbaClassifierMixin, ClassifierMixin, BaseEstimator):
     @_fit_context(prefer_skip_nested_validation=True)
     def fit(self, X: Any, y: Any) -> FastTextClassifier:
         """Train on texts ``X`` (DataFrame or list of strings) and labels ``y``."""
+        if self.bucket == 0 and (self.wordNgrams > 1 or self.maxn > 0):
+            raise ValueError(
+                f"bucket=0 needs wordNgrams=1 and maxn=0 (got wordNgrams={self.wordNgrams}, "
+                f"maxn={self.maxn}): fastText hashes word and character n-grams into the buckets"
+            )
+        _pin_malloc_mmap_threshold()
         texts = self._texts(X)
         self.classes_, y_index = encode_labels(y, len(texts))
         self.epoch_ = auto_epochs(len(texts)) if self.epoch == "auto" else self.epoch
@@ -242,6 +252,24 @@ class FastTextClassifier(ProbaClassifierMixin, ClassifierMixin, BaseEstimator):
         tags.input_tags.two_d_array = False
         tags.input_tags.string = True
         return tags
+
+
+@functools.cache
+def _pin_malloc_mmap_threshold() -> None:
+    """Make fastText training repeatable within one process.
+
+    fastText reads some of its freshly allocated (never written) memory while
+    training. glibc serves a first large allocation from zeroed mmap pages,
+    but raises its mmap threshold after frees, so later fits in the same
+    process get recycled, dirty heap memory: results drift and tiny models
+    may diverge. Pinning the threshold (which also turns off its dynamic
+    growth) keeps large blocks on fresh zeroed pages. No-op off glibc.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(_M_MMAP_THRESHOLD, 128 * 1024)
+    except (OSError, AttributeError):
+        pass
 
 
 def _train_halving_lr_on_nan(path: str, options: dict[str, Any]) -> tuple[Any, float]:
