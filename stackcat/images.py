@@ -28,13 +28,11 @@ place is never served a stale vector. The price, reading each file once per
 process to hash it, is small next to decoding and encoding it; within a process
 the hash is remembered per (path, size, mtime).
 
-Layout: ``<cache_dir>/<encoder slug>/<first 2 hex of key>/<key>.npy``, one
-float32 vector per file (a 2-level tree: 256 folders of ~400 files for 100k
-images). Each file is written to a temporary name in the same folder and
-renamed into place with ``os.replace``, which is atomic: a reader sees a whole
-entry or none, whatever runs concurrently or is killed (``kill -9``) mid-write.
-Temporary names never end in ``.npy``, so they are never read; an entry that
-fails to load (disk damage) is recomputed and rewritten. Entries are small and
+Storage: a :class:`stackcat.cache.EmbeddingStore` per encoder name (see
+:mod:`stackcat.cache`): ``<cache_dir>/<encoder slug>/<first 2 hex of key>/<key>.npy``,
+one float32 vector per file, written atomically (temporary file + ``os.replace``:
+a reader sees a whole entry or none, whatever runs concurrently or is killed
+mid-write); a damaged entry is recomputed and rewritten. Entries are small and
 independent, so parallel fold jobs need no lock; to encode each image exactly
 once when jobs start at the same time, fill the cache first with one call on
 all the paths. Without ``cache_dir``, a bounded in-process memory cache (LRU,
@@ -44,22 +42,19 @@ all the paths. Without ``cache_dir``, a bounded in-process memory cache (LRU,
 from __future__ import annotations
 
 import hashlib
-import io
 import math
 import os
-import re
 import stat
-import tempfile
 import threading
 import warnings
-from collections import Counter, OrderedDict
+from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from stackcat.cache import MEMORY_CACHE_BYTES, EmbeddingStore, MemoryCache
 from stackcat.encoders import ImageEncoder, get_encoder
 
 if TYPE_CHECKING:
@@ -79,12 +74,9 @@ __all__ = [
 #: Larger images are refused before decoding (a 48 MP phone photo still passes).
 DEFAULT_MAX_PIXELS = 50_000_000
 IMAGE_STATUSES = ("ok", "no_path", "missing", "too_large", "corrupt")
-#: Budget of the in-process embedding cache (least recently used entries are dropped).
-MEMORY_CACHE_BYTES = 512 * 2**20
 # JPEGs are decoded at a reduced scale when they are much larger than this (PIL draft mode);
 # encoders look at 224-336 px.
 _DRAFT_SIZE = 512
-_CACHE_FORMAT = "v1"
 _READ_CHUNK = 1 << 20
 
 
@@ -328,7 +320,7 @@ def image_embeddings(
         else:
             first_path.setdefault(key, file_path)
 
-    store = _EmbeddingStore(encoder.name, cache_dir)
+    store = _embedding_store(encoder.name, cache_dir)
     vectors = store.get_many(list(first_path))
     to_encode = [(key, path) for key, path in first_path.items() if key not in vectors]
     failed = _encode_missing(to_encode, encoder, store, vectors, batch_size=batch_size,
@@ -339,7 +331,7 @@ def image_embeddings(
 def _encode_missing(
     to_encode: list[tuple[str, str]],
     encoder: ImageEncoder,
-    store: _EmbeddingStore,
+    store: EmbeddingStore,
     vectors: dict[str, np.ndarray],
     *,
     batch_size: int,
@@ -448,42 +440,8 @@ def _file_hash(path: str) -> str:
     return hasher.hexdigest()
 
 
-class _MemoryCache:
-    """A process-wide LRU of embedding vectors, bounded in bytes."""
-
-    def __init__(self, max_bytes: int) -> None:
-        self.max_bytes = max_bytes
-        self._entries: OrderedDict[tuple[str, str], np.ndarray] = OrderedDict()
-        self._bytes = 0
-        self._lock = threading.Lock()
-
-    def get(self, encoder_name: str, key: str) -> np.ndarray | None:
-        with self._lock:
-            vector = self._entries.get((encoder_name, key))
-            if vector is not None:
-                self._entries.move_to_end((encoder_name, key))
-            return vector
-
-    def put(self, encoder_name: str, key: str, vector: np.ndarray) -> None:
-        if vector.nbytes > self.max_bytes:
-            return
-        with self._lock:
-            old = self._entries.pop((encoder_name, key), None)
-            if old is not None:
-                self._bytes -= old.nbytes
-            self._entries[(encoder_name, key)] = vector
-            self._bytes += vector.nbytes
-            while self._bytes > self.max_bytes:
-                _, dropped = self._entries.popitem(last=False)
-                self._bytes -= dropped.nbytes
-
-    def clear(self) -> None:
-        with self._lock:
-            self._entries.clear()
-            self._bytes = 0
-
-
-_memory_cache = _MemoryCache(MEMORY_CACHE_BYTES)
+# Budget: MEMORY_CACHE_BYTES (least recently used embeddings are dropped).
+_memory_cache = MemoryCache(MEMORY_CACHE_BYTES)
 
 
 def clear_memory_cache() -> None:
@@ -493,88 +451,7 @@ def clear_memory_cache() -> None:
         _hash_memo.clear()
 
 
-class _EmbeddingStore:
-    """Memory LRU in front of the optional on-disk cache of one encoder."""
-
-    def __init__(self, encoder_name: str, cache_dir: str | os.PathLike | None) -> None:
-        self.encoder_name = encoder_name
-        self.root = Path(cache_dir) / _encoder_slug(encoder_name) if cache_dir is not None else None
-        self._write_warned = False
-
-    def get_many(self, keys: list[str]) -> dict[str, np.ndarray]:
-        found: dict[str, np.ndarray] = {}
-        for key in keys:
-            vector = _memory_cache.get(self.encoder_name, key)
-            if vector is None and self.root is not None:
-                vector = self._read(key)
-                if vector is not None:
-                    _memory_cache.put(self.encoder_name, key, vector)
-            if vector is not None:
-                found[key] = vector
-        return found
-
-    def put(self, key: str, vector: np.ndarray) -> None:
-        vector = np.ascontiguousarray(vector, dtype=np.float32)
-        _memory_cache.put(self.encoder_name, key, vector)
-        if self.root is not None:
-            self._write(key, vector)
-
-    def _entry_path(self, key: str) -> Path:
-        return self.root / key[:2] / f"{key}.npy"
-
-    def _read(self, key: str) -> np.ndarray | None:
-        try:
-            vector = np.load(self._entry_path(key), allow_pickle=False)
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError, EOFError):
-            return None  # a damaged entry: recomputed and replaced
-        if vector.ndim != 1 or vector.dtype != np.float32:
-            return None
-        return vector
-
-    def _write(self, key: str, vector: np.ndarray) -> None:
-        final = self._entry_path(key)
-        try:
-            if not self.root.exists():
-                self._create_root()
-            final.parent.mkdir(exist_ok=True)
-            _atomic_write(final, _npy_bytes(vector))
-        except OSError as exc:
-            # The vector is already computed: a full disk costs the cache, not the run.
-            if not self._write_warned:
-                warnings.warn(f"cannot write the image embedding cache under {self.root}: {exc}",
-                              RuntimeWarning, stacklevel=3)
-                self._write_warned = True
-
-    def _create_root(self) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
-        info = f"encoder: {self.encoder_name}\nformat: {_CACHE_FORMAT}\n"
-        _atomic_write(self.root / "ENCODER.txt", info.encode("utf-8"))
-
-
-def _encoder_slug(encoder_name: str) -> str:
-    readable = re.sub(r"[^A-Za-z0-9._-]+", "_", encoder_name).strip("_")[:60]
-    digest = hashlib.blake2b(f"{_CACHE_FORMAT}\0{encoder_name}".encode(), digest_size=6).hexdigest()
-    return f"{readable}-{digest}"
-
-
-def _npy_bytes(vector: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, vector, allow_pickle=False)
-    return buffer.getvalue()
-
-
-def _atomic_write(final: Path, payload: bytes) -> None:
-    """Write to a temporary file beside ``final`` (never named ``*.npy``), then rename over it."""
-    fd, temporary = tempfile.mkstemp(dir=final.parent, prefix=f".{final.stem}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(payload)
-        os.replace(temporary, final)
-    except BaseException:
-        try:
-            os.unlink(temporary)
-        except OSError:
-            pass
-        raise
+def _embedding_store(encoder_name: str, cache_dir: str | os.PathLike | None) -> EmbeddingStore:
+    """The memory LRU in front of the optional on-disk cache of one encoder's vectors."""
+    return EmbeddingStore(encoder_name, cache_dir, dtype=np.float32, ndim=1, memory=_memory_cache,
+                          what="image embedding")

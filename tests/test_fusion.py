@@ -4,13 +4,14 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from contract import check_fitted_contract, check_sklearn_contract
 from PIL import Image
-from tiny_bert import build_tiny_bert
 
 from stackcat.models import fusion
 from stackcat.models._torch import Callback
 from stackcat.models.fusion import FusionClassifier
+
+from contract import check_fitted_contract, check_sklearn_contract
+from tiny_bert import build_tiny_bert
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "white": (250, 250, 250)}
 WORDS = {"red": "cotton shirt", "green": "denim jeans", "blue": "leather wallet", "white": "running shoes"}
@@ -78,6 +79,16 @@ def test_contract(tiny_model, image_files):
     new = pd.DataFrame({"text": ["cotton shirt", "", "new\nline"],
                         "image_path": [image_files["red"], None, image_files["broken"]]})
     check_fitted_contract(tiny_fusion(tiny_model), frame, frame["label"], new)
+
+
+def test_contract_without_bert(tiny_model, image_files, tmp_path):
+    """epochs=0: BERT never trains, the fusion layers learn from cached token states."""
+    frame = products(image_files, labels=["a shirt", "jeans & co", "wallet", "running shoes"])
+    new = pd.DataFrame({"text": ["cotton shirt", "", "new\nline"],
+                        "image_path": [image_files["red"], None, image_files["broken"]]})
+    clf = tiny_fusion(tiny_model, epochs=0, frozen_epochs=2, text_cache_dir=str(tmp_path))
+    check_fitted_contract(clf, frame, frame["label"], new)
+    assert clf.module_.encoder is None
 
 
 def test_int_labels_and_image_only_signal_is_learned(tiny_model, image_files):

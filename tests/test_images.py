@@ -15,16 +15,6 @@ import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
-from tiny_images import (
-    TINY_OPEN_CLIP_CONFIG,
-    CountingEncoder,
-    pixel_hash,
-    tiny_open_clip_dir,
-    toy_image_dataset,
-    write_huge_png,
-    write_image,
-    write_truncated_jpeg,
-)
 
 from stackcat import images as images_module
 from stackcat.encoders import (
@@ -35,6 +25,17 @@ from stackcat.encoders import (
     get_encoder,
 )
 from stackcat.images import clear_memory_cache, image_embeddings, load_image, to_rgb
+
+from tiny_images import (
+    TINY_OPEN_CLIP_CONFIG,
+    CountingEncoder,
+    pixel_hash,
+    tiny_open_clip_dir,
+    toy_image_dataset,
+    write_huge_png,
+    write_image,
+    write_truncated_jpeg,
+)
 
 
 @pytest.fixture(autouse=True)

@@ -3,12 +3,15 @@
 :func:`build_tiny_bert` trains a WordPiece tokenizer on the given texts with
 ``tokenizers`` and saves it, with a 2-layer BERT of hidden size 32, through
 ``save_pretrained``: the folder works as ``model_name=<folder>``.
+:class:`CountingLoader` counts how often each text goes through such an encoder.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections import Counter
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
@@ -56,3 +59,30 @@ def build_tiny_bert(folder: str | Path, texts: Iterable[str] = (), *, vocab_size
     torch.manual_seed(seed)
     BertModel(config).save_pretrained(folder)
     return folder
+
+
+class CountingLoader:
+    """Wraps a text-encoder loader (``load_text_encoder``): counts loads, and how often each
+    distinct token sequence goes through a loaded encoder's forward pass.
+
+    Use: ``monkeypatch.setattr(_text_features, "load_text_encoder", CountingLoader(original))``.
+    """
+
+    def __init__(self, load: Callable[[str], tuple[Any, Any]]):
+        self.load = load
+        self.loads = 0
+        self.encoded: Counter[tuple[int, ...]] = Counter()
+
+    def __call__(self, model_name: str) -> tuple[Any, Any]:
+        encoder, tokenizer = self.load(model_name)
+        self.loads += 1
+        encoder.register_forward_pre_hook(self._count, with_kwargs=True)
+        return encoder, tokenizer
+
+    def _count(self, module: Any, args: tuple, kwargs: dict) -> None:
+        for ids, keep in zip(kwargs["input_ids"], kwargs["attention_mask"].bool()):
+            self.encoded[tuple(ids[keep].tolist())] += 1
+
+    @property
+    def max_encodings_per_text(self) -> int:
+        return max(self.encoded.values(), default=0)

@@ -99,6 +99,17 @@ def pad_batch(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Te
     return input_ids, attention_mask
 
 
+def pad_states(states: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token states ``(T_i, H)`` of a batch -> ``(B, T, H)`` float32, zero-padded, + ``attention_mask``."""
+    width = max(len(s) for s in states)
+    padded = torch.zeros((len(states), width, states[0].shape[1]), dtype=torch.float32)
+    attention_mask = torch.zeros((len(states), width), dtype=torch.long)
+    for row, rows_of_text in enumerate(states):
+        padded[row, : len(rows_of_text)] = torch.from_numpy(np.asarray(rows_of_text, dtype=np.float32))
+        attention_mask[row, : len(rows_of_text)] = 1
+    return padded, attention_mask
+
+
 class LengthBucketBatchSampler(Sampler[list[int]]):
     """Shuffled batches of rows of similar length.
 
@@ -150,29 +161,62 @@ class SortedBatchSampler(Sampler[list[int]]):
             yield self.order[start : start + self.batch_size].tolist()
 
 
-class Collator:
-    """Row indices -> a batch: padded ``input_ids`` + ``attention_mask``, per-row arrays, labels.
+def shuffled_batches(n_rows: int, batch_size: int, *, seed: int | None = None) -> LengthBucketBatchSampler:
+    """Random batches of rows that all weigh the same (e.g. pooled features), reshuffled every pass."""
+    return LengthBucketBatchSampler(np.zeros(n_rows, dtype=np.int64), batch_size, seed=seed)
 
-    ``arrays`` are extra per-row inputs of the module (e.g. image embeddings).
-    With ``with_rows=True`` a batch is ``(rows, inputs)``, for prediction.
+
+class ArrayCollator:
+    """Row indices -> a batch of per-row arrays (``{name: tensor}``) and ``labels``.
+
+    ``arrays`` are the module's inputs (e.g. pooled text features, image
+    embeddings). With ``with_rows=True`` a batch is ``(rows, inputs)``, for prediction.
     """
 
-    def __init__(self, token_ids: Sequence[Sequence[int]], pad_id: int, *,
-                 arrays: dict[str, np.ndarray] | None = None, labels: np.ndarray | None = None,
+    def __init__(self, *, arrays: dict[str, np.ndarray] | None = None, labels: np.ndarray | None = None,
                  with_rows: bool = False):
-        self.token_ids = token_ids
-        self.pad_id = pad_id
         self.arrays = arrays or {}
         self.labels = labels
         self.with_rows = with_rows
 
+    def text_inputs(self, rows: list[int]) -> dict[str, torch.Tensor]:
+        """The batch's text inputs (none here; subclasses pad tokens or token states)."""
+        return {}
+
     def __call__(self, rows: list[int]) -> Any:
-        input_ids, attention_mask = pad_batch([self.token_ids[i] for i in rows], self.pad_id)
-        batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+        batch = self.text_inputs(rows)
         batch.update({name: torch.from_numpy(values[rows]) for name, values in self.arrays.items()})
         if self.labels is not None:
             batch["labels"] = torch.as_tensor(self.labels[rows], dtype=torch.long)
         return (rows, batch) if self.with_rows else batch
+
+
+class Collator(ArrayCollator):
+    """Batches of padded ``input_ids`` + ``attention_mask`` (and per-row ``arrays``, ``labels``)."""
+
+    def __init__(self, token_ids: Sequence[Sequence[int]], pad_id: int, *,
+                 arrays: dict[str, np.ndarray] | None = None, labels: np.ndarray | None = None,
+                 with_rows: bool = False):
+        super().__init__(arrays=arrays, labels=labels, with_rows=with_rows)
+        self.token_ids = token_ids
+        self.pad_id = pad_id
+
+    def text_inputs(self, rows: list[int]) -> dict[str, torch.Tensor]:
+        input_ids, attention_mask = pad_batch([self.token_ids[i] for i in rows], self.pad_id)
+        return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+class StateCollator(ArrayCollator):
+    """Batches of cached token states: padded ``text_states`` + ``attention_mask`` (see :func:`pad_states`)."""
+
+    def __init__(self, states: Sequence[np.ndarray], *, arrays: dict[str, np.ndarray] | None = None,
+                 labels: np.ndarray | None = None, with_rows: bool = False):
+        super().__init__(arrays=arrays, labels=labels, with_rows=with_rows)
+        self.states = states
+
+    def text_inputs(self, rows: list[int]) -> dict[str, torch.Tensor]:
+        text_states, attention_mask = pad_states([self.states[i] for i in rows])
+        return {"text_states": text_states, "attention_mask": attention_mask}
 
 
 def batch_loader(n_rows: int, batch_sampler: Sampler[list[int]],

@@ -1,4 +1,9 @@
-"""BertClassifier: fine-tune a Hugging Face encoder (mean pooling + linear head)."""
+"""BertClassifier: fine-tune a Hugging Face encoder (mean pooling + linear head).
+
+With ``freeze_encoder=True`` the encoder is a fixed feature extractor: each text's
+mean-pooled states are computed once and cached (:mod:`stackcat.models._text_features`),
+and only the dropout + linear head trains on them.
+"""
 
 from __future__ import annotations
 
@@ -22,7 +27,9 @@ from stackcat.models._base import (
     encode_labels,
     resolve_device,
 )
+from stackcat.models._text_features import FrozenTextMixin, mean_pooled
 from stackcat.models._torch import (
+    ArrayCollator,
     Collator,
     LengthBucketBatchSampler,
     SavableTorchMixin,
@@ -37,8 +44,10 @@ from stackcat.models._torch import (
     load_saved_encoder,
     load_text_encoder,
     mean_pool,
+    non_encoder_state,
     predict_probabilities,
     save_text_module,
+    shuffled_batches,
     start_fit,
     tokenize,
     torch_threads,
@@ -63,12 +72,38 @@ class MeanPoolingClassifier(nn.Module):
         return self.head(self.dropout(mean_pool(states, attention_mask)))
 
 
-class BertClassifier(SavableTorchMixin, ProbaClassifierMixin, ClassifierMixin, BaseEstimator):
+class PooledFeaturesClassifier(nn.Module):
+    """Dropout -> linear on mean-pooled text features (a frozen encoder's, computed beforehand).
+
+    Its parameters have the names of :class:`MeanPoolingClassifier`'s head.
+    """
+
+    def __init__(self, hidden_size: int, n_classes: int, dropout: float):
+        super().__init__()
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(hidden_size, n_classes)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.head(self.dropout(features))
+
+
+class BertClassifier(FrozenTextMixin, SavableTorchMixin, ProbaClassifierMixin, ClassifierMixin,
+                     BaseEstimator):
     """Fine-tune a Hugging Face encoder on product texts: mean pooling + linear head.
 
     The recipe of the reference work: AdamW, linear warmup then linear decay,
     light label smoothing. Batches hold texts of similar length, padded to their
     own longest text (dynamic padding), so short product titles cost little.
+
+    With ``freeze_encoder=True`` no encoder runs during training: each distinct
+    text is encoded once (per model, ``max_length`` and ``cache_dir``, whatever the
+    number of folds and models that use it), and the head trains on the mean of its
+    cached token states. Such a model pickles and saves without the encoder: it
+    keeps ``model_name`` and a hash of that checkpoint, loads the encoder again only
+    for texts that are not cached, and refuses to predict if the checkpoint's files
+    have changed. A frozen encoder's head wants a much higher ``lr`` and more epochs
+    than fine-tuning (``lr=0.1, epochs=20`` on the demo data with e5-small: see
+    experiments/results/frozen_text.md).
 
     Parameters
     ----------
@@ -92,7 +127,8 @@ class BertClassifier(SavableTorchMixin, ProbaClassifierMixin, ClassifierMixin, B
     dropout : float, default=0.1
         Dropout before the linear head.
     freeze_encoder : bool, default=False
-        Train the head only (the encoder is a frozen feature extractor).
+        Train the head only, on cached mean-pooled states of the frozen encoder
+        (``train_encoder_after`` and ``freeze_embeddings`` are then unused).
     freeze_embeddings : bool, default=False
         Keep the word-embedding matrix frozen while the encoder trains (much
         faster on a CPU for models with large vocabularies).
@@ -104,12 +140,19 @@ class BertClassifier(SavableTorchMixin, ProbaClassifierMixin, ClassifierMixin, B
         without a lower eval loss (None: never early). The weights of the best
         epoch are always the ones kept.
     predict_batch_size : int, default=128
+        Texts per batch at prediction time, and per encoder pass when a frozen
+        encoder computes token states.
+    cache_dir : str, path-like or None, default=None
+        With ``freeze_encoder=True``: folder of the token-state cache, shared by
+        fits, folds, processes and models (FusionClassifier's ``text_cache_dir``
+        included). None caches in this process's memory only.
     device : str, default="auto"
         ``"auto"``: CUDA when present (bf16 mixed precision, or fp16 with a
         GradScaler where bf16 is unsupported), else CPU (fp32).
     num_threads : int or None, default=None
         ``torch.set_num_threads`` during fit and predict (restored after);
-        None leaves torch's setting alone.
+        None leaves torch's setting alone, except that a head on cached
+        features (``freeze_encoder=True``) trains and predicts on 1 thread.
     random_state : int or None, default=0
         Seeds head initialization, dropout and batch order: on CPU the same seed
         gives identical probabilities.
@@ -120,11 +163,19 @@ class BertClassifier(SavableTorchMixin, ProbaClassifierMixin, ClassifierMixin, B
     ----------
     classes_ : ndarray
         The labels, sorted; columns of ``predict_proba`` follow this order.
-    module_ : MeanPoolingClassifier
-        The fine-tuned torch module (encoder + head).
+    module_ : MeanPoolingClassifier or PooledFeaturesClassifier
+        The fine-tuned torch module (encoder + head), or the head alone when the
+        encoder is frozen.
     tokenizer_ : transformers tokenizer
+        Fine-tuned models only (a frozen encoder's tokenizer is loaded with it, when needed).
     max_length_ : int
-        The token limit used (``max_length`` capped by the model).
+        The token limit used: ``max_length`` capped by the model (fine-tuned), or
+        ``max_length`` as given (frozen encoder: the cap is applied when encoding).
+    text_model_identity_ : str
+        Frozen encoder only: content hash of the ``model_name`` checkpoint the
+        features came from (see :func:`~stackcat.models._text_features.text_model_identity`).
+    hidden_size_ : int
+        Frozen encoder only: width of the pooled features.
     history_ : list of dict
         One record per epoch: stage, epoch, train_loss, valid_loss.
     best_epoch_ : dict or None
@@ -138,6 +189,8 @@ class BertClassifier(SavableTorchMixin, ProbaClassifierMixin, ClassifierMixin, B
     (1000, 840)
     >>> clf.save("artifacts/bert")  # doctest: +SKIP
     >>> BertClassifier.load("artifacts/bert").predict(test)  # doctest: +SKIP
+    >>> frozen = BertClassifier(model_name="/models/rubert-tiny2", freeze_encoder=True,
+    ...                         lr=0.1, epochs=20, cache_dir="artifacts/text-cache")  # doctest: +SKIP
     """
 
     _parameter_constraints: dict = {
@@ -156,12 +209,12 @@ class BertClassifier(SavableTorchMixin, ProbaClassifierMixin, ClassifierMixin, B
         "train_encoder_after": [Interval(Integral, 0, None, closed="left")],
         "early_stopping_patience": [Interval(Integral, 1, None, closed="left"), None],
         "predict_batch_size": [Interval(Integral, 1, None, closed="left")],
+        "cache_dir": [str, os.PathLike, None],
         "device": [str],
         "num_threads": [Interval(Integral, 1, None, closed="left"), None],
         "random_state": [Interval(Integral, 0, None, closed="left"), None],
         "progress": ["boolean"],
     }
-    _torch_attributes = ("module_", "tokenizer_")
 
     def __init__(
         self,
@@ -180,6 +233,7 @@ class BertClassifier(SavableTorchMixin, ProbaClassifierMixin, ClassifierMixin, B
         train_encoder_after: int = 0,
         early_stopping_patience: int | None = 2,
         predict_batch_size: int = 128,
+        cache_dir: str | os.PathLike | None = None,
         device: str = "auto",
         num_threads: int | None = None,
         random_state: int | None = 0,
@@ -200,6 +254,7 @@ class BertClassifier(SavableTorchMixin, ProbaClassifierMixin, ClassifierMixin, B
         self.train_encoder_after = train_encoder_after
         self.early_stopping_patience = early_stopping_patience
         self.predict_batch_size = predict_batch_size
+        self.cache_dir = cache_dir
         self.device = device
         self.num_threads = num_threads
         self.random_state = random_state
@@ -220,20 +275,20 @@ class BertClassifier(SavableTorchMixin, ProbaClassifierMixin, ClassifierMixin, B
         """
         texts = self._texts(X)
         self.classes_, y_index = encode_labels(y, len(texts))
+        self._forget_text_model()
         with torch_threads(self.num_threads):
-            device = start_fit(self.random_state, self.device)
-            encoder, self.tokenizer_ = load_text_encoder(self.model_name)
-            self.max_length_ = usable_max_length(self.max_length, self.tokenizer_, encoder)
-            self.module_ = MeanPoolingClassifier(encoder, len(self.classes_), self.dropout)
-            train = self._loader(texts, y_index, shuffle=True)
-            valid = self._eval_loader(eval_set)
+            if self.freeze_encoder:
+                device, train, valid = self._prepare_frozen(texts, y_index, eval_set)
+            else:
+                device, train, valid = self._prepare_fine_tuning(texts, y_index, eval_set)
             loop = TrainingLoop(
                 self.module_,
                 nn.CrossEntropyLoss(label_smoothing=self.label_smoothing),
                 device,
                 training_callbacks(self.progress, valid is not None, self.early_stopping_patience),
             )
-            loop.fit(self._stages(), train, valid)
+            with torch_threads(self._module_threads()):
+                loop.fit(self._stages(), train, valid)
         self.history_, self.best_epoch_ = history_records(loop)
         return self
 
@@ -242,15 +297,52 @@ class BertClassifier(SavableTorchMixin, ProbaClassifierMixin, ClassifierMixin, B
         check_is_fitted(self, "module_")
         texts = self._texts(X)
         with torch_threads(self.num_threads):
-            token_ids = tokenize(self.tokenizer_, texts, self.max_length_)
-            loader = batch_loader(
-                len(texts),
-                SortedBatchSampler([len(t) for t in token_ids], self.predict_batch_size),
-                Collator(token_ids, self._pad_id(), with_rows=True),
-            )
+            if self._fitted_on_cached_text():
+                features = self._pooled_features(texts, fitting=False)
+                loader = batch_loader(len(texts), SortedBatchSampler(np.zeros(len(texts)), self.predict_batch_size),
+                                      ArrayCollator(arrays={"features": features}, with_rows=True))
+            else:
+                token_ids = tokenize(self.tokenizer_, texts, self.max_length_)
+                loader = batch_loader(
+                    len(texts),
+                    SortedBatchSampler([len(t) for t in token_ids], self.predict_batch_size),
+                    Collator(token_ids, self._pad_id(), with_rows=True),
+                )
             batches = tqdm(loader, desc="predict", unit="batch", disable=not self.progress)
-            return predict_probabilities(self.module_, batches, len(texts), len(self.classes_),
-                                  resolve_device(self.device))
+            with torch_threads(self._module_threads()):
+                return predict_probabilities(self.module_, batches, len(texts), len(self.classes_),
+                                             resolve_device(self.device))
+
+    def _prepare_fine_tuning(self, texts: list[str], labels: np.ndarray,
+                             eval_set: tuple[Any, Any] | None) -> tuple[torch.device, Any, Any]:
+        device = start_fit(self.random_state, self.device)
+        encoder, self.tokenizer_ = load_text_encoder(self.model_name)
+        self.max_length_ = usable_max_length(self.max_length, self.tokenizer_, encoder)
+        self.module_ = MeanPoolingClassifier(encoder, len(self.classes_), self.dropout)
+        return device, self._loader(texts, labels, shuffle=True), self._eval_loader(eval_set)
+
+    def _prepare_frozen(self, texts: list[str], labels: np.ndarray,
+                        eval_set: tuple[Any, Any] | None) -> tuple[torch.device, Any, Any]:
+        features = self._pooled_features(texts, fitting=True)
+        valid = None
+        if eval_set is not None:
+            X_val, y_val = eval_set
+            val_texts = self._texts(X_val)
+            val_labels = label_indices(self.classes_, y_val, len(val_texts))
+            valid = self._feature_loader(self._pooled_features(val_texts, fitting=False), val_labels,
+                                         shuffle=False)
+        # Seeded after the features: the head starts the same whether or not they were cached.
+        device = start_fit(self.random_state, self.device)
+        self.module_ = PooledFeaturesClassifier(self.hidden_size_, len(self.classes_), self.dropout)
+        return device, self._feature_loader(features, labels, shuffle=True), valid
+
+    def _pooled_features(self, texts: list[str], *, fitting: bool) -> np.ndarray:
+        return mean_pooled(self._cached_token_states(texts, self.cache_dir, fitting=fitting))
+
+    def _feature_loader(self, features: np.ndarray, labels: np.ndarray, *, shuffle: bool) -> Any:
+        sampler = (shuffled_batches(len(features), self.batch_size, seed=self.random_state) if shuffle
+                   else SortedBatchSampler(np.zeros(len(features)), self.predict_batch_size))
+        return batch_loader(len(features), sampler, ArrayCollator(arrays={"features": features}, labels=labels))
 
     def _texts(self, X: Any) -> list[str]:
         return as_texts(column_values(X, self.text_column, what="text"))
@@ -274,8 +366,10 @@ class BertClassifier(SavableTorchMixin, ProbaClassifierMixin, ClassifierMixin, B
 
     def _stages(self) -> list[Stage]:
         head = list(self.module_.head.parameters())
-        head_epochs = self.epochs if self.freeze_encoder else min(self.train_encoder_after, self.epochs)
         group = {"lr": self.lr, "weight_decay": self.weight_decay}
+        if self._fitted_on_cached_text():
+            return [Stage("head", self.epochs, [{"params": head, **group}], self.warmup_ratio)]
+        head_epochs = min(self.train_encoder_after, self.epochs)
         return [
             Stage("head", head_epochs, [{"params": head, **group}], self.warmup_ratio),
             Stage("full", self.epochs - head_epochs,
@@ -284,11 +378,17 @@ class BertClassifier(SavableTorchMixin, ProbaClassifierMixin, ClassifierMixin, B
         ]
 
     def _save_weights(self, folder: Path) -> None:
-        save_text_module(folder, self.module_, self.tokenizer_)
+        if self._fitted_on_cached_text():
+            torch.save(non_encoder_state(self.module_), folder / "head.pt")
+        else:
+            save_text_module(folder, self.module_, self.tokenizer_)
 
     def _load_weights(self, folder: Path) -> None:
-        encoder, self.tokenizer_ = load_saved_encoder(folder)
-        self.module_ = MeanPoolingClassifier(encoder, len(self.classes_), self.dropout)
+        if self._fitted_on_cached_text():
+            self.module_ = PooledFeaturesClassifier(self.hidden_size_, len(self.classes_), self.dropout)
+        else:
+            encoder, self.tokenizer_ = load_saved_encoder(folder)
+            self.module_ = MeanPoolingClassifier(encoder, len(self.classes_), self.dropout)
         load_non_encoder_state(self.module_, folder)
 
     def __sklearn_tags__(self):  # noqa: D105

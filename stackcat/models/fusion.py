@@ -28,6 +28,17 @@ Training runs three stages (0 epochs skips one), as in the reference:
    ``image_weight_decay``.
 2. ``frozen_epochs``: BERT frozen, everything else trains.
 3. ``epochs``: everything trains (BERT at ``lr``, the rest at ``head_lr``).
+
+With ``epochs=0`` BERT never trains, so it never runs during training either: each
+distinct text's token states are computed once and cached
+(:mod:`stackcat.models._text_features`, shared with ``BertClassifier(freeze_encoder=True)``),
+and batches are padded cached states. Such a model holds no BERT weights (it
+pickles and saves small and loads the encoder again only for texts that are not
+cached); on the demo data, ``image_epochs=2, frozen_epochs=8, head_lr=1e-2`` suit
+it (experiments/results/frozen_text.md). With ``epochs > 0`` stages 1-2 run BERT
+forwards as before: the fine-tuned encoder has to be loaded, trained and saved
+anyway, and stage 2 is one or two forward-only epochs next to stage 3's forward +
+backward ones.
 """
 
 from __future__ import annotations
@@ -54,12 +65,14 @@ from stackcat.models._base import (
     encode_labels,
     resolve_device,
 )
+from stackcat.models._text_features import FrozenTextMixin
 from stackcat.models._torch import (
     Collator,
     LengthBucketBatchSampler,
     SavableTorchMixin,
     SortedBatchSampler,
     Stage,
+    StateCollator,
     TrainingLoop,
     batch_loader,
     encoder_parameters,
@@ -69,6 +82,7 @@ from stackcat.models._torch import (
     load_saved_encoder,
     load_text_encoder,
     mean_pool,
+    non_encoder_state,
     predict_probabilities,
     save_text_module,
     start_fit,
@@ -83,16 +97,23 @@ DEFAULT_IMAGE_ENCODER = "ViT-L-14/openai"
 
 
 class DualAttentionFusion(nn.Module):
-    """BERT + image embedding -> dual dot-product attention -> BatchNorm -> dropout -> linear."""
+    """BERT + image embedding -> dual dot-product attention -> BatchNorm -> dropout -> linear.
 
-    def __init__(self, encoder: nn.Module, image_embedding_dim: int, n_classes: int, *,
-                 image_dim: int = 32, fusion_dim: int = 64, image_tokens: int = 4,
-                 dropout: float = 0.1):
+    ``encoder=None`` builds the module without BERT (``hidden_size`` required): it then
+    takes precomputed token states (``text_states``) in place of ``input_ids``.
+    """
+
+    def __init__(self, encoder: nn.Module | None, image_embedding_dim: int, n_classes: int, *,
+                 hidden_size: int | None = None, image_dim: int = 32, fusion_dim: int = 64,
+                 image_tokens: int = 4, dropout: float = 0.1):
         super().__init__()
+        if encoder is None and hidden_size is None:
+            raise ValueError("DualAttentionFusion without an encoder needs hidden_size")
         self.encoder = encoder
+        self.hidden_size = encoder.config.hidden_size if encoder is not None else int(hidden_size)
         self.fusion_dim = fusion_dim
         self.n_image_tokens = image_tokens
-        self.text_projection = nn.Linear(encoder.config.hidden_size, fusion_dim)
+        self.text_projection = nn.Linear(self.hidden_size, fusion_dim)
         self.image_projection = nn.Linear(image_embedding_dim, image_dim)
         self.missing_image = nn.Parameter(torch.zeros(image_dim))
         self.image_tokens = nn.Linear(image_dim, image_tokens * fusion_dim)
@@ -105,9 +126,11 @@ class DualAttentionFusion(nn.Module):
         return [*self.image_projection.parameters(), self.missing_image,
                 *self.image_tokens.parameters()]
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, image: torch.Tensor,
-                image_ok: torch.Tensor, text_noise: bool = False) -> torch.Tensor:
-        text = self.text_projection(self._text_states(input_ids, attention_mask, text_noise))
+    def forward(self, attention_mask: torch.Tensor, image: torch.Tensor, image_ok: torch.Tensor,
+                input_ids: torch.Tensor | None = None, text_states: torch.Tensor | None = None,
+                text_noise: bool = False) -> torch.Tensor:
+        """Logits; the text comes as ``input_ids`` (BERT runs) or as ``text_states`` ``(B, T, H)``."""
+        text = self.text_projection(self._text_states(attention_mask, input_ids, text_states, text_noise))
         code = self.image_projection(image)
         code = torch.where(image_ok.unsqueeze(-1), code, self.missing_image.to(code.dtype))
         image_tokens = self.image_tokens(code).view(len(code), self.n_image_tokens, self.fusion_dim)
@@ -120,15 +143,19 @@ class DualAttentionFusion(nn.Module):
         fused = torch.cat([mean_pool(text_to_image, attention_mask), image_to_text.mean(dim=1)], dim=-1)
         return self.head(self.dropout(self.norm(fused)))
 
-    def _text_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                     noise: bool) -> torch.Tensor:
+    def _text_states(self, attention_mask: torch.Tensor, input_ids: torch.Tensor | None,
+                     text_states: torch.Tensor | None, noise: bool) -> torch.Tensor:
         if noise:
-            shape = (*input_ids.shape, self.encoder.config.hidden_size)
-            return torch.randn(shape, device=input_ids.device)
+            return torch.randn((*attention_mask.shape, self.hidden_size), device=attention_mask.device)
+        if text_states is not None:
+            return text_states
+        if self.encoder is None:
+            raise ValueError("this module has no encoder: pass text_states, not input_ids")
         return self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
 
-class FusionClassifier(SavableTorchMixin, ProbaClassifierMixin, ClassifierMixin, BaseEstimator):
+class FusionClassifier(FrozenTextMixin, SavableTorchMixin, ProbaClassifierMixin, ClassifierMixin,
+                       BaseEstimator):
     """Text + image classifier: a fine-tuned BERT and a frozen image embedding, dual attention.
 
     See the module docstring for the architecture and the three training stages.
@@ -162,6 +189,7 @@ class FusionClassifier(SavableTorchMixin, ProbaClassifierMixin, ClassifierMixin,
     image_epochs, frozen_epochs, epochs : int, default=1, 1, 3
         Epochs of stage 1 (image branch, noise for text), stage 2 (BERT frozen)
         and stage 3 (everything). 0 skips a stage; at least one must be > 0.
+        ``epochs=0`` trains on cached token states (BERT runs once per distinct text).
     batch_size : int, default=32
     lr : float, default=5e-5
         Peak learning rate of BERT (stage 3).
@@ -179,9 +207,20 @@ class FusionClassifier(SavableTorchMixin, ProbaClassifierMixin, ClassifierMixin,
         With ``fit(..., eval_set=...)``: a stage ends after this many epochs
         without a lower eval loss; the best epoch's weights (stages 2-3) are kept.
     predict_batch_size : int, default=128
+        Rows per batch at prediction time, and texts per BERT pass when token
+        states are cached (``epochs=0``).
+    text_cache_dir : str, path-like or None, default=None
+        With ``epochs=0``: folder of the token-state cache, shared by fits, folds,
+        processes and models (``BertClassifier(freeze_encoder=True, cache_dir=...)``
+        with the same model and ``max_length`` reads the same entries). None caches
+        in this process's memory only.
     device : str, default="auto"
         CUDA when present (mixed precision), else CPU; also used by the image encoder.
     num_threads : int or None, default=None
+        ``torch.set_num_threads`` during fit and predict (restored after); None
+        leaves torch's setting alone, except that a model on cached token states
+        (``epochs=0``) trains and predicts on 1 thread (BERT, when it runs, uses
+        torch's setting).
     random_state : int or None, default=0
     progress : bool, default=True
 
@@ -189,8 +228,17 @@ class FusionClassifier(SavableTorchMixin, ProbaClassifierMixin, ClassifierMixin,
     ----------
     classes_ : ndarray
     module_ : DualAttentionFusion
+        Without BERT (``module_.encoder is None``) when ``epochs=0``.
     tokenizer_ : transformers tokenizer
+        Only when BERT was fine-tuned (``epochs > 0``).
     max_length_ : int
+        ``max_length`` capped by the model (``epochs > 0``), or as given (``epochs=0``:
+        the cap is applied when encoding).
+    text_model_identity_ : str
+        ``epochs=0`` only: content hash of the ``model_name`` checkpoint the token
+        states came from; prediction refuses a changed checkpoint.
+    hidden_size_ : int
+        ``epochs=0`` only: width of BERT's token states.
     image_embedding_dim_ : int
         Width of the image encoder's embeddings.
     image_encoder_name_ : str
@@ -233,12 +281,12 @@ class FusionClassifier(SavableTorchMixin, ProbaClassifierMixin, ClassifierMixin,
         "label_smoothing": [Interval(Real, 0, 1, closed="left")],
         "early_stopping_patience": [Interval(Integral, 1, None, closed="left"), None],
         "predict_batch_size": [Interval(Integral, 1, None, closed="left")],
+        "text_cache_dir": [str, os.PathLike, None],
         "device": [str],
         "num_threads": [Interval(Integral, 1, None, closed="left"), None],
         "random_state": [Interval(Integral, 0, None, closed="left"), None],
         "progress": ["boolean"],
     }
-    _torch_attributes = ("module_", "tokenizer_")
     _transient_attributes = ("_encoder_cache",)
 
     def __init__(
@@ -267,6 +315,7 @@ class FusionClassifier(SavableTorchMixin, ProbaClassifierMixin, ClassifierMixin,
         label_smoothing: float = 0.003,
         early_stopping_patience: int | None = 2,
         predict_batch_size: int = 128,
+        text_cache_dir: str | os.PathLike | None = None,
         device: str = "auto",
         num_threads: int | None = None,
         random_state: int | None = 0,
@@ -296,6 +345,7 @@ class FusionClassifier(SavableTorchMixin, ProbaClassifierMixin, ClassifierMixin,
         self.label_smoothing = label_smoothing
         self.early_stopping_patience = early_stopping_patience
         self.predict_batch_size = predict_batch_size
+        self.text_cache_dir = text_cache_dir
         self.device = device
         self.num_threads = num_threads
         self.random_state = random_state
@@ -317,17 +367,24 @@ class FusionClassifier(SavableTorchMixin, ProbaClassifierMixin, ClassifierMixin,
             raise ValueError("image_epochs, frozen_epochs and epochs are all 0: nothing to train")
         texts = self._texts(X)
         self.classes_, y_index = encode_labels(y, len(texts))
+        self._forget_text_model()
         with torch_threads(self.num_threads):
-            device = start_fit(self.random_state, self.device)
             self.image_encoder_name_ = self._image_encoder().name
             self.__dict__.pop("image_embedding_dim_", None)  # from an earlier fit
             images, image_ok = self._image_inputs(X, len(texts))
             self.image_embedding_dim_ = int(images.shape[1])
             self.n_missing_images_ = int((~image_ok).sum())
-            encoder, self.tokenizer_ = load_text_encoder(self.model_name)
-            self.max_length_ = usable_max_length(self.max_length, self.tokenizer_, encoder)
-            self.module_ = self._build_module(encoder)
-            train = self._loader(texts, images, image_ok, y_index, shuffle=True)
+            if self.epochs == 0:
+                text = self._cached_token_states(texts, self.text_cache_dir, fitting=True)
+                device = start_fit(self.random_state, self.device)  # after the states: cached or not
+                self.module_ = self._build_module(None)
+            else:
+                device = start_fit(self.random_state, self.device)
+                encoder, self.tokenizer_ = load_text_encoder(self.model_name)
+                self.max_length_ = usable_max_length(self.max_length, self.tokenizer_, encoder)
+                self.module_ = self._build_module(encoder)
+                text = tokenize(self.tokenizer_, texts, self.max_length_)
+            train = self._loader(text, images, image_ok, y_index, shuffle=True)
             valid = self._eval_loader(eval_set)
             loop = TrainingLoop(
                 self.module_,
@@ -335,7 +392,8 @@ class FusionClassifier(SavableTorchMixin, ProbaClassifierMixin, ClassifierMixin,
                 device,
                 training_callbacks(self.progress, valid is not None, self.early_stopping_patience),
             )
-            loop.fit(self._stages(), train, valid)
+            with torch_threads(self._module_threads()):
+                loop.fit(self._stages(), train, valid)
         self.history_, self.best_epoch_ = history_records(loop)
         return self
 
@@ -345,16 +403,12 @@ class FusionClassifier(SavableTorchMixin, ProbaClassifierMixin, ClassifierMixin,
         texts = self._texts(X)
         with torch_threads(self.num_threads):
             images, image_ok = self._image_inputs(X, len(texts))
-            token_ids = tokenize(self.tokenizer_, texts, self.max_length_)
-            loader = batch_loader(
-                len(texts),
-                SortedBatchSampler([len(t) for t in token_ids], self.predict_batch_size),
-                Collator(token_ids, self._pad_id(), arrays={"image": images, "image_ok": image_ok},
-                         with_rows=True),
-            )
+            loader = self._loader(self._text_inputs(texts), images, image_ok, None, shuffle=False,
+                                  with_rows=True)
             batches = tqdm(loader, desc="predict", unit="batch", disable=not self.progress)
-            return predict_probabilities(self.module_, batches, len(texts), len(self.classes_),
-                                  resolve_device(self.device))
+            with torch_threads(self._module_threads()):
+                return predict_probabilities(self.module_, batches, len(texts), len(self.classes_),
+                                             resolve_device(self.device))
 
     def _texts(self, X: Any) -> list[str]:
         if not isinstance(X, pd.DataFrame):
@@ -395,20 +449,30 @@ class FusionClassifier(SavableTorchMixin, ProbaClassifierMixin, ClassifierMixin,
             embeddings = np.zeros((n_rows, expected), dtype=np.float32)  # the encoder said no dim
         return np.ascontiguousarray(embeddings, dtype=np.float32), ok
 
-    def _build_module(self, encoder: nn.Module) -> DualAttentionFusion:
+    def _build_module(self, encoder: nn.Module | None) -> DualAttentionFusion:
         return DualAttentionFusion(encoder, self.image_embedding_dim_, len(self.classes_),
+                                   hidden_size=getattr(self, "hidden_size_", None),
                                    image_dim=self.image_dim, fusion_dim=self.fusion_dim,
                                    image_tokens=self.image_tokens, dropout=self.dropout)
 
-    def _loader(self, texts: list[str], images: np.ndarray, image_ok: np.ndarray,
-                labels: np.ndarray, *, shuffle: bool) -> Any:
-        token_ids = tokenize(self.tokenizer_, texts, self.max_length_)
-        lengths = [len(t) for t in token_ids]
+    def _text_inputs(self, texts: list[str]) -> list[np.ndarray] | list[list[int]]:
+        """Cached token states (model fitted with ``epochs=0``), else token ids, of ``texts``."""
+        if self._fitted_on_cached_text():
+            return self._cached_token_states(texts, self.text_cache_dir, fitting=False)
+        return tokenize(self.tokenizer_, texts, self.max_length_)
+
+    def _loader(self, text: list[np.ndarray] | list[list[int]], images: np.ndarray, image_ok: np.ndarray,
+                labels: np.ndarray | None, *, shuffle: bool, with_rows: bool = False) -> Any:
+        """Batches of rows of similar token counts; ``text`` is token states or token ids per row."""
+        lengths = [len(t) for t in text]
         sampler = (LengthBucketBatchSampler(lengths, self.batch_size, seed=self.random_state) if shuffle
                    else SortedBatchSampler(lengths, self.predict_batch_size))
-        collate = Collator(token_ids, self._pad_id(), labels=labels,
-                           arrays={"image": images, "image_ok": image_ok})
-        return batch_loader(len(texts), sampler, collate)
+        arrays = {"image": images, "image_ok": image_ok}
+        if self._fitted_on_cached_text():
+            collate = StateCollator(text, arrays=arrays, labels=labels, with_rows=with_rows)
+        else:
+            collate = Collator(text, self._pad_id(), arrays=arrays, labels=labels, with_rows=with_rows)
+        return batch_loader(len(text), sampler, collate)
 
     def _eval_loader(self, eval_set: tuple[Any, Any] | None) -> Any:
         if eval_set is None:
@@ -416,38 +480,45 @@ class FusionClassifier(SavableTorchMixin, ProbaClassifierMixin, ClassifierMixin,
         X_val, y_val = eval_set
         texts = self._texts(X_val)
         images, image_ok = self._image_inputs(X_val, len(texts))
-        return self._loader(texts, images, image_ok, label_indices(self.classes_, y_val, len(texts)),
-                            shuffle=False)
+        return self._loader(self._text_inputs(texts), images, image_ok,
+                            label_indices(self.classes_, y_val, len(texts)), shuffle=False)
 
     def _stages(self) -> list[Stage]:
         module = self.module_
         image_branch = module.image_branch()
         image_ids = {id(p) for p in image_branch}
         text_projection = {id(p) for p in module.text_projection.parameters()}
-        encoder = list(module.encoder.parameters())
-        encoder_ids = {id(p) for p in encoder}
+        encoder_ids = {id(p) for p in module.encoder.parameters()} if module.encoder is not None else set()
         fusion = [p for p in module.parameters() if id(p) not in encoder_ids]
         fusion_head = [p for p in fusion if id(p) not in image_ids | text_projection]
         head_group = {"lr": self.head_lr, "weight_decay": self.weight_decay}
-        return [
+        stages = [
             Stage("image", self.image_epochs,
                   [{"params": image_branch, "lr": self.head_lr, "weight_decay": self.image_weight_decay},
                    {"params": fusion_head, **head_group}],
                   self.warmup_ratio, forward_kwargs={"text_noise": True}, monitor=False),
             Stage("frozen", self.frozen_epochs, [{"params": fusion, **head_group}], self.warmup_ratio),
-            Stage("full", self.epochs,
-                  [{"params": encoder_parameters(module.encoder, self.freeze_embeddings),
-                    "lr": self.lr, "weight_decay": self.weight_decay},
-                   {"params": fusion, **head_group}],
-                  self.warmup_ratio),
         ]
+        if module.encoder is not None:
+            stages.append(Stage("full", self.epochs,
+                                [{"params": encoder_parameters(module.encoder, self.freeze_embeddings),
+                                  "lr": self.lr, "weight_decay": self.weight_decay},
+                                 {"params": fusion, **head_group}],
+                                self.warmup_ratio))
+        return stages
 
     def _save_weights(self, folder: Path) -> None:
-        save_text_module(folder, self.module_, self.tokenizer_)
+        if self._fitted_on_cached_text():
+            torch.save(non_encoder_state(self.module_), folder / "head.pt")
+        else:
+            save_text_module(folder, self.module_, self.tokenizer_)
 
     def _load_weights(self, folder: Path) -> None:
-        encoder, self.tokenizer_ = load_saved_encoder(folder)
-        self.module_ = self._build_module(encoder)
+        if self._fitted_on_cached_text():
+            self.module_ = self._build_module(None)
+        else:
+            encoder, self.tokenizer_ = load_saved_encoder(folder)
+            self.module_ = self._build_module(encoder)
         load_non_encoder_state(self.module_, folder)
 
     def __sklearn_tags__(self):  # noqa: D105

@@ -1,0 +1,316 @@
+"""Token states of a frozen text encoder, computed once per text and cached.
+
+A frozen encoder gives every text the same last hidden states in every epoch,
+fold and model, so :func:`token_states` computes them once: each distinct text is
+encoded once per (model, ``max_length``) and cache folder, and the states of its
+real tokens (``(T_i, H)``, no padding) are stored as float16 in an
+:class:`stackcat.cache.EmbeddingStore` (on disk with ``cache_dir``, and in a
+process-wide memory LRU). ``BertClassifier(freeze_encoder=True)`` trains its head
+on their mean (= mean pooling over the attention mask), ``FusionClassifier(epochs=0)``
+on the states themselves; both read the same entries.
+
+Keys: a BLAKE2b hash of (model identity, ``max_length``, text). The identity of a
+model (:func:`text_model_identity`) is a content hash of its checkpoint folder
+(weights, config and tokenizer files), so a folder whose weights change gets new
+keys and never meets stale states; copied to another folder or machine, it keeps
+them. The hash is computed once per process (remembered per file size and mtime):
+0.8 s for the 487 MB multilingual-e5-small folder on the development box.
+
+Parallel jobs (processes) that start together may each encode a text that
+none of them has cached yet; to encode every text exactly once, fill the cache
+first with one :func:`token_states` call on all the texts.
+
+The encoder itself is loaded only when some text is not cached, and kept
+(one model at a time) for the next call of the process, so predicting right after
+fitting does not load it again; :func:`clear_memory_cache` lets it go.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from stackcat.cache import EmbeddingStore, MemoryCache, content_key
+from stackcat.models._base import resolve_device
+from stackcat.models._torch import (
+    Precision,
+    PretrainedModelNotFoundError,
+    load_text_encoder,
+    pad_batch,
+    tokenize,
+    usable_max_length,
+)
+
+__all__ = [
+    "TOKEN_STATES_MEMORY_BYTES",
+    "check_text_model",
+    "clear_memory_cache",
+    "mean_pooled",
+    "text_model_identity",
+    "token_states",
+]
+
+#: Budget of the in-process cache of token states (least recently used entries are dropped).
+TOKEN_STATES_MEMORY_BYTES = 512 * 2**20
+_READ_CHUNK = 1 << 20
+
+_memory = MemoryCache(TOKEN_STATES_MEMORY_BYTES)
+# (folder, ((file, size, mtime_ns), ...)) -> content hash, so a process hashes a checkpoint once.
+_identity_memo: dict[tuple[str, tuple], str] = {}
+# The last encoder loaded: {(identity, device): (encoder, tokenizer)}; one model at a time.
+_loaded: dict[tuple[str, str], tuple[nn.Module, Any]] = {}
+_lock = threading.RLock()
+
+
+def token_states(
+    texts: Sequence[str],
+    model_name: str | os.PathLike,
+    max_length: int,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    device: str = "auto",
+    batch_size: int = 64,
+    progress: bool = True,
+) -> list[np.ndarray]:
+    """Last hidden states of each text's real tokens under a frozen encoder, each text encoded once.
+
+    Parameters
+    ----------
+    texts : sequence of str
+    model_name : str or path-like
+        Hugging Face hub name (cached, when offline) or local checkpoint folder.
+    max_length : int
+        Tokens kept per text (special tokens included; capped by the model's own limit).
+    cache_dir : str, path-like or None, default=None
+        On-disk cache folder shared by folds, processes and models (created when
+        needed); None caches in this process's memory only.
+    device : str, default="auto"
+        Where the encoder runs when some text is not cached.
+    batch_size : int, default=64
+        Texts per encoder forward pass.
+    progress : bool, default=True
+        Show a tqdm bar while encoding texts that are not cached.
+
+    Returns
+    -------
+    list of ndarray
+        One ``(T_i, hidden_size)`` float16 array per text (read-only; shared with the
+        cache): ``T_i`` is the text's token count, special tokens included.
+
+    Examples
+    --------
+    >>> states = token_states(["red cotton shirt", "jeans"], "/models/rubert-tiny2", 32,
+    ...                       cache_dir="artifacts/text-cache")  # doctest: +SKIP
+    >>> [s.shape for s in states]  # doctest: +SKIP
+    [(5, 312), (3, 312)]
+    """
+    texts = list(texts)
+    if not texts:
+        return []
+    identity = text_model_identity(model_name)
+    store = _store(model_name, identity, max_length, cache_dir)
+    keys = [content_key(identity, str(max_length), text) for text in texts]
+    distinct = dict(zip(keys, texts))
+    found = store.get_many(distinct)
+    missing = [(key, text) for key, text in distinct.items() if key not in found]
+    if missing:
+        encoder, tokenizer = _encoder_for(model_name, identity, resolve_device(device))
+        bar = tqdm(total=len(missing), unit="text", disable=not progress,
+                   desc=f"encoding texts [{Path(str(model_name)).name}]")
+        with bar:
+            for key, states in _encode(missing, encoder, tokenizer, max_length, batch_size):
+                found[key] = store.put(key, states)
+                bar.update()
+    return [found[key] for key in keys]
+
+
+def mean_pooled(states: Sequence[np.ndarray]) -> np.ndarray:
+    """``(n, hidden_size)`` float32: the mean of each text's token states (zeros for no token)."""
+    if not states:
+        return np.zeros((0, 0), dtype=np.float32)
+    pooled = np.zeros((len(states), states[0].shape[1]), dtype=np.float32)
+    for row, rows_of_text in enumerate(states):
+        if len(rows_of_text):
+            pooled[row] = rows_of_text.mean(axis=0, dtype=np.float32)
+    return pooled
+
+
+def text_model_identity(model_name: str | os.PathLike) -> str:
+    """Content hash of a text model's checkpoint (weights, config and tokenizer files).
+
+    Changes when any file of the folder changes; stays when the folder is copied.
+    A hub name is resolved to its snapshot in the local Hugging Face cache
+    (downloaded first when online and not cached yet).
+
+    Raises
+    ------
+    PretrainedModelNotFoundError
+        If the folder does not exist, or the hub name is not cached and cannot be downloaded.
+    """
+    return _folder_digest(_checkpoint_folder(model_name))
+
+
+def check_text_model(model_name: str | os.PathLike, expected_identity: str) -> None:
+    """Raise ValueError when ``model_name`` is no longer the checkpoint a model was trained with."""
+    identity = text_model_identity(model_name)
+    if identity != expected_identity:
+        raise ValueError(
+            f"the text encoder {str(model_name)!r} has changed since this model was fitted (its "
+            f"files hash to {identity[:12]}..., the model was trained on features of "
+            f"{expected_identity[:12]}...): its frozen-encoder features would not match the "
+            "trained head. Point model_name at the original checkpoint, or fit again."
+        )
+
+
+def clear_memory_cache() -> None:
+    """Forget the token states, checkpoint hashes and loaded encoder remembered by this process."""
+    _memory.clear()
+    with _lock:
+        _identity_memo.clear()
+        _loaded.clear()
+
+
+def _store(model_name: str | os.PathLike, identity: str, max_length: int,
+           cache_dir: str | os.PathLike | None) -> EmbeddingStore:
+    namespace = f"text-{Path(str(model_name)).name}-max_length{max_length}-{identity}"
+    return EmbeddingStore(namespace, cache_dir, dtype=np.float16, ndim=2, memory=_memory,
+                          what="text token states")
+
+
+@torch.no_grad()
+def _encode(items: list[tuple[str, str]], encoder: nn.Module, tokenizer: Any, max_length: int,
+            batch_size: int):
+    """Yield ``(key, float16 states of the real tokens)`` per item, batch by batch (shortest first)."""
+    device = next(encoder.parameters()).device
+    precision = Precision(device)
+    limit = usable_max_length(max_length, tokenizer, encoder)
+    token_ids = tokenize(tokenizer, [text for _, text in items], limit)
+    order = np.argsort([len(ids) for ids in token_ids], kind="stable")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        input_ids, attention_mask = pad_batch([token_ids[i] for i in rows], pad_id)
+        with precision.autocast():
+            states = encoder(input_ids=input_ids.to(device),
+                             attention_mask=attention_mask.to(device)).last_hidden_state
+        states = states.float().cpu().numpy()
+        for batch_row, row in enumerate(rows):
+            yield items[row][0], states[batch_row, :len(token_ids[row])].astype(np.float16)
+
+
+def _encoder_for(model_name: str | os.PathLike, identity: str, device: torch.device) -> tuple[nn.Module, Any]:
+    """The frozen encoder (eval mode) and tokenizer of ``identity`` on ``device``; loaded once."""
+    slot = (identity, str(device))
+    with _lock:
+        if slot not in _loaded:
+            _loaded.clear()  # one model at a time: the previous one's memory goes back
+            encoder, tokenizer = load_text_encoder(model_name)
+            encoder.to(device).eval().requires_grad_(False)
+            _loaded[slot] = encoder, tokenizer
+        return _loaded[slot]
+
+
+def _checkpoint_folder(model_name: str | os.PathLike) -> Path:
+    name = str(model_name)
+    local = Path(name).expanduser()
+    if local.is_dir():
+        return local
+    snapshot = _cached_snapshot(name)
+    if snapshot is None:
+        load_text_encoder(name)  # downloads it when online; else raises the error that says how to fix it
+        snapshot = _cached_snapshot(name)
+    if snapshot is None:
+        raise PretrainedModelNotFoundError(f"cannot find the files of {name!r} in the Hugging Face cache")
+    return snapshot
+
+
+def _cached_snapshot(name: str) -> Path | None:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(name, local_files_only=True))
+    except Exception:  # noqa: BLE001 - not cached, or not a valid repo id: both mean "no snapshot"
+        return None
+
+
+def _folder_digest(folder: Path) -> str:
+    files = sorted(
+        path for path in folder.rglob("*")
+        if path.is_file() and not any(part.startswith(".") for part in path.relative_to(folder).parts)
+    )
+    if not files:
+        raise PretrainedModelNotFoundError(f"the text model folder {str(folder)!r} holds no files")
+    stats = tuple((path.relative_to(folder).as_posix(), st.st_size, st.st_mtime_ns)
+                  for path, st in ((path, path.stat()) for path in files))
+    memo_key = (str(folder.resolve()), stats)
+    with _lock:
+        known = _identity_memo.get(memo_key)
+    if known is not None:
+        return known
+    hasher = hashlib.blake2b(digest_size=16)
+    for path, (relative, size, _) in zip(files, stats):
+        hasher.update(f"{relative}\0{size}\0".encode())
+        with open(path, "rb") as handle:
+            for chunk in iter(lambda: handle.read(_READ_CHUNK), b""):
+                hasher.update(chunk)
+    digest = hasher.hexdigest()
+    with _lock:
+        _identity_memo[memo_key] = digest
+    return digest
+
+
+class FrozenTextMixin:
+    """For text estimators that train on cached token states when the encoder stays frozen.
+
+    A model fitted that way records ``text_model_identity_`` and holds no encoder:
+    its torch state (pickled, saved) is ``module_`` alone, and the encoder is loaded
+    again only if a text to predict is not cached. Otherwise the torch state is
+    ``module_`` (encoder included) and ``tokenizer_``.
+    """
+
+    @property
+    def _torch_attributes(self) -> tuple[str, ...]:
+        return ("module_",) if self._fitted_on_cached_text() else ("module_", "tokenizer_")
+
+    def _fitted_on_cached_text(self) -> bool:
+        return getattr(self, "text_model_identity_", None) is not None
+
+    def _module_threads(self) -> int | None:
+        """Torch threads for the module's own work: ``num_threads`` or 1 on cached states, else unchanged.
+
+        Without BERT the module's matrix products are small: more threads gain
+        nothing, and on a busy CPU they lose much (5 folds of FusionClassifier(epochs=0)
+        on the demo: 9 s on 1 thread, 52 s on 2, load average ~5).
+        """
+        if not self._fitted_on_cached_text():
+            return None
+        return self.num_threads or 1
+
+    def _forget_text_model(self) -> None:
+        """Drop what an earlier fit learned about the text model (a refit may switch modes)."""
+        for name in ("tokenizer_", "text_model_identity_", "max_length_", "hidden_size_"):
+            self.__dict__.pop(name, None)
+
+    def _cached_token_states(self, texts: list[str], cache_dir: str | os.PathLike | None, *,
+                             fitting: bool) -> list[np.ndarray]:
+        """Token states of ``texts``; in fit, records the checkpoint, later checks it is unchanged."""
+        if fitting:
+            self.text_model_identity_ = text_model_identity(self.model_name)
+            self.max_length_ = int(self.max_length)
+        else:
+            check_text_model(self.model_name, self.text_model_identity_)
+        states = token_states(texts, self.model_name, self.max_length_, cache_dir=cache_dir,
+                              device=self.device, batch_size=self.predict_batch_size,
+                              progress=self.progress)
+        if fitting and states:
+            self.hidden_size_ = int(states[0].shape[1])
+        return states
