@@ -21,13 +21,24 @@ DEFAULT_IMAGE_ENCODER = "ViT-L-14/openai"
 OFFLINE_IMAGE_ENCODER = "efficientnet-lite0"
 
 
+# Frozen text encoder: measured on the demo data (experiments/results/frozen_text.md); a head on
+# frozen features wants a far higher learning rate and more epochs than fine-tuning.
+FROZEN_BERT = {"freeze_encoder": True, "lr": 0.1, "epochs": 20}
+FROZEN_FUSION = {"epochs": 0, "image_epochs": 2, "frozen_epochs": 8, "head_lr": 1e-2}
+
+
 @dataclass(frozen=True)
 class ModelOptions:
-    """Settings shared by the neural base models of one stack."""
+    """Settings shared by the neural base models of one stack.
+
+    ``cache_dir`` holds the embeddings of frozen encoders (images, and texts
+    with ``freeze_text_encoder``): each item is encoded once per run.
+    """
 
     text_model: str = DEFAULT_TEXT_MODEL
     image_encoder: str = DEFAULT_IMAGE_ENCODER
-    image_cache_dir: str | None = None
+    cache_dir: str | None = None
+    freeze_text_encoder: bool = False
     device: str = "auto"
     random_state: int = 0
     max_length: int = 128
@@ -76,25 +87,30 @@ def _fasttext(options: ModelOptions) -> Any:
 def _bert(options: ModelOptions) -> Any:
     from stackcat.models.bert import BertClassifier
 
-    return BertClassifier(model_name=options.text_model, max_length=options.max_length,
-                          epochs=options.epochs, batch_size=options.batch_size, device=options.device,
-                          random_state=options.random_state, progress=options.progress)
+    model = BertClassifier(model_name=options.text_model, max_length=options.max_length,
+                           epochs=options.epochs, batch_size=options.batch_size, device=options.device,
+                           cache_dir=options.cache_dir, random_state=options.random_state,
+                           progress=options.progress)
+    return model.set_params(**FROZEN_BERT) if options.freeze_text_encoder else model
 
 
 def _clip(options: ModelOptions) -> Any:
     from stackcat.models.clip import ClipImageClassifier
 
-    return ClipImageClassifier(encoder=options.image_encoder, cache_dir=options.image_cache_dir,
-                               device=options.device, random_state=options.random_state)
+    return ClipImageClassifier(encoder=options.image_encoder, cache_dir=options.cache_dir,
+                               device=options.device, random_state=options.random_state,
+                               progress=options.progress)
 
 
 def _fusion(options: ModelOptions) -> Any:
     from stackcat.models.fusion import FusionClassifier
 
-    return FusionClassifier(model_name=options.text_model, image_encoder=options.image_encoder,
-                            image_cache_dir=options.image_cache_dir, max_length=options.max_length,
-                            batch_size=options.batch_size, device=options.device,
-                            random_state=options.random_state, progress=options.progress)
+    model = FusionClassifier(model_name=options.text_model, image_encoder=options.image_encoder,
+                             image_cache_dir=options.cache_dir, text_cache_dir=options.cache_dir,
+                             max_length=options.max_length, batch_size=options.batch_size,
+                             device=options.device, random_state=options.random_state,
+                             progress=options.progress)
+    return model.set_params(**FROZEN_FUSION) if options.freeze_text_encoder else model
 
 
 _BUILDERS = {"fasttext": _fasttext, "bert": _bert, "clip": _clip, "fusion": _fusion}

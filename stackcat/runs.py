@@ -40,7 +40,7 @@ LOCK = ".lock"
 TRACKED_PACKAGES = ("stackcat", "numpy", "pandas", "scikit-learn", "catboost", "fasttext-numpy2",
                     "torch", "transformers", "open_clip_torch", "joblib")
 # Params that change how a model runs, never what it learns: left out of its fingerprint.
-RUNTIME_PARAMS = frozenset({"verbose", "progress", "cache_dir", "image_cache_dir", "n_jobs",
+RUNTIME_PARAMS = frozenset({"verbose", "progress", "cache_dir", "image_cache_dir", "text_cache_dir", "n_jobs",
                             "num_threads", "predict_batch_size", "thread_count"})
 
 

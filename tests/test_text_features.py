@@ -313,3 +313,27 @@ def test_fusion_without_bert_pickles_small_and_saves(tiny_model, image_paths, tm
     folder = clf.save(tmp_path / "saved")
     assert not (folder / "encoder").exists()
     np.testing.assert_allclose(FusionClassifier.load(folder).predict_proba(frame), proba, atol=1e-6)
+
+
+def test_warm_cache_encodes_texts_and_images_before_the_folds(tiny_model, image_paths, counting, tmp_path):
+    from stackcat.images import clear_memory_cache as clear_image_memory_cache
+
+    clear_image_memory_cache()  # earlier tests encoded these images in this process
+    frame = toy_frame(image_paths)
+    frozen_bert(tiny_model, cache_dir=tmp_path).warm_cache(frame)
+    assert len(counting.encoded) == frame["text"].nunique()
+    image_encoder = MeanColour()
+    fusion = frozen_fusion(tiny_model, text_cache_dir=tmp_path, image_encoder=image_encoder,
+                           image_cache_dir=tmp_path / "images")
+    fusion.warm_cache(frame)
+    assert list((tmp_path / "images").rglob("*.npy")), "images were not cached"
+    clear_memory_cache()
+    loads = counting.loads
+    fusion.fit(frame, frame["label"]).predict_proba(frame)
+    frozen_bert(tiny_model, cache_dir=tmp_path, epochs=2).fit(frame, frame["label"])
+    assert counting.loads == loads and counting.max_encodings_per_text == 1
+
+
+def test_fine_tuned_bert_has_nothing_to_warm(tiny_model, counting, tmp_path):
+    frozen_bert(tiny_model, freeze_encoder=False, cache_dir=tmp_path).warm_cache(toy_frame())
+    assert counting.loads == 0

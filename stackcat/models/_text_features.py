@@ -300,6 +300,11 @@ class FrozenTextMixin:
         for name in ("tokenizer_", "text_model_identity_", "max_length_", "hidden_size_"):
             self.__dict__.pop(name, None)
 
+    def _warm_text_cache(self, texts: list[str], cache_dir: str | os.PathLike) -> None:
+        """Encode every text into ``cache_dir`` once (see the estimators' ``warm_cache``)."""
+        token_states(texts, self.model_name, int(self.max_length), cache_dir=cache_dir,
+                     device=self.device, batch_size=self.predict_batch_size, progress=self.progress)
+
     def _cached_token_states(self, texts: list[str], cache_dir: str | os.PathLike | None, *,
                              fitting: bool) -> list[np.ndarray]:
         """Token states of ``texts``; in fit, records the checkpoint, later checks it is unchanged."""

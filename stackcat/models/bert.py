@@ -336,6 +336,16 @@ class BertClassifier(FrozenTextMixin, SavableTorchMixin, ProbaClassifierMixin, C
         self.module_ = PooledFeaturesClassifier(self.hidden_size_, len(self.classes_), self.dropout)
         return device, self._feature_loader(features, labels, shuffle=True), valid
 
+    def warm_cache(self, X: Any) -> None:
+        """With a frozen encoder and a ``cache_dir``: encode every text of ``X`` once, now.
+
+        The stacking engine calls this in the main process before fold jobs run
+        in parallel, so that they read the cache instead of each encoding the
+        same texts. Does nothing for a model that fine-tunes its encoder.
+        """
+        if self.freeze_encoder and self.cache_dir is not None:
+            self._warm_text_cache(self._texts(X), self.cache_dir)
+
     def _pooled_features(self, texts: list[str], *, fitting: bool) -> np.ndarray:
         return mean_pooled(self._cached_token_states(texts, self.cache_dir, fitting=fitting))
 

@@ -427,6 +427,24 @@ class FusionClassifier(FrozenTextMixin, SavableTorchMixin, ProbaClassifierMixin,
             self._encoder_cache = (self.image_encoder, get_encoder(self.image_encoder, device=self.device))
         return self._encoder_cache[1]
 
+    def warm_cache(self, X: Any) -> None:
+        """Fill the image cache (and, with ``epochs=0``, the text cache) for every row of ``X`` now.
+
+        The stacking engine calls this in the main process before fold jobs run
+        in parallel, so that each image and text is encoded once.
+        """
+        from stackcat.encoders import get_encoder
+        from stackcat.images import image_embeddings
+
+        if self.image_cache_dir is not None:
+            paths = [None if _is_missing(p) else str(p)
+                     for p in column_values(X, self.image_column, what="image")]
+            image_embeddings(paths, get_encoder(self.image_encoder, device=self.device),
+                             cache_dir=self.image_cache_dir, batch_size=self.image_batch_size,
+                             device=self.device, progress=self.progress)
+        if self.epochs == 0 and self.text_cache_dir is not None:
+            self._warm_text_cache(self._texts(X), self.text_cache_dir)
+
     def _image_inputs(self, X: pd.DataFrame, n_rows: int) -> tuple[np.ndarray, np.ndarray]:
         """``(embeddings float32 (n, d), usable bool (n,))`` of the rows' images."""
         from stackcat.images import image_embeddings
