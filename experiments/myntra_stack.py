@@ -32,13 +32,12 @@ import pandas as pd
 from stackcat.data import TableSpec, prepare_table, read_table
 from stackcat.metrics import comparison_table, write_report
 from stackcat.models.fasttext import FastTextClassifier
-from stackcat.presets import ModelOptions, build_models, offline_weights
+from stackcat.presets import OFFLINE_TEXT_PREFIX, ModelOptions, build_models, offline_weights
 from stackcat.stacking import StackingCategorizer
 
 SPEC = TableSpec(text_columns=["productDisplayName"], attribute_columns=["gender", "baseColour", "season", "usage"],
                  target="articleType", id_column="id", image_dir="images_224", attribute_keys=False,
                  lowercase=True)
-METAS = ("average", "multiclass", "rerank")
 PROFILES = {
     # frozen multilingual e5-small: each text encoded once per run, heads trained on the cache
     "frozen": {},
@@ -99,6 +98,8 @@ def main() -> None:
     parser.add_argument("--run-dir", type=Path, default=Path("artifacts/myntra_images"))
     parser.add_argument("--results", type=Path, default=Path("experiments/results/myntra"))
     parser.add_argument("--n-jobs", type=int, default=1)
+    parser.add_argument("--metas", default="rerank,multiclass",
+                        help="meta-learners to fit on the OOF after the average blend (comma-separated)")
     args = parser.parse_args()
 
     timings: dict[str, float] = {}
@@ -112,7 +113,7 @@ def main() -> None:
     timings["prepare_data"] = time.perf_counter() - start
 
     text_model, image_encoder = offline_weights()
-    options = ModelOptions(text_model=text_model, image_encoder=image_encoder,
+    options = ModelOptions(text_model=text_model, text_prefix=OFFLINE_TEXT_PREFIX, image_encoder=image_encoder,
                            cache_dir=str(args.run_dir / "embeddings"), max_length=args.max_length,
                            freeze_text_encoder=args.profile == "frozen",
                            epochs=args.epochs, random_state=0, progress=True)
@@ -130,7 +131,7 @@ def main() -> None:
 
     results = {name: np.asarray(p, dtype=np.float32) for name, p in stack.oof_.items()}
     results["average"] = np.mean(list(results.values()), axis=0)
-    for meta in METAS[1:]:
+    for meta in args.metas.split(","):
         start = time.perf_counter()
         stack.set_params(meta=meta).fit(frame, labels)
         timings[f"meta_{meta}_nested_cv_and_fit"] = time.perf_counter() - start

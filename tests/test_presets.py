@@ -24,3 +24,10 @@ def test_fine_tuning_is_the_default():
 def test_unknown_model_names_are_listed():
     with pytest.raises(ValueError, match=r"unknown model\(s\) \['svm'\]"):
         build_models(["fasttext", "svm"])
+
+
+def test_text_prefix_reaches_the_text_models():
+    options = ModelOptions(text_model="/models/e5", text_prefix="passage: ")
+    models = dict(build_models(["bert", "fusion"], options))
+    assert models["bert"].text_prefix == models["fusion"].text_prefix == "passage: "
+    assert models["bert"]._texts(["Red shirt"]) == ["passage: Red shirt"]

@@ -114,6 +114,10 @@ class BertClassifier(FrozenTextMixin, SavableTorchMixin, ProbaClassifierMixin, C
         Column of X holding the text (X may also be a plain list of strings).
     max_length : int, default=128
         Tokens kept per text (capped by the model's own limit).
+    text_prefix : str, default=""
+        Put before every text: models trained with one want it (e5:
+        ``"passage: "``, see :data:`stackcat.pretrained.PASSAGE_PREFIX`).
+
     epochs : int, default=5
         Training epochs in all (the head-only ones included).
     batch_size : int, default=32
@@ -197,6 +201,7 @@ class BertClassifier(FrozenTextMixin, SavableTorchMixin, ProbaClassifierMixin, C
         "model_name": [str, os.PathLike],
         "text_column": [str],
         "max_length": [Interval(Integral, 2, None, closed="left")],
+        "text_prefix": [str],
         "epochs": [Interval(Integral, 1, None, closed="left")],
         "batch_size": [Interval(Integral, 1, None, closed="left")],
         "lr": [Interval(Real, 0, None, closed="neither")],
@@ -221,6 +226,7 @@ class BertClassifier(FrozenTextMixin, SavableTorchMixin, ProbaClassifierMixin, C
         model_name: str | os.PathLike = DEFAULT_MODEL,
         text_column: str = "text",
         max_length: int = 128,
+        text_prefix: str = "",
         epochs: int = 5,
         batch_size: int = 32,
         lr: float = 5e-5,
@@ -242,6 +248,7 @@ class BertClassifier(FrozenTextMixin, SavableTorchMixin, ProbaClassifierMixin, C
         self.model_name = model_name
         self.text_column = text_column
         self.max_length = max_length
+        self.text_prefix = text_prefix
         self.epochs = epochs
         self.batch_size = batch_size
         self.lr = lr
@@ -355,7 +362,7 @@ class BertClassifier(FrozenTextMixin, SavableTorchMixin, ProbaClassifierMixin, C
         return batch_loader(len(features), sampler, ArrayCollator(arrays={"features": features}, labels=labels))
 
     def _texts(self, X: Any) -> list[str]:
-        return as_texts(column_values(X, self.text_column, what="text"))
+        return [self.text_prefix + text for text in as_texts(column_values(X, self.text_column, what="text"))]
 
     def _pad_id(self) -> int:
         return self.tokenizer_.pad_token_id if self.tokenizer_.pad_token_id is not None else 0

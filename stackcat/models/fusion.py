@@ -179,6 +179,9 @@ class FusionClassifier(FrozenTextMixin, SavableTorchMixin, ProbaClassifierMixin,
     image_batch_size : int, default=64
         Images per batch of the image encoder.
     max_length : int, default=128
+    text_prefix : str, default=""
+        Put before every text: models trained with one want it (e5:
+        ``"passage: "``, see :data:`stackcat.pretrained.PASSAGE_PREFIX`).
     image_dim : int, default=32
         Width of the image code (the reference's 32-wide bottleneck).
     fusion_dim : int, default=64
@@ -264,6 +267,7 @@ class FusionClassifier(FrozenTextMixin, SavableTorchMixin, ProbaClassifierMixin,
         "image_cache_dir": [str, os.PathLike, None],
         "image_batch_size": [Interval(Integral, 1, None, closed="left")],
         "max_length": [Interval(Integral, 2, None, closed="left")],
+        "text_prefix": [str],
         "image_dim": [Interval(Integral, 1, None, closed="left")],
         "fusion_dim": [Interval(Integral, 1, None, closed="left")],
         "image_tokens": [Interval(Integral, 1, None, closed="left")],
@@ -298,6 +302,7 @@ class FusionClassifier(FrozenTextMixin, SavableTorchMixin, ProbaClassifierMixin,
         image_cache_dir: str | os.PathLike | None = None,
         image_batch_size: int = 64,
         max_length: int = 128,
+        text_prefix: str = "",
         image_dim: int = 32,
         fusion_dim: int = 64,
         image_tokens: int = 4,
@@ -328,6 +333,7 @@ class FusionClassifier(FrozenTextMixin, SavableTorchMixin, ProbaClassifierMixin,
         self.image_cache_dir = image_cache_dir
         self.image_batch_size = image_batch_size
         self.max_length = max_length
+        self.text_prefix = text_prefix
         self.image_dim = image_dim
         self.fusion_dim = fusion_dim
         self.image_tokens = image_tokens
@@ -414,7 +420,7 @@ class FusionClassifier(FrozenTextMixin, SavableTorchMixin, ProbaClassifierMixin,
         if not isinstance(X, pd.DataFrame):
             raise TypeError(f"FusionClassifier reads two columns ({self.text_column!r} and "
                             f"{self.image_column!r}): X must be a DataFrame, not {type(X).__name__}")
-        return as_texts(column_values(X, self.text_column, what="text"))
+        return [self.text_prefix + text for text in as_texts(column_values(X, self.text_column, what="text"))]
 
     def _pad_id(self) -> int:
         return self.tokenizer_.pad_token_id if self.tokenizer_.pad_token_id is not None else 0
