@@ -18,3 +18,16 @@ DATA_DIR = Path(__file__).parent / "data"
 def ke_csv() -> Path:
     """36 hand-made KazanExpress-format products (4 categories) with 3 bad rows."""
     return DATA_DIR / "ke_products.csv"
+
+
+@pytest.fixture(scope="module")
+def toy_model_in_the_cli():
+    """``stackcat fit --models toy`` builds the fast, exactly repeatable NaiveBayesText."""
+    from stackcat import presets
+
+    from toy_models import NaiveBayesText
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(presets, "MODEL_NAMES", (*presets.MODEL_NAMES, "toy"))
+        patch.setitem(presets._BUILDERS, "toy", lambda options: NaiveBayesText())
+        yield

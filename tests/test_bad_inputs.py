@@ -22,14 +22,14 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from stackcat import __version__, presets
+from stackcat import __version__
 from stackcat.cli import DATA_PROBLEMS, EXIT_OK, EXIT_RUN_ERROR, EXIT_USAGE, IMAGE_PROBLEMS, main
 from stackcat.data import TableSpec, prepare_table, read_table
 from stackcat.runs import MANIFEST, RunFolder
 from stackcat.stacking import StackingCategorizer
 
 from tiny_images import write_huge_png, write_image, write_truncated_jpeg
-from toy_models import NaiveBayesText, toy_table
+from toy_models import toy_table
 
 KE_CSV = Path(__file__).parent / "data" / "ke_products.csv"
 FAST = ["--models", "toy", "--folds", "3", "--meta", "average", "--no-progress"]
@@ -55,13 +55,7 @@ def write_toy_csv(path: Path, n_per_class: int = 8, **columns) -> Path:
     return path
 
 
-@pytest.fixture(scope="module", autouse=True)
-def toy_model_in_the_cli():
-    """``--models toy`` builds a NaiveBayesText."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(presets, "MODEL_NAMES", (*presets.MODEL_NAMES, "toy"))
-        patch.setitem(presets._BUILDERS, "toy", lambda options: NaiveBayesText())
-        yield
+pytestmark = pytest.mark.usefixtures("toy_model_in_the_cli")
 
 
 @pytest.fixture(scope="module")

@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from stackcat import presets, runs
+from stackcat import runs
 from stackcat.cli import EXIT_OK, EXIT_RUN_ERROR, main
 from stackcat.runs import LOCK, MANIFEST, RunFolder
 from stackcat.stacking import STACKER_FILE, StackingCategorizer
@@ -100,13 +100,7 @@ DRIVER = textwrap.dedent('''
 # --------------------------------------------------------------------------- fixtures and helpers
 
 
-@pytest.fixture(scope="module", autouse=True)
-def toy_model_in_the_cli():
-    """``--models toy`` builds a NaiveBayesText, here and in the driver."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(presets, "MODEL_NAMES", (*presets.MODEL_NAMES, "toy"))
-        patch.setitem(presets._BUILDERS, "toy", lambda options: NaiveBayesText())
-        yield
+pytestmark = pytest.mark.usefixtures("toy_model_in_the_cli")
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from stackcat.models import fusion
+from stackcat.models import _torch
 from stackcat.models._torch import Callback
 from stackcat.models.fusion import FusionClassifier
 
@@ -132,7 +132,7 @@ class StageChanges(Callback):
 
 def test_each_stage_trains_its_own_parameters(tiny_model, image_files, monkeypatch):
     recorder = StageChanges()
-    monkeypatch.setattr(fusion, "training_callbacks", lambda *args: [recorder])
+    monkeypatch.setattr(_torch, "training_callbacks", lambda *args: [recorder])
     frame = products(image_files)
     clf = tiny_fusion(tiny_model, image_epochs=1, frozen_epochs=1, epochs=1).fit(frame, frame["label"])
     assert [h["stage"] for h in clf.history_] == ["image", "frozen", "full"]

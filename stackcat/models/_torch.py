@@ -481,6 +481,23 @@ def training_callbacks(progress: bool, monitored: bool, patience: int | None) ->
     return callbacks
 
 
+def fit_stages(estimator: Any, train: Any, valid: Any, device: torch.device) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    """Train ``estimator.module_`` through ``estimator._stages()``; return ``(history_, best_epoch_)``.
+
+    The loss (cross-entropy with the estimator's label smoothing), callbacks and
+    thread count are the ones every stackcat torch estimator uses.
+    """
+    loop = TrainingLoop(
+        estimator.module_,
+        nn.CrossEntropyLoss(label_smoothing=estimator.label_smoothing),
+        device,
+        training_callbacks(estimator.progress, valid is not None, estimator.early_stopping_patience),
+    )
+    with torch_threads(estimator._module_threads()):
+        loop.fit(estimator._stages(), train, valid)
+    return history_records(loop)
+
+
 def history_records(loop: TrainingLoop) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
     """``(history_, best_epoch_)`` of a finished loop, as plain dicts."""
     best = next((c.best_epoch for c in loop.callbacks if isinstance(c, BestWeights)), None)

@@ -35,10 +35,9 @@ from stackcat.models._torch import (
     SavableTorchMixin,
     SortedBatchSampler,
     Stage,
-    TrainingLoop,
     batch_loader,
     encoder_parameters,
-    history_records,
+    fit_stages,
     label_indices,
     load_non_encoder_state,
     load_saved_encoder,
@@ -51,7 +50,6 @@ from stackcat.models._torch import (
     start_fit,
     tokenize,
     torch_threads,
-    training_callbacks,
     usable_max_length,
 )
 
@@ -288,15 +286,7 @@ class BertClassifier(FrozenTextMixin, SavableTorchMixin, ProbaClassifierMixin, C
                 device, train, valid = self._prepare_frozen(texts, y_index, eval_set)
             else:
                 device, train, valid = self._prepare_fine_tuning(texts, y_index, eval_set)
-            loop = TrainingLoop(
-                self.module_,
-                nn.CrossEntropyLoss(label_smoothing=self.label_smoothing),
-                device,
-                training_callbacks(self.progress, valid is not None, self.early_stopping_patience),
-            )
-            with torch_threads(self._module_threads()):
-                loop.fit(self._stages(), train, valid)
-        self.history_, self.best_epoch_ = history_records(loop)
+            self.history_, self.best_epoch_ = fit_stages(self, train, valid, device)
         return self
 
     def predict_proba(self, X: Any) -> np.ndarray:

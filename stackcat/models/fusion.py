@@ -73,10 +73,9 @@ from stackcat.models._torch import (
     SortedBatchSampler,
     Stage,
     StateCollator,
-    TrainingLoop,
     batch_loader,
     encoder_parameters,
-    history_records,
+    fit_stages,
     label_indices,
     load_non_encoder_state,
     load_saved_encoder,
@@ -88,7 +87,6 @@ from stackcat.models._torch import (
     start_fit,
     tokenize,
     torch_threads,
-    training_callbacks,
     usable_max_length,
 )
 from stackcat.models.bert import DEFAULT_MODEL
@@ -392,15 +390,7 @@ class FusionClassifier(FrozenTextMixin, SavableTorchMixin, ProbaClassifierMixin,
                 text = tokenize(self.tokenizer_, texts, self.max_length_)
             train = self._loader(text, images, image_ok, y_index, shuffle=True)
             valid = self._eval_loader(eval_set)
-            loop = TrainingLoop(
-                self.module_,
-                nn.CrossEntropyLoss(label_smoothing=self.label_smoothing),
-                device,
-                training_callbacks(self.progress, valid is not None, self.early_stopping_patience),
-            )
-            with torch_threads(self._module_threads()):
-                loop.fit(self._stages(), train, valid)
-        self.history_, self.best_epoch_ = history_records(loop)
+            self.history_, self.best_epoch_ = fit_stages(self, train, valid, device)
         return self
 
     def predict_proba(self, X: Any) -> np.ndarray:
