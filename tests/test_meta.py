@@ -297,6 +297,18 @@ def test_rerank_refit_uses_the_early_stopped_iterations(many_classes):
     assert "refit" in meta.fit_times_
 
 
+@pytest.mark.parametrize("loss", ["Logloss", "YetiRank"])
+def test_rerank_boosting_starts_from_the_average_blend(loss, many_classes):
+    probas, y, _ = many_classes
+    # one tree with a negligible learning rate: the scores are the starting point
+    barely = {"iterations": 1, "learning_rate": 1e-6, "early_stopping_rounds": None, "thread_count": 1}
+    mean = np.mean(list(probas.values()), axis=0)
+    from_average = RerankMeta(loss=loss, **barely).fit(probas, y).predict_proba(probas)
+    np.testing.assert_array_equal(from_average.argmax(axis=1), mean.argmax(axis=1))
+    from_zero = RerankMeta(loss=loss, boost_from_average=False, **barely).fit(probas, y).predict_proba(probas)
+    assert (from_zero.argmax(axis=1) != mean.argmax(axis=1)).mean() > 0.2  # its one tree decides
+
+
 def test_rerank_perfect_models_need_no_booster():
     y = np.arange(60) % 55
     probas = {"a": np.eye(55)[y], "b": np.eye(55)[y]}
