@@ -142,7 +142,15 @@ def start_fit(driver: Path, table: Path, run_dir: Path, events: Path, **hooks: s
            "CRASH_TESTS_DIR": str(TESTS_DIR), **hooks}
     with open(events / "stdout.txt", "w") as stdout, open(events / "stderr.txt", "w") as stderr:
         return subprocess.Popen([sys.executable, str(driver), "fit", str(table), "--run-dir", str(run_dir),
-                                 *FIT_OPTIONS], env=env, stdout=stdout, stderr=stderr)
+                                 *FIT_OPTIONS], env=env, stdout=stdout, stderr=stderr,
+                                preexec_fn=listen_to_ctrl_c)
+
+
+def listen_to_ctrl_c() -> None:
+    # A shell starts background jobs with SIGINT ignored, and Python keeps an
+    # inherited SIG_IGN: without this, a suite run as `make test &` never
+    # delivers the Ctrl-C these tests send.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def stderr_of(events: Path) -> str:
