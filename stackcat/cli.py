@@ -187,9 +187,24 @@ def _models_from_args(args: argparse.Namespace, run_dir: Path) -> list[tuple[str
     if args.image_encoder:
         options = replace(options, image_encoder=args.image_encoder)
     try:
-        return build_models(names, options, _model_params(args.param, names))
+        models = build_models(names, options, _model_params(args.param, names))
     except ValueError as exc:  # an unknown model name, or a --param the model does not have
         raise UsageError(str(exc)) from exc
+    _check_model_params(models)
+    return models
+
+
+def _check_model_params(models: Sequence[tuple[str, Any]]) -> None:
+    """Refuse a --param of the wrong type or range now, not after hours of other models' jobs."""
+    from sklearn.utils._param_validation import InvalidParameterError
+
+    for name, model in models:
+        if not hasattr(model, "_parameter_constraints"):
+            continue
+        try:
+            model._validate_params()
+        except InvalidParameterError as exc:
+            raise UsageError(f"model {name!r}: {exc}") from exc
 
 
 def _model_params(assignments: Sequence[str], names: Sequence[str]) -> dict[str, dict[str, Any]]:
@@ -203,7 +218,13 @@ def _model_params(assignments: Sequence[str], names: Sequence[str]) -> dict[str,
     return params
 
 
+_WORDS = {"true": True, "false": False, "none": None, "null": None}
+
+
 def _literal(text: str) -> Any:
+    """A --param value: a Python literal, true/false/none in any case, else the text itself."""
+    if text.strip().lower() in _WORDS:
+        return _WORDS[text.strip().lower()]
     try:
         return ast.literal_eval(text)
     except (ValueError, SyntaxError):

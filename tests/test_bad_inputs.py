@@ -365,6 +365,8 @@ def test_run_folder_in_use_is_refused(ke_run, tmp_path, capsys):
     (["--param", "bert__lr=3e-5"], "--param 'bert__lr=3e-5': expected MODEL__NAME=VALUE with MODEL in ['fasttext']"),
     (["--param", "fasttext__learning_rate=0.1"], "Invalid parameter 'learning_rate' for estimator FastTextClassifier"),
     (["--models", "fasttext,xgboost"], "unknown model(s) ['xgboost']"),
+    (["--param", "fasttext__lr=-1"], "model 'fasttext': The 'lr' parameter of FastTextClassifier must be"),
+    (["--param", "fasttext__epoch=many"], "model 'fasttext': The 'epoch' parameter of FastTextClassifier must be"),
 ])
 def test_model_arguments_that_cannot_work_are_usage_errors(tmp_path, capsys, extra, message):
     code, _, err = run_cli(["fit", KE_CSV, "--run-dir", tmp_path / "run", *FASTTEXT, *extra], capsys)
@@ -379,3 +381,13 @@ def test_fasttext_bucket_zero_with_ngrams_is_a_clear_error(tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode in (EXIT_RUN_ERROR, EXIT_USAGE), result.returncode
     assert "bucket" in result.stderr
+
+
+@pytest.mark.parametrize(("text", "value"), [
+    ("true", True), ("False", False), ("none", None), ("null", None), ("3e-5", 3e-5), ("20", 20),
+    ("(1, 2)", (1, 2)), ("'auto'", "auto"), ("auto", "auto"), ("passage: ", "passage: "),
+])
+def test_param_values_are_read_like_a_user_writes_them(text, value):
+    from stackcat.cli import _literal
+
+    assert _literal(text) == value and type(_literal(text)) is type(value)
