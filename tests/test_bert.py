@@ -152,6 +152,20 @@ def test_staged_training_unfreezes_after_n_epochs(tiny_model):
     assert both.history_[0]["train_loss"] == head_only.history_[0]["train_loss"]
 
 
+def test_head_lr_sets_the_heads_rate_apart_from_the_encoders(tiny_model):
+    from transformers import AutoModel
+
+    X, y = toy_data()
+    query = "encoder.layer.0.attention.self.query.weight"
+    original = AutoModel.from_pretrained(tiny_model).state_dict()[query]
+    clf = tiny_clf(tiny_model, epochs=4, lr=1e-9, head_lr=0.1).fit(X, y)
+    torch.testing.assert_close(encoder_state(clf)[query], original, atol=1e-6, rtol=0)  # encoder at 1e-9
+    assert [g["lr"] for g in clf._stages()[-1].param_groups] == [1e-9, 0.1]
+    frozen_in_place = tiny_clf(tiny_model, epochs=4, lr=1e-9).fit(X, y)                   # head at 1e-9 too
+    assert [g["lr"] for g in frozen_in_place._stages()[-1].param_groups] == [1e-9, 1e-9]
+    assert clf.history_[-1]["train_loss"] < 0.8 * frozen_in_place.history_[-1]["train_loss"]
+
+
 def test_freeze_embeddings_trains_the_rest_of_the_encoder(tiny_model):
     from transformers import AutoModel
 

@@ -121,6 +121,12 @@ class BertClassifier(FrozenTextMixin, SavableTorchMixin, ProbaClassifierMixin, C
     batch_size : int, default=32
     lr : float, default=5e-5
         Peak learning rate (encoder and head).
+    head_lr : float or None, default=None
+        Peak learning rate of the linear head, when it should differ from the
+        encoder's (None: ``lr``, the reference recipe). A freshly initialized
+        head over many classes learns slowly at an encoder's 5e-5: with few
+        steps (small data, a CPU budget) a larger ``head_lr`` such as 1e-2
+        lets it keep up.
     weight_decay : float, default=1e-4
         AdamW weight decay.
     warmup_ratio : float, default=0.1
@@ -203,6 +209,7 @@ class BertClassifier(FrozenTextMixin, SavableTorchMixin, ProbaClassifierMixin, C
         "epochs": [Interval(Integral, 1, None, closed="left")],
         "batch_size": [Interval(Integral, 1, None, closed="left")],
         "lr": [Interval(Real, 0, None, closed="neither")],
+        "head_lr": [Interval(Real, 0, None, closed="neither"), None],
         "weight_decay": [Interval(Real, 0, None, closed="left")],
         "warmup_ratio": [Interval(Real, 0, 1, closed="both")],
         "label_smoothing": [Interval(Real, 0, 1, closed="left")],
@@ -228,6 +235,7 @@ class BertClassifier(FrozenTextMixin, SavableTorchMixin, ProbaClassifierMixin, C
         epochs: int = 5,
         batch_size: int = 32,
         lr: float = 5e-5,
+        head_lr: float | None = None,
         weight_decay: float = 1e-4,
         warmup_ratio: float = 0.1,
         label_smoothing: float = 0.003,
@@ -250,6 +258,7 @@ class BertClassifier(FrozenTextMixin, SavableTorchMixin, ProbaClassifierMixin, C
         self.epochs = epochs
         self.batch_size = batch_size
         self.lr = lr
+        self.head_lr = head_lr
         self.weight_decay = weight_decay
         self.warmup_ratio = warmup_ratio
         self.label_smoothing = label_smoothing
@@ -372,16 +381,16 @@ class BertClassifier(FrozenTextMixin, SavableTorchMixin, ProbaClassifierMixin, C
         return self._loader(texts, label_indices(self.classes_, y_val, len(texts)), shuffle=False)
 
     def _stages(self) -> list[Stage]:
-        head = list(self.module_.head.parameters())
-        group = {"lr": self.lr, "weight_decay": self.weight_decay}
+        head = {"params": list(self.module_.head.parameters()),
+                "lr": self.lr if self.head_lr is None else self.head_lr, "weight_decay": self.weight_decay}
         if self._fitted_on_cached_text():
-            return [Stage("head", self.epochs, [{"params": head, **group}], self.warmup_ratio)]
+            return [Stage("head", self.epochs, [head], self.warmup_ratio)]
         head_epochs = min(self.train_encoder_after, self.epochs)
+        encoder = {"params": encoder_parameters(self.module_.encoder, self.freeze_embeddings),
+                   "lr": self.lr, "weight_decay": self.weight_decay}
         return [
-            Stage("head", head_epochs, [{"params": head, **group}], self.warmup_ratio),
-            Stage("full", self.epochs - head_epochs,
-                  [{"params": encoder_parameters(self.module_.encoder, self.freeze_embeddings) + head,
-                    **group}], self.warmup_ratio),
+            Stage("head", head_epochs, [head], self.warmup_ratio),
+            Stage("full", self.epochs - head_epochs, [encoder, head], self.warmup_ratio),
         ]
 
     def _save_weights(self, folder: Path) -> None:
