@@ -110,6 +110,15 @@ def test_generic_table_needs_its_text_columns(tmp_path, capsys):
                  "--target", "kind", *FAST]) == EXIT_OK
 
 
+def test_demo_pins_fasttext_to_one_thread_so_its_figures_repeat(tmp_path, monkeypatch):
+    from stackcat import cli
+
+    built = {}
+    monkeypatch.setattr(cli, "_fit_and_report", lambda prepared, models, *args, **kwargs: built.update(models))
+    main(["demo", "--models", "fasttext", "--rows", "200", "--run-dir", str(tmp_path / "demo")])
+    assert built["fasttext"].get_params()["thread"] == 1
+
+
 @pytest.mark.slow
 def test_demo_end_to_end_small(tmp_path):
     result = subprocess.run(
