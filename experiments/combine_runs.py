@@ -23,6 +23,7 @@ import numpy as np
 
 from stackcat.meta import RerankMeta
 from stackcat.metrics import comparison_table
+from stackcat.stacking import nested_meta_oof
 
 
 def load_oof(specs: list[str]) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
@@ -44,15 +45,6 @@ def load_oof(specs: list[str]) -> tuple[dict[str, np.ndarray], np.ndarray, np.nd
     return oof, reference[1], reference[2]
 
 
-def nested_oof(meta: RerankMeta, oof: dict[str, np.ndarray], y: np.ndarray, folds: np.ndarray) -> np.ndarray:
-    out = np.zeros_like(next(iter(oof.values())))
-    for fold in np.unique(folds):
-        held_out = folds == fold
-        fitted = meta.fit({k: v[~held_out] for k, v in oof.items()}, y[~held_out])
-        out[held_out] = fitted.predict_proba({k: v[held_out] for k, v in oof.items()})
-    return out
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", help="RUN_DIR:model,model")
@@ -61,7 +53,7 @@ def main() -> None:
     oof, y, folds = load_oof(args.runs)
     results = dict(oof)
     results["average"] = np.mean(list(oof.values()), axis=0)
-    results["meta:RerankMeta"] = nested_oof(RerankMeta(thread_count=args.threads), oof, y, folds)
+    results["meta:RerankMeta"] = nested_meta_oof(RerankMeta(thread_count=args.threads), oof, y, folds)
     print(comparison_table(results, y).round(4).to_string())
 
 

@@ -223,8 +223,9 @@ _WORDS = {"true": True, "false": False, "none": None, "null": None}
 
 def _literal(text: str) -> Any:
     """A --param value: a Python literal, true/false/none in any case, else the text itself."""
-    if text.strip().lower() in _WORDS:
-        return _WORDS[text.strip().lower()]
+    word = text.strip().lower()
+    if word in _WORDS:
+        return _WORDS[word]
     try:
         return ast.literal_eval(text)
     except (ValueError, SyntaxError):

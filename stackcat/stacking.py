@@ -110,6 +110,22 @@ def make_folds(y_index: np.ndarray, n_splits: int, random_state: int | None) -> 
     return folds
 
 
+def nested_meta_oof(meta: Any, oof: dict[str, np.ndarray], y_index: np.ndarray,
+                    fold_of_row: np.ndarray) -> np.ndarray:
+    """A meta-learner's honest OOF: refit on the OOF rows of the other folds, fold by fold.
+
+    ``oof`` maps model names to ``(n_rows, n_classes)`` out-of-fold probabilities;
+    ``fold_of_row`` gives each row's fold (the folds that produced ``oof``).
+    """
+    n_classes = next(iter(oof.values())).shape[1]
+    out = np.zeros((len(y_index), n_classes), dtype=np.float32)
+    for fold in np.unique(fold_of_row):
+        held_out = fold_of_row == fold
+        inner = clone(meta).fit({k: v[~held_out] for k, v in oof.items()}, y_index[~held_out])
+        out[held_out] = inner.predict_proba({k: v[held_out] for k, v in oof.items()})
+    return out
+
+
 def take_rows(X: Any, rows: np.ndarray) -> Any:
     """Rows of a DataFrame (index reset), Series, array or list."""
     if isinstance(X, pd.DataFrame):
@@ -468,13 +484,7 @@ class StackingCategorizer(ClassifierMixin, _BaseComposition, BaseEstimator):
             write_joblib((self.meta_, self.meta_oof_), run.meta_path(oof_key))
 
     def _meta_oof(self, meta: Any, y_index: np.ndarray) -> np.ndarray:
-        """The meta-learner's honest OOF: refit on the OOF rows of the other folds, fold by fold."""
-        out = np.zeros((len(y_index), len(self.classes_)), dtype=np.float32)
-        for fold in range(self.n_splits):
-            held_out = self.fold_of_row_ == fold
-            inner = clone(meta).fit({k: v[~held_out] for k, v in self.oof_.items()}, y_index[~held_out])
-            out[held_out] = inner.predict_proba({k: v[held_out] for k, v in self.oof_.items()})
-        return out
+        return nested_meta_oof(meta, self.oof_, y_index, self.fold_of_row_)
 
     def _score_table(self, y_index: np.ndarray) -> pd.DataFrame:
         from stackcat.metrics import comparison_table
