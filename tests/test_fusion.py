@@ -4,7 +4,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from PIL import Image
 
 from stackcat.models import _torch
 from stackcat.models._torch import Callback
@@ -12,6 +11,7 @@ from stackcat.models.fusion import FusionClassifier
 
 from contract import check_fitted_contract, check_sklearn_contract
 from tiny_bert import build_tiny_bert
+from tiny_images import write_colour_pngs
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "white": (250, 250, 250)}
 WORDS = {"red": "cotton shirt", "green": "denim jeans", "blue": "leather wallet", "white": "running shoes"}
@@ -34,10 +34,7 @@ class MeanColourEncoder:
 @pytest.fixture(scope="module")
 def image_files(tmp_path_factory):
     folder = tmp_path_factory.mktemp("images")
-    paths = {}
-    for name, rgb in COLOURS.items():
-        paths[name] = str(folder / f"{name}.png")
-        Image.new("RGB", (8, 8), rgb).save(paths[name])
+    paths = write_colour_pngs(folder, COLOURS)
     paths["broken"] = str(folder / "broken.jpg")
     with open(paths["broken"], "wb") as handle:
         handle.write(b"not an image")

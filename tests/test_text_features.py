@@ -10,7 +10,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from PIL import Image
 
 from stackcat.cache import EmbeddingStore, MemoryCache, content_key
 from stackcat.models import _text_features
@@ -30,6 +29,7 @@ from stackcat.models.bert import BertClassifier
 from stackcat.models.fusion import DualAttentionFusion, FusionClassifier
 
 from tiny_bert import CountingLoader, build_tiny_bert
+from tiny_images import write_colour_pngs
 
 KINDS = {"shirt": "red cotton shirt", "jeans": "blue denim jeans",
          "wallet": "black leather wallet", "shoes": "white running shoes"}
@@ -64,12 +64,7 @@ def tiny_model(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def image_paths(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("images")
-    paths = {}
-    for label, rgb in COLOURS.items():
-        paths[label] = str(folder / f"{label}.png")
-        Image.new("RGB", (8, 8), rgb).save(paths[label])
-    return paths
+    return write_colour_pngs(tmp_path_factory.mktemp("images"), COLOURS)
 
 
 @pytest.fixture(autouse=True)

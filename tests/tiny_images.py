@@ -81,6 +81,11 @@ def write_image(path: Path, mode: str = "RGB", size: tuple[int, int] = (24, 16),
     return path
 
 
+def write_colour_pngs(folder: Path, colours: dict[str, tuple[int, int, int]]) -> dict[str, str]:
+    """One small single-colour PNG per name in ``colours``; returns name -> path."""
+    return {name: str(write_image(folder / f"{name}.png", size=(8, 8), colour=rgb)) for name, rgb in colours.items()}
+
+
 def write_noisy_jpeg(path: Path, colour, seed: int, size: tuple[int, int] = (32, 32)) -> Path:
     """A JPEG of ``colour`` plus a little noise, so that every file (and its hash) differs."""
     rng = np.random.default_rng(seed)
