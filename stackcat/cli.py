@@ -34,6 +34,9 @@ class UsageError(Exception):
 # --------------------------------------------------------------------------- parser
 
 
+META_CHOICES = ["auto", "rerank", "multiclass", "average", "ensemble"]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="stackcat",
@@ -69,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help=f"comma-separated models (default: {DEFAULT_MODELS} where offline weights are installed)")
     demo.add_argument("--rows", type=int, default=None, help="use a stratified subsample of N rows")
     demo.add_argument("--folds", type=int, default=5)
-    demo.add_argument("--meta", default="auto", choices=["auto", "rerank", "multiclass", "average"])
+    demo.add_argument("--meta", default="auto", choices=META_CHOICES)
     demo.add_argument("--n-jobs", type=int, default=1)
     demo.add_argument("--no-progress", action="store_true")
     demo.set_defaults(handler=run_demo)
@@ -94,7 +97,10 @@ def _add_stack_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--run-dir", type=Path, help="run folder (default: artifacts/<table name>)")
     group.add_argument("--resume", action="store_true", help="continue a run folder that exists")
     group.add_argument("--folds", type=int, default=5)
-    group.add_argument("--meta", default="auto", choices=["auto", "rerank", "multiclass", "average"])
+    group.add_argument("--meta", default="auto", choices=META_CHOICES,
+                       help="auto: the best of average, ensemble selection and the learned meta on nested OOF")
+    group.add_argument("--tree", type=Path, help="category tree table (id,parent_id,title) whose ids are the labels")
+    group.add_argument("--label-separator", help="the labels are paths with this separator, e.g. ' > '")
     group.add_argument("--refit", action="store_true", help="test-time models refitted on all rows")
     group.add_argument("--seed", type=int, default=0)
     group.add_argument("--n-jobs", type=int, default=1, help="(model, fold) jobs at once")
@@ -245,6 +251,7 @@ def _fit_and_report(prepared: Any, models: list[tuple[str, Any]], run_dir: Path,
         models, meta=args.meta, n_splits=args.folds, random_state=getattr(args, "seed", 0),
         refit=getattr(args, "refit", False), run_dir=run_dir, n_jobs=args.n_jobs,
         scheduler=getattr(args, "scheduler", None), progress=not args.no_progress,
+        tree=getattr(args, "tree", None), label_separator=getattr(args, "label_separator", None),
     )
     start = time.perf_counter()
     stack.fit(frame, frame["label"].to_numpy(dtype=object))
@@ -279,6 +286,7 @@ def _write_report(stack: Any, prepared: Any, out_dir: Path, fit_seconds: float |
     if fit_seconds is not None:
         notes.append(f"Wall time of this fit: {fit_seconds:.0f} s (jobs found in the run folder are not re-run).")
     notes += _image_notes(prepared, out_dir)
+    notes += stack.report_notes(results, stack.oof_target_ if y_index is None else y_index)
     notes += list(extra_notes)
     return write_report(out_dir, results if results is not None else stack.oof_results(),
                         stack.oof_target_ if y_index is None else y_index, stack.classes_,
@@ -406,11 +414,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
                         f"(the run knows {len(known)}, e.g. {[_plain(c) for c in stack.classes_[:5]]}): "
                         "nothing to score. Is it the right run folder and target column?")
     frame = prepared.frame[seen]
-    base = stack.predict_base_proba(frame)
-    results = dict(base)
-    if len(base) > 1:
-        results["average"] = np.mean(list(base.values()), axis=0)
-    results[f"meta:{type(stack.meta_).__name__}"] = stack.meta_.predict_proba(base)
+    results = stack.predict_results(frame)
     y_index = np.array([known[label] for label in labels[seen]], dtype=np.int64)
     out_dir = args.run_dir / f"evaluation-{args.table.stem}"
     kept = PreparedTable(frame=frame, errors=prepared.errors, spec=prepared.spec,

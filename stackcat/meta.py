@@ -137,6 +137,30 @@ def inner_eval_mask(y: np.ndarray, fraction: float, rng: np.random.Generator) ->
     return mask
 
 
+def check_signals(signals: Mapping[str, np.ndarray] | None, n_samples: int, n_classes: int,
+                  names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+    """Validate ``signal name -> (n_samples, n_classes)`` scores (see :mod:`stackcat.retrieval`).
+
+    With ``names`` (the signals seen in ``fit``) exactly those must be given.
+    """
+    signals = dict(signals or {})
+    if names is not None:
+        missing = [n for n in names if n not in signals]
+        if missing:
+            raise ValueError(f"the meta-learner was fitted with signals {list(names)}; missing: {missing}")
+        signals = {n: signals[n] for n in names}
+    for name, matrix in signals.items():
+        shape = np.shape(matrix)
+        if shape != (n_samples, n_classes):
+            raise ValueError(f"signals[{name!r}] has shape {shape}; expected ({n_samples}, {n_classes})")
+    return signals
+
+
+def signal_group(name: str) -> str:
+    """``"names"`` for category-name signals (``name:...``), else ``"retrieval"``."""
+    return "names" if name.startswith("name:") else "retrieval"
+
+
 def _catboost_common(estimator: Any) -> dict[str, Any]:
     params = {
         "iterations": estimator.iterations,
@@ -154,9 +178,9 @@ def _catboost_common(estimator: Any) -> dict[str, Any]:
 class _MetaBase(BaseEstimator):
     """Shared fitted-state checks and ``predict`` (argmax of ``predict_proba``)."""
 
-    def predict(self, probas: Mapping[str, np.ndarray]) -> np.ndarray:
+    def predict(self, probas: Mapping[str, np.ndarray], **context: Any) -> np.ndarray:
         """Class indices: the argmax of :meth:`predict_proba`."""
-        return np.argmax(self.predict_proba(probas), axis=1)
+        return np.argmax(self.predict_proba(probas, **context), axis=1)
 
     def _fit_inputs(self, probas: Mapping[str, np.ndarray], y: Any) -> tuple[list[np.ndarray], np.ndarray]:
         names, matrices = check_probas(probas)
@@ -190,6 +214,10 @@ class AverageBlend(_MetaBase):
     weights : mapping name -> float, sequence of float, or None, default=None
         One non-negative weight per model (a sequence follows the order of the
         ``probas`` mapping given to ``fit``); None weighs models equally.
+    calibrate : bool, default=False
+        Temperature-scale each model's probabilities first
+        (:func:`member_temperature`, fitted on ``y``): a model that is
+        over-confident out of fold stops drowning the others.
 
     Attributes
     ----------
@@ -207,26 +235,29 @@ class AverageBlend(_MetaBase):
     [[0.7, 0.3], [0.6, 0.4]]
     """
 
-    _parameter_constraints: dict = {"weights": [Mapping, "array-like", None]}
+    _parameter_constraints: dict = {"weights": [Mapping, "array-like", None], "calibrate": ["boolean"]}
 
-    def __init__(self, weights: Mapping[str, float] | Sequence[float] | None = None) -> None:
+    def __init__(self, weights: Mapping[str, float] | Sequence[float] | None = None,
+                 calibrate: bool = False) -> None:
         self.weights = weights
+        self.calibrate = calibrate
 
     @_fit_context(prefer_skip_nested_validation=True)
-    def fit(self, probas: Mapping[str, np.ndarray], y: Any) -> AverageBlend:
-        """Record the model names and normalize the weights (``y`` is only checked)."""
-        self._fit_inputs(probas, y)
+    def fit(self, probas: Mapping[str, np.ndarray], y: Any, **context: Any) -> AverageBlend:
+        """Record the model names, normalize the weights and (``calibrate``) fit each model's temperature.
+
+        ``context`` (signals, ancestors) is accepted for a common interface and ignored.
+        """
+        matrices, y = self._fit_inputs(probas, y)
         self.weights_ = self._normalized_weights()
+        self.temperatures_ = (np.array([member_temperature(m, y) for m in matrices]) if self.calibrate
+                              else np.ones(len(matrices)))
         return self
 
-    def predict_proba(self, probas: Mapping[str, np.ndarray]) -> np.ndarray:
+    def predict_proba(self, probas: Mapping[str, np.ndarray], **context: Any) -> np.ndarray:
         """The weighted mean probabilities ``(n_samples, n_classes)``; rows sum to 1."""
         matrices = self._predict_inputs(probas)
-        blend = np.zeros(matrices[0].shape, dtype=np.float64)
-        for weight, matrix in zip(self.weights_, matrices, strict=True):
-            if weight:
-                blend += weight * matrix
-        return normalize_rows(blend)
+        return blend(matrices, self.weights_, getattr(self, "temperatures_", np.ones(len(matrices))))
 
     def _normalized_weights(self) -> np.ndarray:
         names = self.model_names_
@@ -245,6 +276,118 @@ class AverageBlend(_MetaBase):
         if np.any(weights < 0) or not np.isfinite(weights).all() or weights.sum() <= 0:
             raise ValueError(f"weights must be finite, non-negative and not all 0; got {weights.tolist()}")
         return weights / weights.sum()
+
+
+def scale_temperature(matrix: np.ndarray, temperature: float) -> np.ndarray:
+    """``p ** (1 / T)`` renormalized: T > 1 softens a model's probabilities, T < 1 sharpens them."""
+    matrix = np.asarray(matrix, dtype=np.float64)
+    if temperature == 1.0:
+        return normalize_rows(matrix.copy())
+    return normalize_rows(np.power(np.maximum(matrix, 0.0), 1.0 / temperature))
+
+
+def member_temperature(matrix: np.ndarray, y: np.ndarray, max_rows: int = 50_000) -> float:
+    """The temperature that minimizes a model's log loss on (at most ``max_rows`` of) its OOF rows."""
+    rows = np.arange(len(y))
+    if len(rows) > max_rows:
+        rows = np.random.default_rng(0).choice(rows, max_rows, replace=False)
+    log_p = np.log(np.maximum(np.asarray(matrix[rows], dtype=np.float64), LOG_FLOOR))
+    truth = y[rows]
+
+    def loss(log_t: float) -> float:
+        scaled = log_p / np.exp(log_t)
+        scaled -= scaled.max(axis=1, keepdims=True)
+        log_norm = np.log(np.exp(scaled).sum(axis=1))
+        return float(np.mean(log_norm - scaled[np.arange(len(truth)), truth]))
+
+    result = minimize_scalar(loss, bounds=(-3.0, 3.0), method="bounded", options={"xatol": 1e-3})
+    return float(np.exp(result.x))
+
+
+def blend(matrices: Sequence[np.ndarray], weights: np.ndarray, temperatures: np.ndarray) -> np.ndarray:
+    """Weighted mean of temperature-scaled probability matrices; rows sum to 1."""
+    total = np.zeros(matrices[0].shape, dtype=np.float64)
+    for weight, temperature, matrix in zip(weights, temperatures, matrices, strict=True):
+        if weight:
+            total += weight * scale_temperature(matrix, temperature)
+    return normalize_rows(total)
+
+
+def _log_loss(proba: np.ndarray, y: np.ndarray) -> float:
+    return float(-np.mean(np.log(np.maximum(proba[np.arange(len(y)), y], 1e-15))))
+
+
+class EnsembleSelection(_MetaBase):
+    """Greedy ensemble selection (Caruana et al., 2004) over the base models' OOF probabilities.
+
+    Starting from the best single model, each step adds (with replacement)
+    the model whose inclusion most lowers the blend's log loss on ``y``; a
+    model's weight is how often it was picked. Each model is temperature-scaled
+    first (``calibrate``). The blend never ranks worse than the best single
+    model on the rows it was fitted on, and it learns to drop a model that only
+    adds noise, which the plain average cannot.
+
+    Parameters
+    ----------
+    n_iterations : int, default=50
+        Selection steps (the total weight).
+    calibrate : bool, default=True
+        Temperature-scale each model before blending (:func:`member_temperature`).
+
+    Attributes
+    ----------
+    weights_ : ndarray of shape (n_models,)
+        Share of the steps that picked each model (sums to 1).
+    temperatures_ : ndarray of shape (n_models,)
+    trajectory_ : list of float
+        The blend's log loss after each step.
+    model_names_, n_classes_, class_counts_
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(0)
+    >>> y = rng.integers(0, 4, 300)
+    >>> good = np.eye(4)[y] * 2 + rng.random((300, 4))
+    >>> noise = rng.random((300, 4))
+    >>> probas = {"good": good / good.sum(1, keepdims=True), "noise": noise / noise.sum(1, keepdims=True)}
+    >>> selection = EnsembleSelection(n_iterations=10).fit(probas, y)
+    >>> dict(zip(selection.model_names_, selection.weights_.round(1).tolist()))
+    {'good': 1.0, 'noise': 0.0}
+    """
+
+    _parameter_constraints: dict = {
+        "n_iterations": [Interval(Integral, 1, None, closed="left")],
+        "calibrate": ["boolean"],
+    }
+
+    def __init__(self, n_iterations: int = 50, calibrate: bool = True) -> None:
+        self.n_iterations = n_iterations
+        self.calibrate = calibrate
+
+    @_fit_context(prefer_skip_nested_validation=True)
+    def fit(self, probas: Mapping[str, np.ndarray], y: Any, **context: Any) -> EnsembleSelection:
+        """Select the models' weights on out-of-fold ``probas`` and class indices ``y``."""
+        matrices, y = self._fit_inputs(probas, y)
+        self.temperatures_ = (np.array([member_temperature(m, y) for m in matrices]) if self.calibrate
+                              else np.ones(len(matrices)))
+        scaled = [scale_temperature(m, t) for m, t in zip(matrices, self.temperatures_, strict=True)]
+        counts = np.zeros(len(scaled))
+        total = np.zeros(scaled[0].shape)
+        self.trajectory_ = []
+        for step in range(self.n_iterations):
+            losses = [_log_loss((total + m) / (step + 1), y) for m in scaled]
+            best = int(np.argmin(losses))
+            counts[best] += 1
+            total += scaled[best]
+            self.trajectory_.append(losses[best])
+        self.weights_ = counts / counts.sum()
+        return self
+
+    def predict_proba(self, probas: Mapping[str, np.ndarray], **context: Any) -> np.ndarray:
+        """The selected blend ``(n_samples, n_classes)``; rows sum to 1."""
+        matrices = self._predict_inputs(probas)
+        return blend(matrices, self.weights_, self.temperatures_)
 
 
 # ---------------------------------------------------------------------------
@@ -354,8 +497,8 @@ class MulticlassMeta(_MetaBase):
         self.verbose = verbose
 
     @_fit_context(prefer_skip_nested_validation=True)
-    def fit(self, probas: Mapping[str, np.ndarray], y: Any) -> MulticlassMeta:
-        """Train the booster on out-of-fold ``probas`` and class indices ``y``."""
+    def fit(self, probas: Mapping[str, np.ndarray], y: Any, **context: Any) -> MulticlassMeta:
+        """Train the booster on out-of-fold ``probas`` and class indices ``y`` (``context`` is ignored)."""
         matrices, y = self._fit_inputs(probas, y)
         self.present_classes_ = np.flatnonzero(self.class_counts_)
         self.inner_scores_ = {}
@@ -380,7 +523,7 @@ class MulticlassMeta(_MetaBase):
         self.model_ = model
         return self
 
-    def predict_proba(self, probas: Mapping[str, np.ndarray]) -> np.ndarray:
+    def predict_proba(self, probas: Mapping[str, np.ndarray], **context: Any) -> np.ndarray:
         """Probabilities ``(n_samples, n_classes)``; classes absent from training get 0."""
         matrices = self._predict_inputs(probas)
         proba = np.zeros(matrices[0].shape, dtype=np.float64)
@@ -436,12 +579,19 @@ class CandidateSet:
         return np.searchsorted(self.product, np.arange(self.n_products))
 
 
-def candidate_feature_names(model_names: Sequence[str]) -> list[str]:
+def candidate_feature_names(model_names: Sequence[str], signal_names: Sequence[str] = (),
+                            hierarchy_levels: int = 0) -> list[str]:
     """Names of the columns built by :func:`build_candidates`, in order."""
     per_source = ["p", "rank", "p_rel_top1", "gap_best_other", "top1", "margin", "entropy"]
-    names = [f"{source}:{feature}" for source in [*model_names, "mean"] for feature in per_source]
-    return names + ["max_p", "min_p", "std_p", "mean_log_p", "mean_log_p_rank", "n_models_first",
-                    "n_models_topk", "class_log_count", "n_candidates"]
+    sources = [*model_names, "mean"]
+    names = [f"{source}:{feature}" for source in sources for feature in per_source]
+    names += ["max_p", "min_p", "std_p", "mean_log_p", "mean_log_p_rank", "n_models_first",
+              "n_models_topk", "class_log_count", "n_candidates"]
+    names += [f"{signal}:{feature}" for signal in signal_names for feature in ("value", "rank", "gap_top1")]
+    for level in range(1, hierarchy_levels + 1):
+        names += [f"{source}:mass_up{level}" for source in sources]
+        names += [f"under_top_up{level}"]
+    return names
 
 
 def _sorted_top(matrix: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:
@@ -494,8 +644,35 @@ def rank_in_group(values: np.ndarray, group: np.ndarray, group_sizes: np.ndarray
     return rank
 
 
-def _candidate_chunk(chunk: list[np.ndarray], top_k: int, depth: int,
-                     class_log_count: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _signal_features(signal: np.ndarray, top_index: np.ndarray, top_value: np.ndarray,
+                     product: np.ndarray, label: np.ndarray) -> list[np.ndarray]:
+    """A signal's value at the candidate, the candidate's rank in it, and its gap to the row's best."""
+    value = signal[product, label]
+    hit = top_index[product] == label[:, None]
+    rank = np.where(hit.any(axis=1), hit.argmax(axis=1), top_index.shape[1])
+    return [value, rank, value - top_value[product, 0]]
+
+
+def _hierarchy_features(sources: Sequence[np.ndarray], ancestors: np.ndarray, levels: int,
+                        product: np.ndarray, label: np.ndarray) -> list[np.ndarray]:
+    """Each source's probability mass on the candidate's ancestor ``level`` steps up, and whether
+    that ancestor is the one the mean of the models puts most mass on."""
+    columns = []
+    for level in range(levels):
+        # compact node numbers of this level; classes above the top (-1) share one
+        _, node = np.unique(ancestors[:, level], return_inverse=True)
+        incidence = np.zeros((len(node), int(node.max()) + 1), dtype=np.float32)
+        incidence[np.arange(len(node)), node] = 1.0
+        masses = [matrix @ incidence for matrix in sources]
+        columns += [mass[product, node[label]] for mass in masses]
+        columns.append((masses[-1].argmax(axis=1)[product] == node[label]).astype(np.float32))
+    return columns
+
+
+def _candidate_chunk(chunk: list[np.ndarray], top_k: int, depth: int, class_log_count: np.ndarray,
+                     signal_chunk: Sequence[np.ndarray] = (), candidate_signals: Sequence[int] = (),
+                     ancestors: np.ndarray | None = None,
+                     hierarchy_levels: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Candidates and their features for one block of products (all models' rows)."""
     mean = np.zeros(chunk[0].shape, dtype=np.float32)
     for matrix in chunk:
@@ -503,13 +680,16 @@ def _candidate_chunk(chunk: list[np.ndarray], top_k: int, depth: int,
     mean /= len(chunk)
     sources = [*chunk, mean]
     tops = [_sorted_top(matrix, depth) for matrix in sources]
+    signal_tops = [_sorted_top(signal, depth) for signal in signal_chunk]
 
-    pooled = np.sort(np.concatenate([index[:, :top_k] for index, _ in tops], axis=1), axis=1)
-    keep = np.ones(pooled.shape, dtype=bool)
-    keep[:, 1:] = pooled[:, 1:] != pooled[:, :-1]
+    from_models = np.concatenate([index[:, :top_k] for index, _ in tops], axis=1)
     # A class no model gives any probability is noise, except the mean's own top-1
-    # (every product keeps at least one candidate).
-    keep &= (np.take_along_axis(mean, pooled, axis=1) > 0) | (pooled == tops[-1][0][:, :1])
+    # (every product keeps at least one candidate) and the top of a retrieval signal.
+    useful = (np.take_along_axis(mean, from_models, axis=1) > 0) | (from_models == tops[-1][0][:, :1])
+    from_signals = [signal_tops[i][0][:, :top_k] for i in candidate_signals]
+    pooled = np.sort(np.concatenate([np.where(useful, from_models, -1), *from_signals], axis=1), axis=1)
+    keep = pooled >= 0
+    keep[:, 1:] &= pooled[:, 1:] != pooled[:, :-1]
     product, slot = np.nonzero(keep)
     label = pooled[product, slot]
 
@@ -525,13 +705,27 @@ def _candidate_chunk(chunk: list[np.ndarray], top_k: int, depth: int,
                 mean_log_p, rank_in_group(mean_log_p, product, n_candidates),
                 (model_rank == 0).sum(axis=1), (model_rank < top_k).sum(axis=1),
                 class_log_count[label], n_candidates[product]]
+    for signal, (top_index, top_value) in zip(signal_chunk, signal_tops, strict=True):
+        columns += _signal_features(signal, top_index, top_value, product, label)
+    if hierarchy_levels:
+        columns += _hierarchy_features(sources, ancestors, hierarchy_levels, product, label)
     features = np.column_stack([np.asarray(c, dtype=np.float32) for c in columns])
     return product, label, features
 
 
 def build_candidates(matrices: Sequence[np.ndarray], top_k: int, class_log_count: np.ndarray,
-                     *, rank_depth: int | None = None, progress: bool = False) -> CandidateSet:
+                     *, signals: Sequence[np.ndarray] = (), candidate_signals: Sequence[int] = (),
+                     ancestors: np.ndarray | None = None, hierarchy_levels: int = 0,
+                     rank_depth: int | None = None, progress: bool = False) -> CandidateSet:
     """Candidate rows for every product: the union of each model's and the mean's top-k.
+
+    ``signals`` (retrieval and category-name scores, :mod:`stackcat.retrieval`)
+    add three features each; the signals at positions ``candidate_signals``
+    also add their top-k classes as candidates, so a class that no model ranks
+    (1-2 training products) can still be chosen. ``ancestors``
+    (:attr:`stackcat.taxonomy.CategoryTree.ancestors`) adds each source's
+    probability mass on the candidate's parent, grandparent ... up to
+    ``hierarchy_levels``.
 
     Ranks are exact inside each source's top ``rank_depth`` (default
     ``max(2 * top_k, 10)``) and equal ``rank_depth`` beyond it. Products are
@@ -544,8 +738,11 @@ def build_candidates(matrices: Sequence[np.ndarray], top_k: int, class_log_count
     products, labels, features = [], [], []
     starts = range(0, n_products, ROW_CHUNK)
     for start in tqdm(starts, desc="rerank candidates", unit="block", disable=not progress):
-        chunk = [np.asarray(m[start:start + ROW_CHUNK], dtype=np.float32) for m in matrices]
-        product, label, block = _candidate_chunk(chunk, top_k, depth, class_log_count)
+        rows = slice(start, start + ROW_CHUNK)
+        chunk = [np.asarray(m[rows], dtype=np.float32) for m in matrices]
+        signal_chunk = [np.asarray(s[rows], dtype=np.float32) for s in signals]
+        product, label, block = _candidate_chunk(chunk, top_k, depth, class_log_count, signal_chunk,
+                                                 candidate_signals, ancestors, hierarchy_levels)
         products.append(product + start)
         labels.append(label)
         features.append(block)
@@ -718,6 +915,9 @@ class RerankMeta(_MetaBase):
         "l2_leaf_reg": [Interval(Real, 0, None, closed="left")],
         "boost_from_average": ["boolean"],
         "class_feature": ["boolean"],
+        "signal_groups": [tuple, list],
+        "candidate_signals": [tuple, list],
+        "hierarchy_levels": [Interval(Integral, 0, None, closed="left")],
         "early_stopping_rounds": [Interval(Integral, 1, None, closed="left"), None],
         "eval_fraction": [Interval(Real, 0, 1, closed="left")],
         "refit": ["boolean"],
@@ -736,6 +936,9 @@ class RerankMeta(_MetaBase):
         l2_leaf_reg: float = 3.0,
         boost_from_average: bool = True,
         class_feature: bool = True,
+        signal_groups: Sequence[str] = ("retrieval", "names"),
+        candidate_signals: Sequence[str] = ("knn_share", "name:"),
+        hierarchy_levels: int = 2,
         early_stopping_rounds: int | None = 50,
         eval_fraction: float = 0.15,
         refit: bool = False,
@@ -751,6 +954,9 @@ class RerankMeta(_MetaBase):
         self.l2_leaf_reg = l2_leaf_reg
         self.boost_from_average = boost_from_average
         self.class_feature = class_feature
+        self.signal_groups = signal_groups
+        self.candidate_signals = candidate_signals
+        self.hierarchy_levels = hierarchy_levels
         self.early_stopping_rounds = early_stopping_rounds
         self.eval_fraction = eval_fraction
         self.refit = refit
@@ -759,13 +965,27 @@ class RerankMeta(_MetaBase):
         self.verbose = verbose
 
     @_fit_context(prefer_skip_nested_validation=True)
-    def fit(self, probas: Mapping[str, np.ndarray], y: Any) -> RerankMeta:
-        """Build candidates from out-of-fold ``probas`` and train the scorer on ``y``."""
+    def fit(self, probas: Mapping[str, np.ndarray], y: Any, *, signals: Mapping[str, np.ndarray] | None = None,
+            ancestors: np.ndarray | None = None) -> RerankMeta:
+        """Build candidates from out-of-fold ``probas`` and train the scorer on ``y``.
+
+        ``signals``: retrieval and category-name scores per (product, class),
+        computed out of fold (:func:`stackcat.retrieval.oof_signals`); those of
+        the groups in ``signal_groups`` become features. ``ancestors``: each
+        class's parent, grandparent ... (:attr:`stackcat.taxonomy.CategoryTree.ancestors`).
+        """
         matrices, y = self._fit_inputs(probas, y)
-        self.feature_names_ = candidate_feature_names(self.model_names_)
+        signals = check_signals(signals, *matrices[0].shape)
+        self.signal_names_ = [n for n in sorted(signals) if signal_group(n) in self.signal_groups]
+        self.ancestors_ = None if ancestors is None else np.asarray(ancestors, dtype=np.int64)
+        if self.ancestors_ is not None and self.ancestors_.shape[0] != self.n_classes_:
+            raise ValueError(f"ancestors has {self.ancestors_.shape[0]} rows for {self.n_classes_} classes")
+        self.hierarchy_levels_ = (0 if self.ancestors_ is None
+                                  else min(self.hierarchy_levels, self.ancestors_.shape[1]))
+        self.feature_names_ = candidate_feature_names(self.model_names_, self.signal_names_, self.hierarchy_levels_)
         self.fit_times_ = {}
         started = time.perf_counter()
-        candidates = self._candidates(matrices)
+        candidates = self._candidates(matrices, signals)
         target = candidates.label == y[candidates.product]
         self._record_recall(candidates, target)
         self.fit_times_["candidates"] = time.perf_counter() - started
@@ -798,13 +1018,15 @@ class RerankMeta(_MetaBase):
         self.feature_importances_ = model.get_feature_importance(type="PredictionValuesChange")[: len(self.feature_names_)]
         return self
 
-    def predict_proba(self, probas: Mapping[str, np.ndarray]) -> np.ndarray:
+    def predict_proba(self, probas: Mapping[str, np.ndarray], *,
+                      signals: Mapping[str, np.ndarray] | None = None) -> np.ndarray:
         """Probabilities ``(n_samples, n_classes)``: softmax over each product's candidates, 0 elsewhere."""
         matrices = self._predict_inputs(probas)
+        signals = check_signals(signals, *matrices[0].shape, names=self.signal_names_)
         proba = np.zeros(matrices[0].shape, dtype=np.float64)
         if len(proba) == 0:
             return proba
-        candidates = self._candidates(matrices)
+        candidates = self._candidates(matrices, signals)
         candidate_proba = group_softmax(self._scores(self.model_, candidates) / self.temperature_,
                                         candidates.starts)
         proba[candidates.product, candidates.label] = candidate_proba
@@ -812,12 +1034,18 @@ class RerankMeta(_MetaBase):
 
     # -- pieces of fit --------------------------------------------------------
 
-    def _candidates(self, matrices: Sequence[np.ndarray]) -> CandidateSet:
+    def _candidates(self, matrices: Sequence[np.ndarray],
+                    signals: Mapping[str, np.ndarray] | None = None) -> CandidateSet:
         # Counts are floored: in OOF a 1-member class is never right (its one row was
         # predicted by a fold model that never saw it), while at test time it can be.
         # Flooring pools it with the 2-3 member classes, which OOF rows can get right.
         class_log_count = np.log1p(np.maximum(self.class_counts_, RARE_CLASS_COUNT)).astype(np.float32)
-        return build_candidates(matrices, self.top_k, class_log_count, progress=bool(self.verbose))
+        used = [signals[name] for name in self.signal_names_] if signals else []
+        sources = [i for i, name in enumerate(self.signal_names_)
+                   if any(part in name for part in self.candidate_signals)]
+        return build_candidates(matrices, self.top_k, class_log_count, signals=used, candidate_signals=sources,
+                                ancestors=self.ancestors_, hierarchy_levels=self.hierarchy_levels_,
+                                progress=bool(self.verbose))
 
     def _record_recall(self, candidates: CandidateSet, target: np.ndarray) -> None:
         self.candidate_recall_ = float(np.bincount(candidates.product[target], minlength=candidates.n_products)
@@ -907,7 +1135,8 @@ def _argmax_of_mean(matrices: Sequence[np.ndarray], rows: np.ndarray) -> np.ndar
 # choosing a meta-learner
 # ---------------------------------------------------------------------------
 
-META_LEARNERS = {"rerank": RerankMeta, "multiclass": MulticlassMeta, "average": AverageBlend}
+META_LEARNERS = {"rerank": RerankMeta, "multiclass": MulticlassMeta, "average": AverageBlend,
+                 "ensemble": EnsembleSelection}
 
 
 def make_meta(name: str = "auto", n_classes: int | None = None, **params: Any) -> _MetaBase:

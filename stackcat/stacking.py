@@ -24,6 +24,7 @@ the true class). Such classes are listed in ``rare_classes_``.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import time
 import warnings
 from collections.abc import Iterable, Iterator
@@ -111,19 +112,60 @@ def make_folds(y_index: np.ndarray, n_splits: int, random_state: int | None) -> 
 
 
 def nested_meta_oof(meta: Any, oof: dict[str, np.ndarray], y_index: np.ndarray,
-                    fold_of_row: np.ndarray) -> np.ndarray:
+                    fold_of_row: np.ndarray, signals: dict[str, np.ndarray] | None = None,
+                    ancestors: np.ndarray | None = None) -> np.ndarray:
     """A meta-learner's honest OOF: refit on the OOF rows of the other folds, fold by fold.
 
     ``oof`` maps model names to ``(n_rows, n_classes)`` out-of-fold probabilities;
     ``fold_of_row`` gives each row's fold (the folds that produced ``oof``).
+    ``signals`` (retrieval scores, computed out of fold on the same folds) are
+    split the same way; ``ancestors`` (the category tree) is passed whole.
     """
     n_classes = next(iter(oof.values())).shape[1]
     out = np.zeros((len(y_index), n_classes), dtype=np.float32)
     for fold in np.unique(fold_of_row):
         held_out = fold_of_row == fold
-        inner = clone(meta).fit({k: v[~held_out] for k, v in oof.items()}, y_index[~held_out])
-        out[held_out] = inner.predict_proba({k: v[held_out] for k, v in oof.items()})
+        inner = clone(meta)
+        inner.fit({k: v[~held_out] for k, v in oof.items()}, y_index[~held_out],
+                  **accepted(inner.fit, _context(signals, ancestors, ~held_out)))
+        out[held_out] = inner.predict_proba({k: v[held_out] for k, v in oof.items()},
+                                            **accepted(inner.predict_proba, _context(signals, None, held_out)))
     return out
+
+
+def accepted(method: Any, context: dict[str, Any]) -> dict[str, Any]:
+    """The part of ``context`` that ``method`` takes (a user's own meta-learner may take none of it)."""
+    parameters = inspect.signature(method).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return context
+    return {k: v for k, v in context.items() if k in parameters}
+
+
+def _context(signals: dict[str, np.ndarray] | None, ancestors: np.ndarray | None,
+             rows: np.ndarray | slice = slice(None)) -> dict[str, Any]:
+    """Keyword arguments of a meta-learner's fit/predict_proba: only those there are."""
+    context: dict[str, Any] = {}
+    if signals:
+        context["signals"] = {k: v[rows] for k, v in signals.items()}
+    if ancestors is not None:
+        context["ancestors"] = ancestors
+    return context
+
+
+def choose_meta(nested: dict[str, np.ndarray], y_index: np.ndarray) -> tuple[str, pd.DataFrame]:
+    """The meta-learner with the fewest nested-OOF errors (ties: the earlier, simpler one), and the table.
+
+    ``nested`` maps candidate names, simplest first, to their nested OOF probabilities.
+    """
+    from stackcat.metrics import score
+
+    rows = {name: score(y_index, proba) for name, proba in nested.items()}
+    table = pd.DataFrame(rows).T[["accuracy", "weighted_f1", "macro_f1", "ece"]]
+    errors = {name: int((proba.argmax(axis=1) != y_index).sum()) for name, proba in nested.items()}
+    choice = min(nested, key=lambda name: errors[name])  # min keeps the first of equals
+    table.insert(0, "errors", pd.Series(errors))
+    table["chosen"] = table.index == choice
+    return choice, table
 
 
 def take_rows(X: Any, rows: np.ndarray) -> Any:
@@ -201,9 +243,32 @@ class StackingCategorizer(ClassifierMixin, _BaseComposition, BaseEstimator):
     ----------
     estimators : list of (str, estimator)
         Named base classifiers; each reads the columns it needs from X.
-    meta : {"auto", "rerank", "multiclass", "average"} or estimator, default="auto"
-        The meta-learner (:func:`stackcat.meta.make_meta`); "auto" re-ranks
-        candidates when there are more than 50 classes, else CatBoost MultiClass.
+    meta : {"auto", "rerank", "multiclass", "average", "ensemble"} or estimator, default="auto"
+        The meta-learner (:func:`stackcat.meta.make_meta`). "auto" scores three
+        on the nested OOF -- the plain average, greedy ensemble selection and a
+        learned CatBoost meta (RerankMeta above 50 classes, else MulticlassMeta)
+        -- and ships the one with the fewest errors (``meta_selection_``), so
+        the stack never ships a meta worse than the blend on its own folds.
+        A list of names and/or estimators chooses among those (ties go to the
+        earlier one).
+    retrieval : bool, default=True
+        Give the meta-learner retrieval signals (:mod:`stackcat.retrieval`):
+        for every member that can embed its input (``embed(X)``, e.g.
+        :class:`~stackcat.models.neighbours.NeighboursClassifier`), each
+        product's cosine to every class's centroid and nearest product, and
+        each class's share of its nearest neighbours -- computed out of fold.
+    category_names : "auto", mapping or None, default="auto"
+        Names of the classes, embedded by a member's text encoder
+        (``embed_texts``) to score each product against each category's name.
+        "auto": the tree's paths when there is a tree, else the labels
+        themselves when they are words (not numeric ids). None: off.
+    tree : CategoryTree, str, Path or None, default=None
+        The category tree (:class:`stackcat.taxonomy.CategoryTree`, or the path
+        of a node table ``id, parent_id, title`` whose ids are the labels):
+        the re-ranker gets parent / grandparent probability mass per member.
+    label_separator : str or None, default=None
+        Labels are paths (``"Men > Topwear > Tshirts"`` with ``" > "``): the tree
+        is read from them.
     n_splits : int, default=5
         Stratified folds.
     random_state : int or None, default=0
@@ -241,6 +306,12 @@ class StackingCategorizer(ClassifierMixin, _BaseComposition, BaseEstimator):
     meta_ : fitted meta-learner
     meta_oof_ : ndarray or None
         The meta-learner's own out-of-fold probabilities (``evaluate_meta``).
+    meta_selection_ : DataFrame or None
+        With ``meta="auto"``: each candidate meta-learner's nested-OOF scores and
+        which one was chosen.
+    candidate_meta_oof_ : dict of str -> ndarray
+        Nested OOF probabilities of every candidate meta-learner.
+    tree_ : CategoryTree or None
     oof_target_ : ndarray
         Each training row's class, as an index into ``classes_`` (the OOF rows' truth).
     fold_of_row_ : ndarray
@@ -263,7 +334,12 @@ class StackingCategorizer(ClassifierMixin, _BaseComposition, BaseEstimator):
 
     _parameter_constraints: dict = {
         "estimators": [list],
-        "meta": [StrOptions({"auto", "rerank", "multiclass", "average"}), HasMethods(["fit", "predict_proba"])],
+        "meta": [StrOptions({"auto", "rerank", "multiclass", "average", "ensemble"}),
+                 HasMethods(["fit", "predict_proba"]), list],
+        "retrieval": ["boolean"],
+        "category_names": [StrOptions({"auto"}), dict, None],
+        "tree": [HasMethods(["aligned"]), str, Path, None],
+        "label_separator": [str, None],
         "n_splits": [Interval(Integral, 2, None, closed="left")],
         "random_state": ["random_state"],
         "refit": ["boolean"],
@@ -282,9 +358,14 @@ class StackingCategorizer(ClassifierMixin, _BaseComposition, BaseEstimator):
                  random_state: int | None = 0, refit: bool = False, run_dir: str | Path | None = None,
                  n_jobs: int | None = 1, backend: str | None = None, scheduler: str | None = None,
                  oof_dtype: str = "auto", evaluate_meta: bool = True, keep_models: bool = True,
-                 progress: bool = True, verbose: int = 1) -> None:
+                 progress: bool = True, verbose: int = 1, retrieval: bool = True,
+                 category_names: Any = "auto", tree: Any = None, label_separator: str | None = None) -> None:
         self.estimators = estimators
         self.meta = meta
+        self.retrieval = retrieval
+        self.category_names = category_names
+        self.tree = tree
+        self.label_separator = label_separator
         self.n_splits = n_splits
         self.random_state = random_state
         self.refit = refit
@@ -338,7 +419,7 @@ class StackingCategorizer(ClassifierMixin, _BaseComposition, BaseEstimator):
             jobs = self._plan_jobs(data_key)
             results = self._run_jobs(jobs, X, labels, run)
             self._collect(results, n_rows)
-            self._fit_meta(y_index, [job.key for job in jobs], run)
+            self._fit_meta(X, y_index, [job.key for job in jobs], run)
             self.oof_scores_ = self._score_table(y_index)
             if run:
                 self.run_dir_ = str(Path(self.run_dir).resolve())
@@ -467,24 +548,119 @@ class StackingCategorizer(ClassifierMixin, _BaseComposition, BaseEstimator):
         self.fold_models_ = {name: [models[name][job] for job in wanted] for name in names} if self.keep_models else {}
         self.jobs_ = pd.DataFrame(records).sort_values(["model", "job"], ignore_index=True)
 
-    def _fit_meta(self, y_index: np.ndarray, job_keys: list[str], run: RunFolder | None) -> None:
-        from stackcat.meta import make_meta
-
-        meta = (make_meta(self.meta, len(self.classes_)) if isinstance(self.meta, str)
-                else clone(self.meta))
+    def _fit_meta(self, X: Any, y_index: np.ndarray, job_keys: list[str], run: RunFolder | None) -> None:
+        candidates = self._meta_candidates()
+        self.tree_ = self._category_tree()
+        signals = self._fit_signals(X, y_index)
+        ancestors = self.tree_.ancestors if self.tree_ is not None else None
         # the job keys determine the OOF matrices exactly, so they key the meta-learner too
-        oof_key = digest(model_fingerprint(meta), sorted(job_keys), y_index, self.evaluate_meta)
+        oof_key = digest({name: model_fingerprint(m) for name, m in candidates.items()}, sorted(job_keys), y_index,
+                         self.evaluate_meta, sorted(signals), [signals[k] for k in sorted(signals)], ancestors)
         cached = _read_cached(run.meta_path(oof_key)) if run else None
         if cached is not None:
-            self.meta_, self.meta_oof_ = cached
+            self.meta_, self.meta_oof_, self.candidate_meta_oof_, self.meta_selection_ = cached
             return
-        self.meta_oof_ = self._meta_oof(meta, y_index) if self.evaluate_meta else None
-        self.meta_ = clone(meta).fit(self.oof_, y_index)
+        nested = {}
+        if self.evaluate_meta or len(candidates) > 1:
+            nested = {name: nested_meta_oof(meta, self.oof_, y_index, self.fold_of_row_, signals, ancestors)
+                      for name, meta in candidates.items()}
+        if len(candidates) > 1:
+            choice, self.meta_selection_ = choose_meta(nested, y_index)
+            if self.verbose:
+                print(f"meta-learner: {choice} (nested-OOF errors: "
+                      + ", ".join(f"{n} {int(e)}" for n, e in self.meta_selection_["errors"].items()) + ")")
+        else:
+            choice, self.meta_selection_ = next(iter(candidates)), None
+        self.candidate_meta_oof_ = nested
+        self.meta_oof_ = nested.get(choice)
+        meta = clone(candidates[choice])
+        self.meta_ = meta.fit(self.oof_, y_index, **accepted(meta.fit, _context(signals, ancestors)))
         if run:
-            write_joblib((self.meta_, self.meta_oof_), run.meta_path(oof_key))
+            write_joblib((self.meta_, self.meta_oof_, self.candidate_meta_oof_, self.meta_selection_),
+                         run.meta_path(oof_key))
 
-    def _meta_oof(self, meta: Any, y_index: np.ndarray) -> np.ndarray:
-        return nested_meta_oof(meta, self.oof_, y_index, self.fold_of_row_)
+    def _meta_candidates(self) -> dict[str, Any]:
+        """The meta-learners to try, simplest first (ties go to the simpler one)."""
+        from stackcat.meta import AverageBlend, EnsembleSelection, make_meta
+
+        if self.meta == "auto":
+            learned = make_meta("auto", len(self.classes_))
+            if len(self.estimators) == 1:  # nothing to blend
+                return {type(learned).__name__: learned}
+            choices = [AverageBlend(), EnsembleSelection(), learned]
+        else:
+            choices = self.meta if isinstance(self.meta, list) else [self.meta]
+        if not choices:
+            raise ValueError("meta is an empty list: name at least one meta-learner")
+        candidates = {}
+        for choice in choices:
+            meta = make_meta(choice, len(self.classes_)) if isinstance(choice, str) else clone(choice)
+            name = type(meta).__name__
+            if name in candidates:
+                raise ValueError(f"meta lists {name} twice; give each meta-learner once")
+            candidates[name] = meta
+        return candidates
+
+    def _category_tree(self) -> Any:
+        from stackcat.taxonomy import CategoryTree
+
+        if isinstance(self.tree, (str, Path)):
+            return CategoryTree.read(self.tree, self.classes_).aligned(self.classes_)
+        if self.tree is not None:
+            return self.tree.aligned(self.classes_)
+        if self.label_separator is not None:
+            return CategoryTree.from_paths(self.classes_, self.label_separator).aligned(self.classes_)
+        return None
+
+    def _embedders(self) -> dict[str, Any]:
+        """Members that can embed their input (``embed(X)``), by name."""
+        if not self.retrieval:
+            return {}
+        return {name: est for name, est in self.estimators if callable(getattr(est, "embed", None))}
+
+    def _class_names(self) -> list[str] | None:
+        if self.category_names is None:
+            return None
+        if isinstance(self.category_names, dict):
+            missing = [c for c in self.classes_ if c not in self.category_names]
+            if missing:
+                raise ValueError(f"category_names has no name for categories {missing[:10]}")
+            return [str(self.category_names[c]) for c in self.classes_]
+        if self.tree_ is not None:
+            return list(self.tree_.names)
+        labels = [str(c) for c in self.classes_]
+        numeric = sum(label.replace(".", "", 1).lstrip("-").isdigit() for label in labels)
+        return None if numeric > len(labels) / 2 else labels
+
+    def _fit_signals(self, X: Any, y_index: np.ndarray) -> dict[str, np.ndarray]:
+        """Out-of-fold retrieval and name signals of the training rows; keeps what predict needs."""
+        from stackcat.retrieval import NeighbourIndex, name_signal, oof_signals
+
+        embedders = self._embedders()
+        embeddings = {name: est.embed(X) for name, est in embedders.items()}
+        n_classes = len(self.classes_)
+        signals = oof_signals(embeddings, y_index, n_classes, self.fold_of_row_) if embeddings else {}
+        self.retrieval_index_ = {name: NeighbourIndex(matrix, y_index, n_classes)
+                                 for name, matrix in embeddings.items()}
+        self.name_embeddings_ = {}
+        names = self._class_names() if embedders else None
+        for name, est in embedders.items():
+            if names and callable(getattr(est, "embed_texts", None)):
+                self.name_embeddings_[name] = est.embed_texts(names)
+                signals[f"name:{name}"] = name_signal(embeddings[name], self.name_embeddings_[name])
+        return signals
+
+    def _predict_signals(self, X: Any) -> dict[str, np.ndarray]:
+        from stackcat.retrieval import name_signal
+
+        signals: dict[str, np.ndarray] = {}
+        estimators = self.named_estimators
+        for name, index in getattr(self, "retrieval_index_", {}).items():
+            embedded = estimators[name].embed(X)
+            signals.update({f"{name}:{kind}": values for kind, values in index.signals(embedded).items()})
+            if name in self.name_embeddings_:
+                signals[f"name:{name}"] = name_signal(embedded, self.name_embeddings_[name])
+        return signals
 
     def _score_table(self, y_index: np.ndarray) -> pd.DataFrame:
         from stackcat.metrics import comparison_table
@@ -497,9 +673,49 @@ class StackingCategorizer(ClassifierMixin, _BaseComposition, BaseEstimator):
         results = {name: np.asarray(p, dtype=np.float32) for name, p in self.oof_.items()}
         if len(results) > 1:
             results["average"] = np.mean(list(results.values()), axis=0)
+        chosen = f"meta:{type(self.meta_).__name__}"
+        for name, proba in getattr(self, "candidate_meta_oof_", {}).items():
+            if f"meta:{name}" != chosen:
+                results[f"meta:{name}"] = proba
         if self.meta_oof_ is not None:
-            results[f"meta:{type(self.meta_).__name__}"] = self.meta_oof_
+            results[chosen] = self.meta_oof_  # last: the report's headline
         return results
+
+    def report_notes(self, results: dict[str, np.ndarray] | None = None,
+                     y_index: np.ndarray | None = None) -> list[str]:
+        """Lines for the report: how the meta-learner was chosen, and scores per level of the tree."""
+        from stackcat.taxonomy import hierarchy_scores
+
+        results = self.oof_results() if results is None else results
+        y_index = self.oof_target_ if y_index is None else y_index
+        notes = []
+        selection = getattr(self, "meta_selection_", None)
+        if selection is not None:
+            chosen = selection.index[selection["chosen"]][0]
+            notes.append(f"Meta-learner chosen on nested OOF: {chosen} ("
+                         + "; ".join(f"{name}: {int(row.errors)} errors, weighted F1 {row.weighted_f1:.4f}"
+                                     for name, row in selection.iterrows()) + ").")
+        if getattr(self, "tree_", None) is not None and self.tree_.depth > 1:
+            for name, proba in results.items():
+                scores = hierarchy_scores(y_index, np.asarray(proba).argmax(axis=1), self.tree_)
+                levels = ", ".join(f"level {k} {scores[f'accuracy_level_{k}']:.4f}" for k in range(self.tree_.depth))
+                notes.append(f"Tree, {name}: accuracy by level (0 = leaf) {levels}; "
+                             f"{scores['errors_under_right_parent']:.1%} of errors stay under the right parent.")
+        return notes
+
+    def predict_results(self, X: Any) -> dict[str, np.ndarray]:
+        """Test-time probabilities of each base model, their plain average and the meta-learner (last)."""
+        base = self.predict_base_proba(X)
+        results = dict(base)
+        if len(base) > 1:
+            results["average"] = np.mean(list(base.values()), axis=0)
+        results[f"meta:{type(self.meta_).__name__}"] = self.predict_proba(X, base)
+        return results
+
+    def _predict_context(self, X: Any) -> dict[str, Any]:
+        if not accepted(self.meta_.predict_proba, {"signals": None}):
+            return {}
+        return _context(self._predict_signals(X), None)
 
     def _manifest(self, data_key: str, n_rows: int, status: str) -> dict[str, Any]:
         return {
@@ -537,9 +753,14 @@ class StackingCategorizer(ClassifierMixin, _BaseComposition, BaseEstimator):
             out[name] = total / len(refs)
         return out
 
-    def predict_proba(self, X: Any) -> np.ndarray:
-        """Meta-learner probabilities ``(n_samples, n_classes)`` in ``classes_`` order."""
-        return self.meta_.predict_proba(self.predict_base_proba(X))
+    def predict_proba(self, X: Any, base_proba: dict[str, np.ndarray] | None = None) -> np.ndarray:
+        """Meta-learner probabilities ``(n_samples, n_classes)`` in ``classes_`` order.
+
+        ``base_proba``: the base models' probabilities of X when already at hand
+        (:meth:`predict_base_proba`).
+        """
+        base = self.predict_base_proba(X) if base_proba is None else base_proba
+        return self.meta_.predict_proba(base, **self._predict_context(X))
 
     def predict(self, X: Any) -> np.ndarray:
         return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
