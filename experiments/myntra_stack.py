@@ -30,10 +30,12 @@ import numpy as np
 import pandas as pd
 
 from stackcat.data import TableSpec, prepare_table, read_table
+from stackcat.meta import RerankMeta
 from stackcat.metrics import comparison_table, write_report
 from stackcat.models.fasttext import FastTextClassifier
 from stackcat.presets import OFFLINE_TEXT_PREFIX, ModelOptions, build_models, offline_weights
-from stackcat.stacking import StackingCategorizer
+from stackcat.stacking import StackingCategorizer, nested_meta_oof
+from stackcat.taxonomy import CategoryTree, hierarchy_scores
 
 SPEC = TableSpec(text_columns=["productDisplayName"], attribute_columns=["gender", "baseColour", "season", "usage"],
                  target="articleType", id_column="id", image_dir="images_224", attribute_keys=False,
@@ -87,6 +89,40 @@ def peer_predictions(frame: pd.DataFrame, y_index: np.ndarray, folds: np.ndarray
     return results
 
 
+def myntra_tree(raw: pd.DataFrame, frame: pd.DataFrame) -> CategoryTree:
+    """masterCategory > subCategory > articleType: label structure only, never an input.
+
+    An articleType filed under several subCategories takes its most frequent one.
+    """
+    kept = raw.set_index(raw["id"].astype(str)).loc[frame["id"].astype(str)]
+    paths = (kept.groupby("articleType")[["masterCategory", "subCategory"]]
+             .agg(lambda column: column.value_counts().index[0]))
+    classes = sorted(paths.index)
+    return CategoryTree(classes, [[m, f"{m}/{s}", f"{m}/{s}/{c}"] for c, (m, s) in
+                                  ((c, paths.loc[c]) for c in classes)],
+                        titles={**{m: m for m in paths["masterCategory"]},
+                                **{f"{m}/{s}": s for m, s in paths.itertuples(index=False)},
+                                **{f"{m}/{s}/{c}": c for c, (m, s) in paths.iterrows()}})
+
+
+def ablations(stack: StackingCategorizer, with_tree: bool) -> dict[str, np.ndarray]:
+    """RerankMeta's nested OOF with each feature group switched off, on the stack's OOF and signals."""
+    inputs = stack.meta_inputs_
+    variants = {"rerank:probabilities_only": {"signal_groups": (), "hierarchy_levels": 0},
+                "rerank:no_retrieval": {"signal_groups": ("names",)},
+                "rerank:no_names": {"signal_groups": ("retrieval",)}}
+    if with_tree:
+        variants["rerank:no_hierarchy"] = {"hierarchy_levels": 0}
+    out = {}
+    for name, params in variants.items():
+        started = time.perf_counter()
+        out[name] = nested_meta_oof(RerankMeta(**params), stack.oof_, stack.oof_target_, stack.fold_of_row_,
+                                    inputs.get("signals"), inputs.get("ancestors"))
+        print(f"{name}: {time.perf_counter() - started:.0f} s, accuracy "
+              f"{(out[name].argmax(1) == stack.oof_target_).mean():.4f}", flush=True)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=Path("../shared/data/myntra"))
@@ -98,8 +134,13 @@ def main() -> None:
     parser.add_argument("--run-dir", type=Path, default=Path("artifacts/myntra_images"))
     parser.add_argument("--results", type=Path, default=Path("experiments/results/myntra"))
     parser.add_argument("--n-jobs", type=int, default=1)
-    parser.add_argument("--metas", default="rerank,multiclass",
-                        help="meta-learners to fit on the OOF after the average blend (comma-separated)")
+    parser.add_argument("--metas", default="auto",
+                        help="meta-learners to fit on the OOF after the average blend (comma-separated); "
+                             "auto reports the average, ensemble selection and RerankMeta")
+    parser.add_argument("--tree", action="store_true",
+                        help="give the stack masterCategory > subCategory > articleType as the category tree")
+    parser.add_argument("--ablation", action="store_true", help="RerankMeta with each feature group off")
+    parser.add_argument("--no-peers", action="store_true", help="skip the peers (sklearn stacking is slow)")
     args = parser.parse_args()
 
     timings: dict[str, float] = {}
@@ -131,24 +172,38 @@ def main() -> None:
 
     results = {name: np.asarray(p, dtype=np.float32) for name, p in stack.oof_.items()}
     results["average"] = np.mean(list(results.values()), axis=0)
+    tree = myntra_tree(raw, frame) if args.tree else None
     for meta in args.metas.split(","):
         start = time.perf_counter()
-        stack.set_params(meta=meta).fit(frame, labels)
+        stack.set_params(meta=meta, tree=tree).fit(frame, labels)
         timings[f"meta_{meta}_nested_cv_and_fit"] = time.perf_counter() - start
-        results[f"meta:{meta}"] = stack.meta_oof_
+        if meta == "auto":
+            results.update({f"meta:{name}": proba for name, proba in stack.candidate_meta_oof_.items()})
+            print(stack.meta_selection_.round(4).to_string(), flush=True)
+        else:
+            results[f"meta:{meta}"] = stack.meta_oof_
+    if args.ablation:
+        start = time.perf_counter()
+        results.update(ablations(stack, tree is not None))
+        timings["ablations"] = time.perf_counter() - start
     start = time.perf_counter()
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=FutureWarning)
-        results.update(peer_predictions(frame, stack.oof_target_, stack.fold_of_row_, len(stack.classes_),
-                                        stack.oof_))
+    if not args.no_peers:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=FutureWarning)
+            results.update(peer_predictions(frame, stack.oof_target_, stack.fold_of_row_, len(stack.classes_),
+                                            stack.oof_))
     timings["peers"] = time.perf_counter() - start
+    if tree is not None:
+        for name, proba in results.items():
+            scores = hierarchy_scores(stack.oof_target_, proba.argmax(axis=1), tree.aligned(stack.classes_))
+            print(f"tree {name}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
 
     table = comparison_table(results, stack.oof_target_)
     args.results.mkdir(parents=True, exist_ok=True)
     report = write_report(args.run_dir / "comparison", results, stack.oof_target_, stack.classes_,
                           train_counts=stack.class_counts_,
                           title=f"Myntra {args.subset}: stackcat vs its parts and the peers",
-                          headline="meta:rerank")
+                          headline=f"meta:{type(stack.meta_).__name__}")
     for png in report.parent.glob("*.png"):
         shutil.copy(png, args.results / png.name)
     summary = {"subset": args.subset, "rows": len(frame), "classes": len(stack.classes_),

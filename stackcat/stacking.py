@@ -311,6 +311,9 @@ class StackingCategorizer(ClassifierMixin, _BaseComposition, BaseEstimator):
         which one was chosen.
     candidate_meta_oof_ : dict of str -> ndarray
         Nested OOF probabilities of every candidate meta-learner.
+    meta_inputs_ : dict
+        What the meta-learners got beside the OOF (``signals``, ``ancestors``);
+        kept in memory after ``fit`` for ablations, not saved with the stack.
     tree_ : CategoryTree or None
     oof_target_ : ndarray
         Each training row's class, as an index into ``classes_`` (the OOF rows' truth).
@@ -553,6 +556,7 @@ class StackingCategorizer(ClassifierMixin, _BaseComposition, BaseEstimator):
         self.tree_ = self._category_tree()
         signals = self._fit_signals(X, y_index)
         ancestors = self.tree_.ancestors if self.tree_ is not None else None
+        self.meta_inputs_ = _context(signals, ancestors)  # for ablations; not saved with the stack
         # the job keys determine the OOF matrices exactly, so they key the meta-learner too
         oof_key = digest({name: model_fingerprint(m) for name, m in candidates.items()}, sorted(job_keys), y_index,
                          self.evaluate_meta, sorted(signals), [signals[k] for k in sorted(signals)], ancestors)
@@ -776,6 +780,7 @@ class StackingCategorizer(ClassifierMixin, _BaseComposition, BaseEstimator):
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state.pop("_loaded_models", None)
+        state.pop("meta_inputs_", None)
         return state
 
     # saving -----------------------------------------------------------------
