@@ -111,9 +111,11 @@ def infer_spec(frame: pd.DataFrame, *, base_dir: str | Path | None = None, **ove
 
     Examples
     --------
-    >>> raw = pd.DataFrame({"sku": ["a1", "a2", "a3", "a4"],
-    ...                     "name": ["Red cotton shirt", "Blue denim jeans", "Red linen shirt", "Black jeans"],
-    ...                     "colour": ["red", "blue", "red", "black"], "type": ["shirt", "jeans"] * 2})
+    >>> raw = pd.DataFrame({"sku": ["a1", "a2", "a3", "a4", "a5", "a6"],
+    ...                     "name": ["Red cotton shirt", "Blue denim jeans", "Red linen shirt",
+    ...                              "Black slim jeans", "Blue oxford shirt", "Red cotton jeans"],
+    ...                     "colour": ["red", "blue", "red", "black", "blue", "red"],
+    ...                     "type": ["shirt", "jeans"] * 3})
     >>> spec = infer_spec(raw, target="type").spec
     >>> spec.id_column, list(spec.text_columns), list(spec.attribute_columns)
     ('sku', ['name'], ['colour'])

@@ -317,7 +317,7 @@ def text_encoding(path: str | Path) -> str:
     --------
     >>> import tempfile, pathlib
     >>> path = pathlib.Path(tempfile.mkdtemp()) / "t.csv"
-    >>> _ = path.write_bytes("name,type\nRed shirt,Shirts\n".encode("utf-16"))
+    >>> _ = path.write_bytes("name,type\\nRed shirt,Shirts\\n".encode("utf-16"))
     >>> text_encoding(path)
     'utf-16'
     """
@@ -328,13 +328,21 @@ def text_encoding(path: str | Path) -> str:
             return encoding
     if b"\x00" not in head:
         return "utf-8"
-    even, odd = head[0::2], head[1::2]
-    if odd and odd.count(0) > 0.9 * len(odd) and even.count(0) < 0.1 * len(even):
-        return "utf-16-le"
-    if even and even.count(0) > 0.9 * len(even) and odd.count(0) < 0.1 * len(odd):
-        return "utf-16-be"
+    nul_even, nul_odd = head[0::2].count(0), head[1::2].count(0)
+    # UTF-16 of ASCII-heavy text (the header, digits, commas) has its NULs on one side only
+    encoding = "utf-16-le" if nul_odd > nul_even else "utf-16-be"
+    if min(nul_even, nul_odd) <= 0.05 * max(nul_even, nul_odd) and _decodes(head, encoding):
+        return encoding
     raise DataError(f"{path}: holds NUL bytes but is not UTF-16 text: is it a binary file (e.g. an "
                     "Excel workbook renamed .csv)? Export the table as CSV (UTF-8) or Parquet")
+
+
+def _decodes(head: bytes, encoding: str) -> bool:
+    try:
+        codecs.getincrementaldecoder(encoding)().decode(head, final=False)
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def _separator(path: Path, encoding: str = "utf-8") -> str:
