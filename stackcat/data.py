@@ -129,6 +129,11 @@ class TableSpec:
     lowercase: bool = False
     attribute_keys: bool = True
 
+    def __post_init__(self) -> None:
+        # tuples, whether given lists or tuples: two specs of the same columns compare equal
+        for name in ("text_columns", "attribute_columns"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+
     @classmethod
     def kazanexpress(cls, image_dir: str | None = None, target: str | None = "category_id") -> TableSpec:
         """The KazanExpress product format (``text_fields`` JSON + shop + sale)."""
