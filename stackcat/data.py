@@ -15,11 +15,18 @@ Two ways to name the inputs:
   title), attribute columns rendered as ``Key: value``, a target, an id and an
   image column.
 
+Only an empty cell is missing: words such as ``NA`` or ``None`` are values.
+Ids and labels are text, the same whatever the file format (a Parquet ``1``
+and a CSV ``"1"`` are one category); labels are stripped and NFC-normalized,
+with a warning when that merges spellings.
+
 Bad rows never crash a run: each one becomes a :class:`RowError` naming the
 row's id, the column and the reason. Training rows with an error are left out
-(and listed); rows to predict are kept with a best-effort text, since every
-product needs a prediction. ``strict=True`` turns any row error into one
-:class:`DataError` that lists them all.
+(and listed), unless the problem was repaired (a missing id gets the id
+``row-<row number>``); rows to predict are kept with a best-effort text, since
+every product needs a prediction. ``strict=True`` turns any row error into one
+:class:`DataError` that lists them all. Which column holds what can be
+inferred from the values: see :mod:`stackcat.columns`.
 """
 
 from __future__ import annotations
