@@ -371,9 +371,10 @@ def run_predict(args: argparse.Namespace) -> int:
             print(f"{written:,} rows predicted ({written / (time.perf_counter() - start):.0f} rows/s)",
                   file=sys.stderr)
     share = f"{accepted / written:.1%}" if written else "0%"
+    rule = (f"probability >= {review.threshold:.4f} for precision {args.precision:g}" if review.reachable
+            else f"precision {args.precision:g} is not reached out of fold")
     print(f"wrote {written:,} predictions to {args.out}: {accepted:,} ({share}) auto-accepted "
-          f"(review column 'auto', probability >= {review.threshold:.4f} for precision {args.precision:g}), "
-          f"{written - accepted:,} for review")
+          f"(review column 'auto', {rule}), {written - accepted:,} for review")
     return EXIT_OK
 
 

@@ -265,3 +265,27 @@ def test_review_threshold_reads_the_meta_oof_else_the_average():
     meta = review_threshold(oof_stack(a, [0, 1], meta_oof=np.array([[0.99, 0.01], [0.3, 0.7]]), bt=b), 1.0)
     assert meta.source == "meta:SimpleNamespace" and meta.threshold == pytest.approx(0.7)
     assert meta.oof_coverage == 1.0
+
+
+def test_predict_says_when_the_precision_cannot_be_reached(tmp_path, capsys, monkeypatch):
+    from stackcat import cli
+
+    table = tmp_path / "train.csv"
+    toy_frame().to_csv(table, index=False)
+    run_dir = tmp_path / "run"
+    assert run_cli(["fit", table, "--run-dir", run_dir, *GENERIC, *FAST], capsys)[0] == EXIT_OK
+    load_run = cli._load_run
+
+    def run_whose_surest_oof_predictions_are_wrong(path):
+        stack, spec = load_run(path)
+        wrong = (stack.oof_target_ + 1) % len(stack.classes_)
+        stack.meta_oof_ = np.eye(len(stack.classes_), dtype=np.float32)[wrong]
+        return stack, spec
+
+    monkeypatch.setattr(cli, "_load_run", run_whose_surest_oof_predictions_are_wrong)
+    out = tmp_path / "predictions.csv"
+    code, stdout, err = run_cli(["predict", run_dir, table, "--out", out], capsys)
+    assert code == EXIT_OK
+    assert "precision 0.99 cannot be reached" in err and "every row is marked for review" in err
+    assert "0 (0.0%) auto-accepted" in stdout and "precision 0.99 is not reached out of fold" in stdout
+    assert set(pd.read_csv(out)["review"]) == {"review"}
