@@ -22,6 +22,8 @@ _EXPORTS = {
     "PreparedTable": "stackcat.data",
     "DataError": "stackcat.data",
     "read_table_chunks": "stackcat.data",
+    "infer_spec": "stackcat.columns",
+    "review_threshold": "stackcat.review",
     "FastTextClassifier": "stackcat.models.fasttext",
     "BertClassifier": "stackcat.models.bert",
     "ClipImageClassifier": "stackcat.models.clip",

@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--out", type=Path, required=True, help="predictions CSV to write")
     predict.add_argument("--image-dir", help="image folder of this table (default: the one used in fit)")
     predict.add_argument("--chunk-rows", type=int, default=10_000, help="rows per batch (bounds memory)")
+    predict.add_argument("--precision", type=float, default=0.99,
+                         help="precision wanted from the rows marked 'auto' in the review column: the "
+                              "probability threshold that gave it on the run's out-of-fold predictions")
     predict.set_defaults(handler=run_predict)
 
     evaluate = commands.add_parser("evaluate", help="score a run: its out-of-fold results, or a labelled table")
@@ -80,7 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_table_options(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("table columns (KazanExpress tables with text_fields need none)")
+    group = parser.add_argument_group(
+        "table columns (KazanExpress tables with text_fields need none; on other tables, given --target, "
+        "the roles of the other columns are inferred unless --text-columns is given)")
     group.add_argument("--target", help="category column (KazanExpress default: category_id)")
     group.add_argument("--text-columns", type=_names, help="text columns, title first: name,description")
     group.add_argument("--attribute-columns", type=_names, help="columns rendered as 'Column: value'")
@@ -131,13 +136,16 @@ def _names(value: str) -> list[str]:
 
 
 def run_fit(args: argparse.Namespace) -> int:
-    from stackcat.data import TableSpec, prepare_table, read_table
+    from stackcat.columns import infer_spec
+    from stackcat.data import prepare_table, read_table
 
     run_dir = args.run_dir = args.run_dir or Path("artifacts") / args.train.stem  # for the Ctrl-C hint
     _check_run_folder(run_dir, args.resume)
     raw = read_table(args.train)
-    spec = TableSpec.detect(raw.columns, **_spec_overrides(args))
-    spec = _absolute_image_dir(spec, args.train.parent)
+    inferred = infer_spec(raw, base_dir=args.train.parent, **_spec_overrides(args))
+    if inferred.inferred:
+        print(inferred.describe())
+    spec = _absolute_image_dir(inferred.spec, args.train.parent)
     prepared = prepare_table(raw, spec, strict=args.strict, base_dir=args.train.parent)
     print(prepared.summary())
     models = _models_from_args(args, run_dir)
@@ -345,11 +353,17 @@ def _spec_for_table(spec: Any, image_dir: str | None, table: Path) -> Any:
 
 def run_predict(args: argparse.Namespace) -> int:
     from stackcat.data import prepare_table, read_table_chunks
+    from stackcat.review import AUTO, review_threshold
     from stackcat.runs import atomic_path
 
+    _refuse_out_over_input(args.out, args.table)
+    if not 0 < args.precision <= 1:
+        raise UsageError(f"--precision {args.precision}: expected a share in (0, 1], e.g. 0.99")
     stack, spec = _load_run(args.run_dir)
     spec = _spec_for_table(spec, args.image_dir, args.table)
-    written = 0
+    review = review_threshold(stack, args.precision)
+    print(review.describe(), file=sys.stderr)
+    written = accepted = 0
     start = time.perf_counter()
     with atomic_path(args.out) as tmp, open(tmp, "w", encoding="utf-8", newline="") as handle:
         for number, chunk in enumerate(read_table_chunks(args.table, args.chunk_rows)):
@@ -358,18 +372,36 @@ def run_predict(args: argparse.Namespace) -> int:
                 print(f"warning: {error}", file=sys.stderr)
             proba = stack.predict_proba(prepared.frame)
             predictions = _prediction_rows(prepared.frame["id"].to_numpy(), proba, stack.classes_,
-                                           spec.id_column or "row", spec.target or "category")
+                                           spec.id_column or "row", spec.target or "category", review.threshold)
             predictions.to_csv(handle, header=number == 0, index=False)
             written += len(predictions)
+            accepted += int((predictions["review"] == AUTO).sum())
             print(f"{written:,} rows predicted ({written / (time.perf_counter() - start):.0f} rows/s)",
                   file=sys.stderr)
-    print(f"wrote {written:,} predictions to {args.out}")
+    share = f"{accepted / written:.1%}" if written else "0%"
+    rule = (f"probability >= {review.threshold:.4f} for precision {args.precision:g}" if review.reachable
+            else f"precision {args.precision:g} is not reached out of fold")
+    print(f"wrote {written:,} predictions to {args.out}: {accepted:,} ({share}) auto-accepted "
+          f"(review column 'auto', {rule}), {written - accepted:,} for review")
     return EXIT_OK
 
 
-def _prediction_rows(ids: Any, proba: Any, classes: Any, id_name: str, target_name: str) -> Any:
+def _refuse_out_over_input(out: Path, table: Path) -> None:
+    """``--out`` naming the table to predict would replace the user's data by predictions."""
+    import os
+
+    same = out.resolve() == table.resolve() or (out.exists() and table.exists() and os.path.samefile(out, table))
+    if same:
+        raise UsageError(f"--out {out} is the table to predict: it would be overwritten; "
+                         "write the predictions to another file")
+
+
+def _prediction_rows(ids: Any, proba: Any, classes: Any, id_name: str, target_name: str,
+                     threshold: float = float("inf")) -> Any:
     import numpy as np
     import pandas as pd
+
+    from stackcat.review import review_marks
 
     top = np.argsort(-proba, axis=1)[:, :5]
     top_proba = np.take_along_axis(proba, top, axis=1)
@@ -377,6 +409,7 @@ def _prediction_rows(ids: Any, proba: Any, classes: Any, id_name: str, target_na
         id_name: ids,
         target_name: classes[top[:, 0]],
         "probability": top_proba[:, 0].round(6),
+        "review": review_marks(top_proba[:, 0], threshold),
         "top5_categories": [json.dumps([_plain(c) for c in classes[row]], ensure_ascii=False) for row in top],
         "top5_probabilities": [json.dumps(row.round(6).tolist()) for row in top_proba],
     })

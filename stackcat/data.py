@@ -15,20 +15,29 @@ Two ways to name the inputs:
   title), attribute columns rendered as ``Key: value``, a target, an id and an
   image column.
 
+Only an empty cell is missing: words such as ``NA`` or ``None`` are values.
+Ids and labels are text, the same whatever the file format (a Parquet ``1``
+and a CSV ``"1"`` are one category); labels are stripped and NFC-normalized,
+with a warning when that merges spellings.
+
 Bad rows never crash a run: each one becomes a :class:`RowError` naming the
 row's id, the column and the reason. Training rows with an error are left out
-(and listed); rows to predict are kept with a best-effort text, since every
-product needs a prediction. ``strict=True`` turns any row error into one
-:class:`DataError` that lists them all.
+(and listed), unless the problem was repaired (a missing id gets the id
+``row-<row number>``); rows to predict are kept with a best-effort text, since
+every product needs a prediction. ``strict=True`` turns any row error into one
+:class:`DataError` that lists them all. Which column holds what can be
+inferred from the values: see :mod:`stackcat.columns`.
 """
 
 from __future__ import annotations
 
+import codecs
 import difflib
 import html
 import json
 import math
 import re
+import unicodedata
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -49,6 +58,10 @@ _TAG = re.compile(r"<[^>]*>")
 _BRACKETS = re.compile(r"[\[\]{}<>]")
 _SPACES = re.compile(r"\s+")
 _TRUE_WORDS = {"true", "1", "yes", "y", "t", "да"}
+_INTEGRAL_FLOAT_TEXT = re.compile(r"-?\d+\.0+")
+# UTF-32 first: its little-endian mark starts with UTF-16's
+_BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"),
+         (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))
 
 
 class DataError(ValueError):
@@ -57,12 +70,17 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class RowError:
-    """One bad row: its position in the table, its id, the column and the reason."""
+    """One bad row: its position in the table, its id, the column and the reason.
+
+    ``keeps_row``: the problem was repaired (e.g. a generated id) and the row
+    stays in the training data; other problems leave a training row out.
+    """
 
     row: int
     row_id: Any
     column: str
     reason: str
+    keeps_row: bool = False
 
     def __str__(self) -> str:
         return f"row {self.row} (id {self.row_id!r}), column {self.column!r}: {self.reason}"
@@ -117,6 +135,11 @@ class TableSpec:
     sale_column: str | None = None
     lowercase: bool = False
     attribute_keys: bool = True
+
+    def __post_init__(self) -> None:
+        # tuples, whether given lists or tuples: two specs of the same columns compare equal
+        for name in ("text_columns", "attribute_columns"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
 
     @classmethod
     def kazanexpress(cls, image_dir: str | None = None, target: str | None = "category_id") -> TableSpec:
@@ -207,9 +230,13 @@ class PreparedTable:
 def read_table(path: str | Path, columns: Sequence[str] | None = None) -> pd.DataFrame:
     """Read a CSV (``.csv``/``.tsv``/``.txt``) or Parquet (``.parquet``/``.pq``) table.
 
-    CSV cells are read as text (ids keep leading zeros; labels keep their
-    spelling). Bytes that are not UTF-8 are replaced and reported with their
-    line numbers as a warning. Text columns come back as ``object`` dtype.
+    CSV cells are read as text, and only an empty cell is missing: ids keep
+    leading zeros, and words such as ``NA``, ``None`` or ``null`` stay words
+    (a category or a product called ``None`` is not lost). UTF-16 and UTF-32
+    files (with a byte-order mark, or UTF-16 without one) are decoded; bytes
+    that are not UTF-8 in any other file are replaced and reported with their
+    line numbers as a warning. Two columns with the same name are refused.
+    Text columns come back as ``object`` dtype.
 
     Examples
     --------
@@ -237,16 +264,16 @@ def read_table_chunks(path: str | Path, chunk_rows: int = 10_000) -> Iterator[pd
     if path.suffix.lower() in PARQUET_SUFFIXES:
         import pyarrow.parquet as pq
 
+        _refuse_duplicate_parquet_columns(path)
         try:
             batches = pq.ParquetFile(path).iter_batches(batch_size=chunk_rows)
         except Exception as exc:
             raise DataError(f"{path}: not a readable Parquet file: {exc}") from exc
         chunks = (batch.to_pandas() for batch in batches)
     else:
-        _warn_non_utf8(path)
+        options = _csv_options(path)
         try:
-            chunks = pd.read_csv(path, sep=_separator(path), dtype=str, chunksize=chunk_rows,
-                                 encoding="utf-8", encoding_errors="replace")
+            chunks = pd.read_csv(path, chunksize=chunk_rows, **options)
         except pd.errors.EmptyDataError as exc:
             raise DataError(f"{path}: the file has no header and no rows") from exc
     start = 0
@@ -279,18 +306,100 @@ def _checked_table_path(path: str | Path) -> Path:
     return path
 
 
-def _separator(path: Path) -> str:
+def _csv_options(path: Path) -> dict[str, Any]:
+    """``pd.read_csv`` options for ``path``: its encoding and separator, every cell as text,
+    only an empty cell missing; checks the header for duplicate names first."""
+    encoding = text_encoding(path)
+    if encoding == "utf-8":
+        _warn_non_utf8(path)
+    options = {"sep": _separator(path, encoding), "dtype": str, "keep_default_na": False,
+               "na_values": [""], "encoding": encoding, "encoding_errors": "replace"}
+    _refuse_duplicate_csv_columns(path, options)
+    return options
+
+
+def text_encoding(path: str | Path) -> str:
+    """The encoding of a text table: from its byte-order mark, else UTF-16 when every
+    other byte of its start is NUL, else ``"utf-8"``.
+
+    Raises :class:`DataError` for a file with NUL bytes that is not UTF-16 (a
+    binary file, e.g. a spreadsheet saved under a ``.csv`` name).
+
+    Examples
+    --------
+    >>> import tempfile, pathlib
+    >>> path = pathlib.Path(tempfile.mkdtemp()) / "t.csv"
+    >>> _ = path.write_bytes("name,type\\nRed shirt,Shirts\\n".encode("utf-16"))
+    >>> text_encoding(path)
+    'utf-16'
+    """
+    with Path(path).open("rb") as handle:
+        head = handle.read(4096)
+    for bom, encoding in _BOMS:
+        if head.startswith(bom):
+            return encoding
+    if b"\x00" not in head:
+        return "utf-8"
+    nul_even, nul_odd = head[0::2].count(0), head[1::2].count(0)
+    # UTF-16 of ASCII-heavy text (the header, digits, commas) has its NULs on one side only
+    encoding = "utf-16-le" if nul_odd > nul_even else "utf-16-be"
+    if min(nul_even, nul_odd) <= 0.05 * max(nul_even, nul_odd) and _decodes(head, encoding):
+        return encoding
+    raise DataError(f"{path}: holds NUL bytes but is not UTF-16 text: is it a binary file (e.g. an "
+                    "Excel workbook renamed .csv)? Export the table as CSV (UTF-8) or Parquet")
+
+
+def _decodes(head: bytes, encoding: str) -> bool:
+    try:
+        codecs.getincrementaldecoder(encoding)().decode(head, final=False)
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _separator(path: Path, encoding: str = "utf-8") -> str:
     """Tab for ``.tsv``; else comma, unless the header has no comma but semicolons or tabs
     (spreadsheet exports in many locales use ``;``)."""
     if path.suffix.lower() == ".tsv":
         return "\t"
-    with path.open("rb") as handle:
-        header = handle.readline().decode("utf-8", errors="replace")
+    with path.open(encoding=encoding, errors="replace") as handle:
+        header = handle.readline()
     if "," not in header:
         for candidate in (";", "\t"):
             if candidate in header:
                 return candidate
     return ","
+
+
+def _refuse_duplicate_csv_columns(path: Path, options: Mapping[str, Any]) -> None:
+    """pandas renames a repeated column ``name.1``; the user would never learn which one is read."""
+    try:
+        header = pd.read_csv(path, header=None, nrows=1, **options).iloc[0].tolist()
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, IndexError):
+        return  # the full read reports these with the file's name
+    _refuse_duplicate_names([str(name) for name in header if not _is_missing(name)], path)
+
+
+def _refuse_duplicate_parquet_columns(path: Path) -> None:
+    import pyarrow.parquet as pq
+
+    try:
+        names = pq.read_schema(path).names
+    except Exception as exc:  # pyarrow raises many types for a broken file
+        raise DataError(f"{path}: not a readable Parquet file: {exc}") from exc
+    _refuse_duplicate_names(names, path)
+
+
+def _refuse_duplicate_names(names: Sequence[Any], source: Any) -> None:
+    positions: dict[Any, list[int]] = {}
+    for position, name in enumerate(names, start=1):
+        positions.setdefault(name, []).append(position)
+    repeated = {name: where for name, where in positions.items() if len(where) > 1}
+    if repeated:
+        described = "; ".join(f"{str(name)!r} is columns {', '.join(map(str, where))}"
+                              for name, where in repeated.items())
+        raise DataError(f"{source}: duplicate column name(s): {described}. Rename them so that "
+                        "each column has its own name")
 
 
 def _warn_non_utf8(path: Path) -> None:
@@ -300,15 +409,14 @@ def _warn_non_utf8(path: Path) -> None:
         warnings.warn(
             f"{path}: bytes that are not UTF-8 on line(s) {shown}; they were replaced by U+FFFD. "
             "Re-save the file as UTF-8 to keep those characters.",
-            stacklevel=4,
+            stacklevel=5,
         )
 
 
 def _read_csv(path: Path) -> pd.DataFrame:
-    _warn_non_utf8(path)
+    options = _csv_options(path)
     try:
-        return pd.read_csv(path, sep=_separator(path), dtype=str, keep_default_na=True,
-                           encoding="utf-8", encoding_errors="replace")
+        return pd.read_csv(path, **options)
     except pd.errors.EmptyDataError as exc:
         raise DataError(f"{path}: the file has no header and no rows") from exc
     except pd.errors.ParserError as exc:
@@ -327,6 +435,7 @@ def _non_utf8_lines(path: Path) -> list[int]:
 
 
 def _read_parquet(path: Path) -> pd.DataFrame:
+    _refuse_duplicate_parquet_columns(path)
     try:
         return pd.read_parquet(path)
     except Exception as exc:  # pyarrow raises many types for a broken file
@@ -480,6 +589,7 @@ def prepare_table(frame: pd.DataFrame, spec: TableSpec, *, with_target: bool = T
     """
     if with_target and not spec.target:
         raise DataError("no target column named: say which column holds the category (--target)")
+    _refuse_duplicate_names(list(frame.columns), "the table")
     require_columns(frame, spec.required_columns(with_target), source="the table")
     first_row = _first_row_number(frame)
     frame = _plain_object_text(frame.reset_index(drop=True))
@@ -503,7 +613,7 @@ def prepare_table(frame: pd.DataFrame, spec: TableSpec, *, with_target: bool = T
     if strict and errors:
         raise DataError(f"{len(errors)} bad row(s) (strict mode):\n{_listed(errors)}")
     if with_target:
-        out = out.drop(index=sorted({e.row for e in errors}))
+        out = out.drop(index=sorted({e.row for e in errors if not e.keeps_row}))
         if out.empty and len(frame):
             raise DataError(f"no usable training rows: each of the {len(frame)} rows has a problem:\n"
                             f"{_listed(errors)}")
@@ -539,23 +649,57 @@ def _require_plain_values(column: pd.Series, name: str, first_row: int) -> None:
 
 def _row_ids(frame: pd.DataFrame, spec: TableSpec, errors: list[RowError],
              with_target: bool, first_row: int = 0) -> np.ndarray:
-    """Each row's id (its row number in the file without an id column); missing and
-    duplicate ids are row errors (duplicates are left out of training, still predicted)."""
+    """Each row's id as text (its row number in the file without an id column).
+
+    A missing id (an empty cell) gets the id ``row-<row number>`` and is
+    reported; the row is kept, for training too (the models never read the id).
+    Duplicate ids are row errors: left out of training, still predicted.
+    """
     if not spec.id_column:
         return np.arange(first_row, first_row + len(frame)).astype(object)
-    ids = frame[spec.id_column].to_numpy(dtype=object)
+    ids = np.array(key_texts(frame[spec.id_column].to_numpy(dtype=object)), dtype=object)
     first_seen: dict[Any, int] = {}
     for row, value in enumerate(ids):
-        if _is_missing(value):
-            errors.append(RowError(row, None, spec.id_column, "missing product id"))
-            ids[row] = f"row-{row + first_row}"
-        elif value in first_seen:
+        if value is None:
+            ids[row] = value = f"row-{row + first_row}"
+            errors.append(RowError(row, value, spec.id_column,
+                                   f"missing product id; the row is kept under the id {value!r}",
+                                   keeps_row=True))
+        if value in first_seen:
             reason = f"duplicate product id (first seen at row {first_seen[value] + first_row})"
             outcome = "; row left out" if with_target else "; both rows predicted"
             errors.append(RowError(row, value, spec.id_column, reason + outcome))
         else:
             first_seen[value] = row
     return ids
+
+
+def key_texts(values: Sequence[Any]) -> list[str | None]:
+    """Ids or labels as text, the same whatever the file format: ``None`` where missing.
+
+    Numbers become their text; a column whose numbers are all integral floats
+    (an integer column that pandas or a CSV export turned into ``1.0``, ``2.0``
+    because of a missing cell) is written as integers. A cell of only
+    whitespace is missing.
+
+    Examples
+    --------
+    >>> key_texts([1.0, float("nan"), 3.0])
+    ['1', None, '3']
+    >>> key_texts(["007", " ", "2.0"]), key_texts(["1.0", "2.0"]), key_texts([1.5, 2])
+    (['007', None, '2.0'], ['1', '2'], ['1.5', '2'])
+    """
+    plain = [v.item() if isinstance(v, np.generic) else v for v in values]
+    texts = [None if _is_missing(v) or (isinstance(v, str) and not v.strip()) else v for v in plain]
+    present = [v for v in texts if v is not None]
+    numbers = [v for v in present if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    integral = bool(present) and (
+        all(isinstance(v, str) and _INTEGRAL_FLOAT_TEXT.fullmatch(v.strip()) for v in present)
+        or (len(numbers) == len(present) and all(float(v).is_integer() for v in numbers))
+    )
+    if integral:
+        return [None if v is None else str(int(float(v))) for v in texts]
+    return [None if v is None else str(v) for v in texts]
 
 
 def _product_texts(frame: pd.DataFrame, spec: TableSpec, ids: np.ndarray,
@@ -636,29 +780,42 @@ def _image_paths(frame: pd.DataFrame, spec: TableSpec, ids: np.ndarray,
 
 
 def _labels(column: pd.Series, name: str, ids: np.ndarray, errors: list[RowError]) -> np.ndarray:
-    labels = column.to_numpy(dtype=object).copy()
-    present = np.array([not (_is_missing(v) or str(v).strip() == "") for v in labels], dtype=bool)
-    for row in np.flatnonzero(~present):
+    """Labels as text (see :func:`key_texts`): surrounding whitespace stripped,
+    Unicode NFC; a missing label is a row error."""
+    raw = key_texts(column.to_numpy(dtype=object))
+    labels = np.array([None if v is None else normalize_label(v) for v in raw], dtype=object)
+    for row in np.flatnonzero([label is None for label in labels]):
         errors.append(RowError(int(row), ids[row], name, "missing target"))
-    labels[present] = _uniform_labels(labels[present], name, ids[present])
+    _warn_merged_labels(raw, labels, name)
     return labels
 
 
-def _uniform_labels(values: np.ndarray, name: str, ids: np.ndarray) -> np.ndarray:
-    """One Python type for all labels; integral floats (from a NaN-holed column) -> int."""
-    if len(values) and all(isinstance(v, (float, np.floating)) and float(v).is_integer() for v in values):
-        return np.array([int(v) for v in values], dtype=object)
-    kinds: dict[str, list[Any]] = {}
-    for value, row_id in zip(values, ids):
-        kind = "number" if isinstance(value, (int, float, np.integer, np.floating)) else type(value).__name__
-        kinds.setdefault(kind, []).append(row_id)
-    if len(kinds) > 1:
-        described = "; ".join(f"{k} (e.g. ids {v[:3]})" for k, v in kinds.items())
-        raise DataError(
-            f"target column {name!r} mixes label types: {described}. "
-            "Convert the column to one type (e.g. all strings) before training."
-        )
-    return values
+def normalize_label(label: str) -> str:
+    """A label as a class name: surrounding whitespace stripped, Unicode NFC.
+
+    Examples
+    --------
+    >>> normalize_label(" Shirts ") == normalize_label("Shirts")
+    True
+    >>> normalize_label("Cafe\u0301") == "Caf\u00e9"
+    True
+    """
+    return unicodedata.normalize("NFC", label.strip())
+
+
+def _warn_merged_labels(raw: Sequence[str | None], labels: np.ndarray, name: str) -> None:
+    spellings: dict[str, set[str]] = {}
+    for original, label in zip(raw, labels):
+        if label is not None:
+            spellings.setdefault(label, set()).add(original)
+    merged = {label: sorted(found) for label, found in spellings.items() if len(found) > 1}
+    if not merged:
+        return
+    shown = "; ".join(f"{' + '.join(map(repr, found))} -> {label!r}"
+                      for label, found in sorted(merged.items())[:10])
+    more = f" ... and {len(merged) - 10} more" if len(merged) > 10 else ""
+    warnings.warn(f"target column {name!r}: labels that differ only in surrounding whitespace or Unicode "
+                  f"form are one category: {shown}{more}", stacklevel=4)
 
 
 def _is_missing(value: Any) -> bool:

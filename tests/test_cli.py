@@ -59,7 +59,7 @@ def test_predict_writes_every_row_with_top5(fitted_run, tmp_path):
     out = tmp_path / "preds.csv"
     assert main(["predict", str(run_dir), str(test), "--out", str(out), "--chunk-rows", "10"]) == EXIT_OK
     predictions = pd.read_csv(out)
-    assert list(predictions.columns) == ["product_id", "category_id", "probability",
+    assert list(predictions.columns) == ["product_id", "category_id", "probability", "review",
                                          "top5_categories", "top5_probabilities"]
     assert len(predictions) == 36 and predictions["probability"].between(0, 1).all()
     assert len(json.loads(predictions["top5_categories"][0])) == 4  # only 4 classes exist

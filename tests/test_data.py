@@ -138,16 +138,16 @@ def test_no_target_named_for_training():
         prepare_table(pd.DataFrame({"a": ["x"]}), TableSpec(text_columns=["a"]))
 
 
-def test_mixed_label_types_are_refused_with_examples():
-    raw = pd.DataFrame({"t": ["a", "b", "c"], "y": [1, "shoes", 2]}, dtype=object)
-    with pytest.raises(DataError, match="mixes label types: number .* str"):
-        prepare_table(raw, TableSpec(text_columns=["t"], target="y"))
+def test_labels_of_mixed_types_become_text():
+    raw = pd.DataFrame({"t": ["a", "b", "c"], "y": [1, "shoes", np.int64(2)]}, dtype=object)
+    prepared = prepare_table(raw, TableSpec(text_columns=["t"], target="y"))
+    assert prepared.frame["label"].tolist() == ["1", "shoes", "2"]
 
 
-def test_integral_float_labels_become_ints():
+def test_integral_float_labels_are_written_as_integers():
     raw = pd.DataFrame({"t": ["a", "b", "c"], "y": [1.0, np.nan, 3.0]})
     prepared = prepare_table(raw, TableSpec(text_columns=["t"], target="y"))
-    assert prepared.frame["label"].tolist() == [1, 3]
+    assert prepared.frame["label"].tolist() == ["1", "3"]
     assert [e.reason for e in prepared.errors] == ["missing target"]
 
 
@@ -184,7 +184,7 @@ def test_read_parquet_round_trip_with_nested_columns(tmp_path):
     frame = read_table(path)
     prepared = prepare_table(frame, TableSpec(text_columns=["name"], attribute_columns=["tags"], target="y"))
     assert prepared.frame["text"].tolist() == ["Mug. tags: white, big", "Cup"]
-    assert prepared.frame["label"].tolist() == [1, 2]
+    assert prepared.frame["label"].tolist() == ["1", "2"]
 
 
 @pytest.mark.parametrize("content, message", [
