@@ -24,6 +24,7 @@ from numbers import Integral, Real
 from typing import Any
 
 import numpy as np
+from scipy import sparse
 from scipy.optimize import minimize_scalar
 from scipy.special import entr
 from sklearn.base import BaseEstimator, _fit_context
@@ -32,6 +33,15 @@ from sklearn.utils.validation import check_is_fitted
 from tqdm.auto import tqdm
 
 from stackcat.models._base import normalize_rows
+from stackcat.topk import (
+    dense_rows,
+    is_top_k,
+    normalized_rows,
+    row_argmax,
+    take_rows,
+    values_at,
+    weighted_sum,
+)
 
 AUTO_RERANK_ABOVE = 50
 RERANK_LOSSES = ("Logloss", "YetiRank", "YetiRankPairwise", "PairLogit",
@@ -83,7 +93,15 @@ def check_probas(
     return names, matrices
 
 
-def _check_matrix(name: str, matrix: Any) -> np.ndarray:
+def _check_matrix(name: str, matrix: Any) -> Any:
+    if is_top_k(matrix):  # top-k CSR (stackcat.topk): check the stored values
+        matrix = matrix.tocsr()
+        if matrix.dtype.kind != "f":
+            matrix = matrix.astype(np.float32)
+        bad = np.unique(np.repeat(np.arange(matrix.shape[0]), np.diff(matrix.indptr))[~np.isfinite(matrix.data)])
+        if bad.size:
+            raise ValueError(f"probas[{name!r}] has NaN or infinite values in rows {bad[:10].tolist()}")
+        return matrix
     matrix = np.asarray(matrix)
     if matrix.ndim != 2:
         raise ValueError(f"probas[{name!r}] must be 2-D (n_samples, n_classes); got shape {matrix.shape}")
@@ -278,20 +296,35 @@ class AverageBlend(_MetaBase):
         return weights / weights.sum()
 
 
-def scale_temperature(matrix: np.ndarray, temperature: float) -> np.ndarray:
-    """``p ** (1 / T)`` renormalized: T > 1 softens a model's probabilities, T < 1 sharpens them."""
+def scale_temperature(matrix: Any, temperature: float) -> Any:
+    """``p ** (1 / T)`` renormalized: T > 1 softens a model's probabilities, T < 1 sharpens them.
+
+    A top-k matrix is scaled over its stored entries (the unstored rest is left out).
+    """
+    if is_top_k(matrix):
+        scaled = matrix.astype(np.float64)
+        scaled.data = np.power(np.maximum(scaled.data, 0.0), 1.0 / temperature)
+        return normalized_rows(scaled)
     matrix = np.asarray(matrix, dtype=np.float64)
     if temperature == 1.0:
         return normalize_rows(matrix.copy())
     return normalize_rows(np.power(np.maximum(matrix, 0.0), 1.0 / temperature))
 
 
-def member_temperature(matrix: np.ndarray, y: np.ndarray, max_rows: int = 50_000) -> float:
-    """The temperature that minimizes a model's log loss on (at most ``max_rows`` of) its OOF rows."""
+def true_class_proba(matrix: Any, y: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """Each row's temperature-scaled probability of its true class ``y`` (all a log loss needs)."""
+    scaled = scale_temperature(matrix, temperature)
+    return values_at(scaled, y)
+
+
+def member_temperature(matrix: Any, y: np.ndarray, max_cells: int = 20_000_000) -> float:
+    """The temperature that minimizes a model's log loss on its OOF rows (a sample of at most
+    ``max_cells`` probabilities)."""
     rows = np.arange(len(y))
+    max_rows = max(max_cells // max(matrix.shape[1], 1), 1000)
     if len(rows) > max_rows:
-        rows = np.random.default_rng(0).choice(rows, max_rows, replace=False)
-    log_p = np.log(np.maximum(np.asarray(matrix[rows], dtype=np.float64), LOG_FLOOR))
+        rows = np.sort(np.random.default_rng(0).choice(rows, max_rows, replace=False))
+    log_p = np.log(np.maximum(dense_rows(matrix, rows).astype(np.float64), LOG_FLOOR))
     truth = y[rows]
 
     def loss(log_t: float) -> float:
@@ -304,17 +337,10 @@ def member_temperature(matrix: np.ndarray, y: np.ndarray, max_rows: int = 50_000
     return float(np.exp(result.x))
 
 
-def blend(matrices: Sequence[np.ndarray], weights: np.ndarray, temperatures: np.ndarray) -> np.ndarray:
-    """Weighted mean of temperature-scaled probability matrices; rows sum to 1."""
-    total = np.zeros(matrices[0].shape, dtype=np.float64)
-    for weight, temperature, matrix in zip(weights, temperatures, matrices, strict=True):
-        if weight:
-            total += weight * scale_temperature(matrix, temperature)
-    return normalize_rows(total)
-
-
-def _log_loss(proba: np.ndarray, y: np.ndarray) -> float:
-    return float(-np.mean(np.log(np.maximum(proba[np.arange(len(y)), y], 1e-15))))
+def blend(matrices: Sequence[Any], weights: np.ndarray, temperatures: np.ndarray) -> Any:
+    """Weighted mean of temperature-scaled probability matrices; rows sum to 1 (top-k in, top-k out)."""
+    scaled = [scale_temperature(m, t) if w else m for m, w, t in zip(matrices, weights, temperatures, strict=True)]
+    return normalized_rows(weighted_sum(scaled, weights))
 
 
 class EnsembleSelection(_MetaBase):
@@ -371,15 +397,16 @@ class EnsembleSelection(_MetaBase):
         matrices, y = self._fit_inputs(probas, y)
         self.temperatures_ = (np.array([member_temperature(m, y) for m in matrices]) if self.calibrate
                               else np.ones(len(matrices)))
-        scaled = [scale_temperature(m, t) for m, t in zip(matrices, self.temperatures_, strict=True)]
-        counts = np.zeros(len(scaled))
-        total = np.zeros(scaled[0].shape)
+        # every scaled row sums to 1, so the blend's log loss needs only the true class's probability
+        truth = [true_class_proba(m, y, t) for m, t in zip(matrices, self.temperatures_, strict=True)]
+        counts = np.zeros(len(truth))
+        total = np.zeros(len(y))
         self.trajectory_ = []
         for step in range(self.n_iterations):
-            losses = [_log_loss((total + m) / (step + 1), y) for m in scaled]
+            losses = [float(-np.mean(np.log(np.maximum((total + t) / (step + 1), 1e-15)))) for t in truth]
             best = int(np.argmin(losses))
             counts[best] += 1
-            total += scaled[best]
+            total += truth[best]
             self.trajectory_.append(losses[best])
         self.weights_ = counts / counts.sum()
         return self
@@ -396,7 +423,7 @@ class EnsembleSelection(_MetaBase):
 
 def log_features(matrices: Sequence[np.ndarray]) -> np.ndarray:
     """Concatenated log-probabilities ``(n_samples, n_models * n_classes)`` in float32."""
-    columns = [np.log(np.maximum(m.astype(np.float32), LOG_FLOOR)) for m in matrices]
+    columns = [np.log(np.maximum(dense_rows(m, slice(None)), LOG_FLOOR)) for m in matrices]
     return np.concatenate(columns, axis=1)
 
 
@@ -555,7 +582,7 @@ class MulticlassMeta(_MetaBase):
             "n_products": int(len(y)),
             "accuracy": float(np.mean(proba.argmax(1) == y)),
             "average_accuracy": float(np.mean(_argmax_of_mean(matrices, eval_mask) == y)),
-            "best_model_accuracy": float(max(np.mean(m[eval_mask].argmax(1) == y) for m in matrices)),
+            "best_model_accuracy": float(max(np.mean(row_argmax(take_rows(m, eval_mask)) == y) for m in matrices)),
             "logloss": float(-np.mean(np.log(np.maximum(proba[np.arange(len(y)), y], 1e-15)))),
         }
 
@@ -739,8 +766,8 @@ def build_candidates(matrices: Sequence[np.ndarray], top_k: int, class_log_count
     starts = range(0, n_products, ROW_CHUNK)
     for start in tqdm(starts, desc="rerank candidates", unit="block", disable=not progress):
         rows = slice(start, start + ROW_CHUNK)
-        chunk = [np.asarray(m[rows], dtype=np.float32) for m in matrices]
-        signal_chunk = [np.asarray(s[rows], dtype=np.float32) for s in signals]
+        chunk = [dense_rows(m, rows, spread=False) for m in matrices]
+        signal_chunk = [dense_rows(s, rows, spread=False) for s in signals]
         product, label, block = _candidate_chunk(chunk, top_k, depth, class_log_count, signal_chunk,
                                                  candidate_signals, ancestors, hierarchy_levels)
         products.append(product + start)
@@ -1023,12 +1050,15 @@ class RerankMeta(_MetaBase):
         """Probabilities ``(n_samples, n_classes)``: softmax over each product's candidates, 0 elsewhere."""
         matrices = self._predict_inputs(probas)
         signals = check_signals(signals, *matrices[0].shape, names=self.signal_names_)
-        proba = np.zeros(matrices[0].shape, dtype=np.float64)
-        if len(proba) == 0:
-            return proba
+        shape = matrices[0].shape
+        if shape[0] == 0:
+            return np.zeros(shape, dtype=np.float64)
         candidates = self._candidates(matrices, signals)
         candidate_proba = group_softmax(self._scores(self.model_, candidates) / self.temperature_,
                                         candidates.starts)
+        if any(is_top_k(m) for m in matrices):  # top-k in, top-k out: the candidates are the stored entries
+            return sparse.csr_matrix((candidate_proba, (candidates.product, candidates.label)), shape=shape)
+        proba = np.zeros(shape, dtype=np.float64)
         proba[candidates.product, candidates.label] = candidate_proba
         return proba
 
@@ -1118,17 +1148,15 @@ class RerankMeta(_MetaBase):
             "n_products": int(eval_products.sum()),
             "accuracy": float(chosen_right.mean()),
             "average_accuracy": float(np.mean(_argmax_of_mean(matrices, eval_products) == eval_y)),
-            "best_model_accuracy": float(max(np.mean(m[eval_products].argmax(1) == eval_y) for m in matrices)),
+            "best_model_accuracy": float(max(np.mean(row_argmax(take_rows(m, eval_products)) == eval_y)
+                                             for m in matrices)),
             "candidate_recall": float(np.add.reduceat(positive, starts).astype(bool).mean()),
             "logloss": float(-np.mean(np.log(np.maximum(proba[positive], 1e-15)))) if positive.any() else np.nan,
         }
 
 
-def _argmax_of_mean(matrices: Sequence[np.ndarray], rows: np.ndarray) -> np.ndarray:
-    total = np.zeros((int(rows.sum()), matrices[0].shape[1]), dtype=np.float32)
-    for matrix in matrices:
-        total += matrix[rows]
-    return total.argmax(axis=1)
+def _argmax_of_mean(matrices: Sequence[Any], rows: np.ndarray) -> np.ndarray:
+    return row_argmax(weighted_sum([take_rows(m, rows) for m in matrices], [1.0] * len(matrices)))
 
 
 # ---------------------------------------------------------------------------

@@ -22,6 +22,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from stackcat.topk import is_top_k, rank_of, row_argmax, row_max
+
 ECE_BINS = 15
 COVERAGE_TARGETS = (0.95, 0.99)
 TOP_K = 5
@@ -61,8 +63,9 @@ def as_indices(y_true: Any, n_classes: int, classes: Sequence[Any] | None = None
     return y.astype(np.int64)
 
 
-def _check_proba(proba: Any, n_samples: int) -> np.ndarray:
-    proba = np.asarray(proba)
+def _check_proba(proba: Any, n_samples: int) -> Any:
+    """A 2-D probability matrix: dense, or top-k sparse (:mod:`stackcat.topk`)."""
+    proba = proba if is_top_k(proba) else np.asarray(proba)
     if proba.ndim != 2 or proba.shape[0] != n_samples:
         raise ValueError(f"proba must be (n_samples={n_samples}, n_classes); got shape {proba.shape}")
     return proba
@@ -84,8 +87,13 @@ def f1_per_class(tp: np.ndarray, predicted: np.ndarray, support: np.ndarray) -> 
     return np.divide(2.0 * tp, denominator, out=np.zeros(len(tp)), where=denominator > 0)
 
 
-def true_class_rank(y_true: np.ndarray, proba: np.ndarray) -> np.ndarray:
-    """How many classes score at least as high as the true one (ties count against it)."""
+def true_class_rank(y_true: np.ndarray, proba: Any) -> np.ndarray:
+    """How many classes score at least as high as the true one (ties count against it).
+
+    A top-k matrix ranks a true class it does not store after every stored one.
+    """
+    if is_top_k(proba):
+        return rank_of(proba, y_true)
     ranks = np.empty(len(y_true), dtype=np.int64)
     for start in range(0, len(y_true), RANK_CHUNK):
         block = proba[start:start + RANK_CHUNK]
@@ -176,17 +184,17 @@ def score(y_true: Any, proba: Any, classes: Sequence[Any] | None = None) -> dict
     >>> result["accuracy"], result["coverage_at_95"], result["threshold_at_95"]
     (0.75, 0.75, 0.7)
     """
-    proba = np.asarray(proba)
+    proba = proba if is_top_k(proba) else np.asarray(proba)
     if proba.ndim != 2:
         raise ValueError(f"proba must be 2-D (n_samples, n_classes); got shape {proba.shape}")
     y = as_indices(y_true, proba.shape[1], classes)
     proba = _check_proba(proba, len(y))
     n_classes = proba.shape[1]
-    y_pred = proba.argmax(axis=1)
+    y_pred = row_argmax(proba)
     tp, predicted, support = class_counts(y, y_pred, n_classes)
     f1 = f1_per_class(tp, predicted, support)
     seen = (predicted + support) > 0
-    confidence = proba.max(axis=1).astype(np.float64)
+    confidence = row_max(proba)
     correct = y_pred == y
     result = {
         "weighted_f1": float(np.sum(f1 * support) / max(support.sum(), 1)),
@@ -219,13 +227,13 @@ def per_class_report(y_true: Any, proba: Any, classes: Sequence[Any],
     >>> table[["class", "support", "precision", "recall"]].values.tolist()
     [['b', 2, 1.0, 0.5], ['a', 1, 0.5, 1.0]]
     """
-    proba = np.asarray(proba)
+    proba = proba if is_top_k(proba) else np.asarray(proba)
     classes = list(classes)
     if proba.ndim != 2 or proba.shape[1] != len(classes):
         raise ValueError(f"proba has shape {proba.shape} but {len(classes)} classes were given")
     y = _indices_or_labels(y_true, classes)
     proba = _check_proba(proba, len(y))
-    tp, predicted, support = class_counts(y, proba.argmax(axis=1), len(classes))
+    tp, predicted, support = class_counts(y, row_argmax(proba), len(classes))
     table = pd.DataFrame({
         "class": pd.Series(classes, dtype=object),
         "support": support,
@@ -402,7 +410,7 @@ def write_report(
             frequency, np.bincount(y, minlength=len(classes)),
             "training count" if train_counts is not None else "evaluation support"),
         "confused_pairs": lambda: plot_confused_pairs(
-            confused_pairs(y, probas[headline].argmax(axis=1), len(classes)), classes, headline),
+            confused_pairs(y, row_argmax(probas[headline]), len(classes)), classes, headline),
         "coverage": lambda: plot_coverage({n: probas[n] for n in dict.fromkeys([headline, average, best_single]) if n},
                                           y, headline),
         "reliability": lambda: plot_reliability({n: probas[n] for n in dict.fromkeys([headline, average]) if n}, y),
@@ -417,7 +425,7 @@ def write_report(
 
 
 def _per_class_f1(y: np.ndarray, proba: np.ndarray, n_classes: int) -> np.ndarray:
-    return f1_per_class(*class_counts(y, proba.argmax(axis=1), n_classes))
+    return f1_per_class(*class_counts(y, row_argmax(proba), n_classes))
 
 
 def _class_positions(per_class: pd.DataFrame, classes: Sequence[Any]) -> np.ndarray:
@@ -443,7 +451,7 @@ def _report_markdown(title: str, notes: Sequence[str], table: pd.DataFrame, head
     weakest = weakest.assign(train_count=weakest["train_count"].astype("Int64"))
     lines += [markdown_table(weakest[["class", "support", "precision", "recall", "f1", "train_count"]], index=False), ""]
     lines += [f"![per-class F1 vs class frequency]({PLOTS['f1_vs_frequency']})", ""]
-    pairs = confused_pairs(y, probas[headline].argmax(axis=1), len(classes))
+    pairs = confused_pairs(y, row_argmax(probas[headline]), len(classes))
     pairs_table = pd.DataFrame({"true": [classes[i] for i in pairs["true"]],
                                 "predicted": [classes[i] for i in pairs["predicted"]], "count": pairs["count"]})
     lines += ["## Most confused pairs", "", markdown_table(pairs_table, index=False), "",
@@ -533,8 +541,8 @@ def plot_coverage(probas: Mapping[str, np.ndarray], y: np.ndarray, headline: str
     figure = _figure()
     axes = figure.add_subplot()
     for name, proba in probas.items():
-        confidence = proba.max(axis=1).astype(np.float64)
-        curve = precision_coverage_curve(confidence, proba.argmax(axis=1) == y)
+        confidence = row_max(proba)
+        curve = precision_coverage_curve(confidence, row_argmax(proba) == y)
         axes.plot(curve["coverage"], curve["precision"], label=name, lw=2 if name == headline else 1)
         if name != headline:
             continue
@@ -559,8 +567,8 @@ def plot_reliability(probas: Mapping[str, np.ndarray], y: np.ndarray) -> Any:
     axes = figure.add_subplot()
     axes.plot([0, 1], [0, 1], color="grey", ls="--", lw=0.8, label="perfect calibration")
     for name, proba in probas.items():
-        confidence = proba.max(axis=1).astype(np.float64)
-        correct = proba.argmax(axis=1) == y
+        confidence = row_max(proba)
+        correct = row_argmax(proba) == y
         bins = reliability_bins(confidence, correct)
         filled = bins["count"] > 0
         ece = expected_calibration_error(confidence, correct)

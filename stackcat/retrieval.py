@@ -40,8 +40,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+from scipy import sparse
+
+from stackcat.topk import is_top_k, put_rows, top_k_rows
 
 QUERY_CHUNK = 2048  # query rows per similarity block: bounds the (chunk x reference) float32 matrix
 RETRIEVAL_KINDS = ("centroid", "nearest", "knn_share")
@@ -116,37 +120,55 @@ class NeighbourIndex:
         return out
 
 
+def index_signals(index: NeighbourIndex, queries: np.ndarray, top_k: int | None = None) -> dict[str, Any]:
+    """``index.signals`` in blocks of :data:`QUERY_CHUNK` queries; with ``top_k``, each signal is kept
+    as a top-k CSR matrix (:mod:`stackcat.topk`), so memory stays linear in the number of products."""
+    blocks: dict[str, list] = {kind: [] for kind in RETRIEVAL_KINDS}
+    for start in range(0, max(len(queries), 1), QUERY_CHUNK):
+        for kind, values in index.signals(queries[start:start + QUERY_CHUNK]).items():
+            blocks[kind].append(values if top_k is None else top_k_rows(values, top_k))
+    return {kind: _stacked(parts) for kind, parts in blocks.items()}
+
+
 def view_signals(embeddings: Mapping[str, np.ndarray], reference_rows: np.ndarray, y: np.ndarray,
-                 n_classes: int, query_rows: np.ndarray, *, k: int = 10,
-                 temperature: float = 0.05) -> dict[str, np.ndarray]:
+                 n_classes: int, query_rows: np.ndarray, *, k: int = 10, temperature: float = 0.05,
+                 top_k: int | None = None) -> dict[str, Any]:
     """Retrieval signals of ``query_rows`` against ``reference_rows``, for every view."""
     out = {}
     for view, matrix in embeddings.items():
         index = NeighbourIndex(matrix[reference_rows], y[reference_rows], n_classes, k, temperature)
-        for kind, values in index.signals(matrix[query_rows]).items():
+        for kind, values in index_signals(index, matrix[query_rows], top_k).items():
             out[f"{view}:{kind}"] = values
     return out
 
 
 def oof_signals(embeddings: Mapping[str, np.ndarray], y: np.ndarray, n_classes: int,
-                fold_of_row: np.ndarray, *, k: int = 10, temperature: float = 0.05) -> dict[str, np.ndarray]:
+                fold_of_row: np.ndarray, *, k: int = 10, temperature: float = 0.05,
+                top_k: int | None = None) -> dict[str, Any]:
     """Out-of-fold retrieval signals: each fold's rows searched among the other folds' rows."""
-    n_rows = len(y)
-    out: dict[str, np.ndarray] = {}
+    parts: dict[str, list] = {}
     for fold in np.unique(fold_of_row):
         held_out = np.flatnonzero(fold_of_row == fold)
         reference = np.flatnonzero(fold_of_row != fold)
         for name, values in view_signals(embeddings, reference, y, n_classes, held_out,
-                                         k=k, temperature=temperature).items():
-            out.setdefault(name, np.zeros((n_rows, n_classes), dtype=np.float32))[held_out] = values
-    return out
+                                         k=k, temperature=temperature, top_k=top_k).items():
+            parts.setdefault(name, []).append((held_out, values))
+    return {name: put_rows(blocks, len(y), n_classes) for name, blocks in parts.items()}
 
 
-def name_signal(product_embeddings: np.ndarray, name_embeddings: np.ndarray) -> np.ndarray:
-    """Cosine between each product and each category name: ``(n_products, n_classes)`` float32."""
+def name_signal(product_embeddings: np.ndarray, name_embeddings: np.ndarray, top_k: int | None = None) -> Any:
+    """Cosine between each product and each category name: ``(n_products, n_classes)`` float32
+    (top-k CSR with ``top_k``)."""
     products = l2_normalized(product_embeddings)
     names = l2_normalized(name_embeddings)
-    out = np.empty((len(products), len(names)), dtype=np.float32)
-    for start in range(0, len(products), QUERY_CHUNK):
-        out[start:start + QUERY_CHUNK] = products[start:start + QUERY_CHUNK] @ names.T
-    return out
+    blocks = []
+    for start in range(0, max(len(products), 1), QUERY_CHUNK):
+        block = products[start:start + QUERY_CHUNK] @ names.T
+        blocks.append(block if top_k is None else top_k_rows(block, top_k))
+    return _stacked(blocks)
+
+
+def _stacked(blocks: list) -> Any:
+    if blocks and is_top_k(blocks[0]):
+        return sparse.vstack(blocks, format="csr")
+    return np.concatenate(blocks, axis=0).astype(np.float32, copy=False)
