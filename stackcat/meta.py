@@ -881,6 +881,19 @@ class RerankMeta(_MetaBase):
         meta learn which model to trust for which class. About 2x slower
         boosting; on the synthetic reference-scale benchmark it added
         +0.2 to +0.3 weighted F1 points (see ``experiments/results/meta.md``).
+    signal_groups : tuple of {"retrieval", "names"}, default=("retrieval", "names")
+        Which of the ``signals`` given to ``fit`` become features: retrieval
+        (cosine to the class centroid and nearest product, the class's share
+        of the neighbours) and category names. ``()`` switches both off.
+    candidate_signals : tuple of str, default=("knn_share", "name:")
+        Signals (by a part of their name) whose top-k classes join the
+        candidates: a class with 1-2 products that no model ranks can still win.
+    hierarchy_levels : int, default=2
+        With ``ancestors`` in ``fit``: each model's probability mass on the
+        candidate's parent (1), grandparent (2) ...; 0 switches it off.
+    max_train_products : int or None, default=300000
+        The booster learns from at most this many products (a random sample);
+        None uses all. Prediction always scores every product.
     early_stopping_rounds : int or None, default=50
         None (or ``eval_fraction=0``) trains ``iterations`` trees on all
         products, with temperature 1.
@@ -945,6 +958,7 @@ class RerankMeta(_MetaBase):
         "signal_groups": [tuple, list],
         "candidate_signals": [tuple, list],
         "hierarchy_levels": [Interval(Integral, 0, None, closed="left")],
+        "max_train_products": [Interval(Integral, 1, None, closed="left"), None],
         "early_stopping_rounds": [Interval(Integral, 1, None, closed="left"), None],
         "eval_fraction": [Interval(Real, 0, 1, closed="left")],
         "refit": ["boolean"],
@@ -966,6 +980,7 @@ class RerankMeta(_MetaBase):
         signal_groups: Sequence[str] = ("retrieval", "names"),
         candidate_signals: Sequence[str] = ("knn_share", "name:"),
         hierarchy_levels: int = 2,
+        max_train_products: int | None = 300_000,
         early_stopping_rounds: int | None = 50,
         eval_fraction: float = 0.15,
         refit: bool = False,
@@ -984,6 +999,7 @@ class RerankMeta(_MetaBase):
         self.signal_groups = signal_groups
         self.candidate_signals = candidate_signals
         self.hierarchy_levels = hierarchy_levels
+        self.max_train_products = max_train_products
         self.early_stopping_rounds = early_stopping_rounds
         self.eval_fraction = eval_fraction
         self.refit = refit
@@ -1012,6 +1028,13 @@ class RerankMeta(_MetaBase):
         self.feature_names_ = candidate_feature_names(self.model_names_, self.signal_names_, self.hierarchy_levels_)
         self.fit_times_ = {}
         started = time.perf_counter()
+        if self.max_train_products is not None and len(y) > self.max_train_products:
+            # the booster learns from a random sample; class counts stay those of every row
+            keep = np.sort(np.random.default_rng(self.random_state).choice(len(y), self.max_train_products,
+                                                                           replace=False))
+            matrices = [take_rows(m, keep) for m in matrices]
+            signals = {name: take_rows(m, keep) for name, m in signals.items()}
+            y = y[keep]
         candidates = self._candidates(matrices, signals)
         target = candidates.label == y[candidates.product]
         self._record_recall(candidates, target)
