@@ -66,6 +66,7 @@ __all__ = [
     "MEMORY_CACHE_BYTES",
     "ImageEmbeddings",
     "clear_memory_cache",
+    "file_content_hash",
     "image_embeddings",
     "load_image",
     "to_rgb",
@@ -405,6 +406,23 @@ def _assemble(
 # (path, size, mtime_ns) -> content hash, so a process hashes each file once.
 _hash_memo: dict[tuple[str, int, int], str] = {}
 _hash_memo_lock = threading.Lock()
+
+
+def file_content_hash(raw_path: Any) -> str | None:
+    """BLAKE2b-128 hex digest of a file's bytes, or None when there is no readable file.
+
+    Each file is read once per process: the hash is remembered by (absolute
+    path, size, mtime), so unchanged files are not read again, and a file
+    replaced in place (new size or mtime) is. The image embedding cache and the
+    run folder's job fingerprints (:func:`stackcat.runs.files_fingerprint`)
+    share it.
+
+    Examples
+    --------
+    >>> file_content_hash("no/such/file.jpg") is None
+    True
+    """
+    return _content_key(raw_path)[0]
 
 
 def _content_key(raw_path: Any) -> tuple[str | None, str, str | None]:
