@@ -5,13 +5,23 @@ with a status that says why:
 
 ==============  ===============================================================
 ``ok``          decoded; grey, CMYK, palette and 16-bit images converted to RGB,
-                transparency composited on white, EXIF orientation applied
+                transparency composited on white, EXIF orientation applied;
+                thinner than 1:``MAX_ASPECT_RATIO``: centre-cropped to that ratio
 ``no_path``     the row has no path (None, NaN or an empty string)
 ``missing``     no readable file at the path
 ``too_large``   more than ``max_pixels`` pixels (checked from the header, before
                 decoding), or refused by Pillow's decompression-bomb guard
 ``corrupt``     not an image, truncated, or not convertible to RGB
 ==============  ===============================================================
+
+Memory: the work an image causes is bounded by its output, not its file.
+Encoders resize the short side to 224-336 px and centre-crop a square, so a
+thin image (a 198-byte 40000 x 1 PNG) would be blown up to 224 x 8,960,000
+pixels (8.9 GB). Keeping the centre at most ``MAX_ASPECT_RATIO`` times longer
+than wide changes nothing a centre-cropping encoder sees and bounds that
+resize to a few MB. With ``draft_size`` (as when embedding), a large image of
+any format is also reduced by an integer factor right after decoding
+(JPEGs are decoded reduced), before its conversion to RGB.
 
 Embeddings (:func:`image_embeddings`): a row whose image is unusable gets a zero
 vector and ``ok=False``; nothing stops the run. With ``cache_dir`` each image is
@@ -62,6 +72,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
+    "MAX_ASPECT_RATIO",
     "IMAGE_STATUSES",
     "MEMORY_CACHE_BYTES",
     "ImageEmbeddings",
@@ -74,6 +85,8 @@ __all__ = [
 
 #: Larger images are refused before decoding (a 48 MP phone photo still passes).
 DEFAULT_MAX_PIXELS = 50_000_000
+#: Thinner images are centre-cropped to this ratio of long to short side.
+MAX_ASPECT_RATIO = 20
 IMAGE_STATUSES = ("ok", "no_path", "missing", "too_large", "corrupt")
 # JPEGs are decoded at a reduced scale when they are much larger than this (PIL draft mode);
 # encoders look at 224-336 px.
@@ -141,6 +154,7 @@ def _decode(source: Any, *, max_pixels: int, draft_size: int | None) -> tuple[Im
                 if draft_size and image.format == "JPEG":
                     image.draft("RGB", (draft_size, draft_size))
                 image.load()
+                image = _reduced(_centre_cropped(image, MAX_ASPECT_RATIO), draft_size)
                 return to_rgb(image), "ok"
     except Image.DecompressionBombError:
         return None, "too_large"
@@ -148,6 +162,33 @@ def _decode(source: Any, *, max_pixels: int, draft_size: int | None) -> tuple[Im
         return None, "too_large"
     except Exception:  # noqa: BLE001 - any decoder failure (OSError, SyntaxError, struct.error, ...)
         return None, "corrupt"
+
+
+def _centre_cropped(image: Image.Image, max_ratio: float) -> Image.Image:
+    """The centre of ``image``, at most ``max_ratio`` times longer than its short side."""
+    width, height = image.size
+    short = max(1, min(width, height))
+    keep = int(short * max_ratio)
+    if width > keep:
+        left = (width - keep) // 2
+        return image.crop((left, 0, left + keep, height))
+    if height > keep:
+        top = (height - keep) // 2
+        return image.crop((0, top, width, top + keep))
+    return image
+
+
+def _reduced(image: Image.Image, draft_size: int | None) -> Image.Image:
+    """``image`` shrunk by an integer factor that keeps its short side >= ``draft_size``."""
+    if not draft_size:
+        return image
+    factor = min(image.size) // draft_size
+    if factor < 2:
+        return image
+    try:
+        return image.reduce(factor)
+    except (ValueError, NotImplementedError):  # modes reduce() does not handle (1-bit, palette...)
+        return image
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
