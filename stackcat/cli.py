@@ -1,5 +1,9 @@
 """The ``stackcat`` command line: ``fit``, ``predict``, ``evaluate`` and ``demo``.
 
+Output: a line per stage on stdout (time-stamped: texts and images encoded,
+each job, each epoch, with counts and rates), bars on a terminal only (see
+:mod:`stackcat.progress`); warnings and errors on stderr.
+
 Exit codes: 0 ok, 1 the run failed (bad data, a model error, a locked run
 folder, Ctrl-C), 2 usage error (bad arguments, a run folder that exists
 without ``--resume``).
@@ -493,10 +497,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     from stackcat.data import DataError
     from stackcat.runs import RunFolderError
 
+    from stackcat.progress import print_stage_lines
+
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.handler(args)
+        with print_stage_lines():  # one line per stage, whether bars are drawn or not
+            return args.handler(args)
     except UsageError as exc:
         parser.print_usage(sys.stderr)
         print(f"stackcat {args.command}: error: {exc}", file=sys.stderr)

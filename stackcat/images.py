@@ -56,6 +56,7 @@ import math
 import os
 import stat
 import threading
+import time
 import warnings
 from collections import Counter
 from collections.abc import Sequence
@@ -66,6 +67,7 @@ import numpy as np
 
 from stackcat.cache import MEMORY_CACHE_BYTES, EmbeddingStore, MemoryCache
 from stackcat.encoders import ImageEncoder, get_encoder
+from stackcat.progress import log_stage, progress_bar, rate
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -315,7 +317,8 @@ def image_embeddings(
     device : str, default="auto"
         Device of an encoder built from a string spec.
     progress : bool, default=True
-        Show a tqdm bar while encoding images that are not cached.
+        Show a bar (on a terminal) while encoding images that are not cached; a
+        line with the count and rate goes to the ``"stackcat"`` logger either way.
     max_pixels : int, default=DEFAULT_MAX_PIXELS
         Larger images get status ``"too_large"``.
 
@@ -381,14 +384,13 @@ def _encode_missing(
     max_pixels: int,
 ) -> dict[str, str]:
     """Decode and encode the images not in the cache, batch by batch; returns key -> failure status."""
-    from tqdm.auto import tqdm
-
     failed: dict[str, str] = {}
     if not to_encode:
         return failed
     workers = max(1, min(8, os.cpu_count() or 1))
-    bar = tqdm(total=len(to_encode), unit="img", desc=f"encoding images [{encoder.name}]",
-               disable=not progress)
+    bar = progress_bar(total=len(to_encode), unit="img", desc=f"encoding images [{encoder.name}]",
+                       enabled=progress)
+    start = time.perf_counter()
     with bar, ThreadPoolExecutor(max_workers=workers) as pool:
         for start in range(0, len(to_encode), batch_size):
             batch = to_encode[start:start + batch_size]
@@ -404,6 +406,8 @@ def _encode_missing(
                     vectors[key] = vector
                     store.put(key, vector)
             bar.update(len(batch))
+    log_stage(f"[{encoder.name}] " + rate(len(to_encode) - len(failed), "images encoded", time.perf_counter() - start)
+              + (f", {len(failed)} unusable" if failed else ""))
     return failed
 
 

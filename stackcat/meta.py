@@ -29,9 +29,9 @@ from scipy.special import entr
 from sklearn.base import BaseEstimator, _fit_context
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
-from tqdm.auto import tqdm
 
 from stackcat.models._base import normalize_rows
+from stackcat.progress import progress_bar
 
 AUTO_RERANK_ABOVE = 50
 RERANK_LOSSES = ("Logloss", "YetiRank", "YetiRankPairwise", "PairLogit",
@@ -543,7 +543,7 @@ def build_candidates(matrices: Sequence[np.ndarray], top_k: int, class_log_count
     depth = min(rank_depth or max(2 * top_k, 10), n_classes)
     products, labels, features = [], [], []
     starts = range(0, n_products, ROW_CHUNK)
-    for start in tqdm(starts, desc="rerank candidates", unit="block", disable=not progress):
+    for start in progress_bar(starts, desc="rerank candidates", unit="block", enabled=progress):
         chunk = [np.asarray(m[start:start + ROW_CHUNK], dtype=np.float32) for m in matrices]
         product, label, block = _candidate_chunk(chunk, top_k, depth, class_log_count)
         products.append(product + start)

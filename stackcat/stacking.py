@@ -43,6 +43,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from stackcat import __version__
 from stackcat.models._base import encode_labels, proba_for_classes
+from stackcat.progress import log_stage, progress_bar
 from stackcat.runs import (
     RunFolder,
     RunFolderError,
@@ -251,7 +252,8 @@ class StackingCategorizer(ClassifierMixin, _BaseComposition, BaseEstimator):
     keep_models : bool, default=True
         Keep the fitted fold models (needed to predict new data).
     progress, verbose : bool / int
-        A progress bar over jobs; a line per finished job when ``verbose``.
+        A progress bar over jobs (on a terminal only); a line per finished job
+        when ``verbose``, on the ``"stackcat"`` logger (see :mod:`stackcat.progress`).
 
     Attributes
     ----------
@@ -438,9 +440,9 @@ class StackingCategorizer(ClassifierMixin, _BaseComposition, BaseEstimator):
             warm_cache = getattr(estimators[name], "warm_cache", None)
             if callable(warm_cache):
                 warm_cache(X)
-        bar = _progress_bar(len(jobs), len(done), self.progress)
+        bar = progress_bar(total=len(jobs), initial=len(done), desc="jobs", unit="job", enabled=self.progress)
         if done and self.verbose:
-            bar.write(f"{len(done)} of {len(jobs)} jobs already done in {run.path}; {len(pending)} to run")
+            log_stage(f"{len(done)} of {len(jobs)} jobs already done in {run.path}; {len(pending)} to run")
         tasks = (joblib.delayed(run_job)(job, estimators[job.model], X, labels, self.classes_,
                                          run_path, self._oof_storage) for job in pending)
         try:
@@ -452,7 +454,8 @@ class StackingCategorizer(ClassifierMixin, _BaseComposition, BaseEstimator):
                     results.append(result)
                     bar.update(1)
                     if self.verbose:
-                        bar.write(self._job_line(result, labels))
+                        log_stage(f"{self._job_line(result, labels)} ({len(results) - len(done)} of "
+                                  f"{len(pending)} jobs to run done)")
         finally:
             bar.close()
         return results
@@ -657,9 +660,4 @@ def _read_cached(path: Path) -> Any:
         warnings.warn(f"{exc}; computed again", stacklevel=3)
         return None
 
-
-def _progress_bar(total: int, initial: int, enabled: bool) -> Any:
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, desc="jobs", unit="job", disable=not enabled, leave=False)
 

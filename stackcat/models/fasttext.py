@@ -18,7 +18,6 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
 from stackcat.data import upweight_title
-from stackcat.runs import scratch_dir
 from stackcat.models._base import (
     ProbaClassifierMixin,
     as_texts,
@@ -27,6 +26,7 @@ from stackcat.models._base import (
     normalize_rows,
     optional_column,
 )
+from stackcat.runs import scratch_dir
 
 _LABEL_PREFIX = "__label__"
 _NON_WORD = re.compile(r"[^\w]+")
