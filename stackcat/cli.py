@@ -495,9 +495,8 @@ def _demo_models(text_model: str | None, image_encoder: str | None) -> list[str]
 
 def main(argv: Sequence[str] | None = None) -> int:
     from stackcat.data import DataError
-    from stackcat.runs import RunFolderError
-
     from stackcat.progress import print_stage_lines
+    from stackcat.runs import RunFolderError
 
     parser = build_parser()
     args = parser.parse_args(argv)
