@@ -390,7 +390,7 @@ def _encode_missing(
     workers = max(1, min(8, os.cpu_count() or 1))
     bar = progress_bar(total=len(to_encode), unit="img", desc=f"encoding images [{encoder.name}]",
                        enabled=progress)
-    start = time.perf_counter()
+    began = time.perf_counter()
     with bar, ThreadPoolExecutor(max_workers=workers) as pool:
         for start in range(0, len(to_encode), batch_size):
             batch = to_encode[start:start + batch_size]
@@ -406,7 +406,7 @@ def _encode_missing(
                     vectors[key] = vector
                     store.put(key, vector)
             bar.update(len(batch))
-    log_stage(f"[{encoder.name}] " + rate(len(to_encode) - len(failed), "images encoded", time.perf_counter() - start)
+    log_stage(f"[{encoder.name}] " + rate(len(to_encode) - len(failed), "images encoded", time.perf_counter() - began)
               + (f", {len(failed)} unusable" if failed else ""))
     return failed
 

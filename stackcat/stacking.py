@@ -375,8 +375,12 @@ class StackingCategorizer(ClassifierMixin, _BaseComposition, BaseEstimator):
 
     def _fit_meta_explained(self, y_index: np.ndarray, job_keys: list[str], run: RunFolder | None) -> None:
         """``_fit_meta``, with a failure of the meta-learner's own library said in stackcat's terms."""
+        start = time.perf_counter()
         try:
             self._fit_meta(y_index, job_keys, run)
+            if self.verbose:
+                log_stage(f"meta-learner {type(self.meta_).__name__} ready in {time.perf_counter() - start:.1f} s "
+                          f"({len(y_index):,} rows, {len(self.classes_):,} categories)")
         except (OSError, RunFolderError):
             raise
         except Exception as exc:  # CatBoostError and others from the meta-learner's library
@@ -443,6 +447,9 @@ class StackingCategorizer(ClassifierMixin, _BaseComposition, BaseEstimator):
         bar = progress_bar(total=len(jobs), initial=len(done), desc="jobs", unit="job", enabled=self.progress)
         if done and self.verbose:
             log_stage(f"{len(done)} of {len(jobs)} jobs already done in {run.path}; {len(pending)} to run")
+        elif self.verbose:
+            log_stage(f"{len(jobs)} jobs to run ({len(estimators)} models x {self.n_splits} folds"
+                      f"{' + a refit on all rows' if self.refit else ''}, {len(X):,} rows)")
         tasks = (joblib.delayed(run_job)(job, estimators[job.model], X, labels, self.classes_,
                                          run_path, self._oof_storage) for job in pending)
         try:
