@@ -352,6 +352,9 @@ def files_fingerprint(X: Any, file_columns: Sequence[str]) -> str:
 # Params that name a column of file paths the estimator reads (``image_column``...).
 FILE_COLUMN_PARAMS = ("image_column",)
 FILE_COLUMN_SUFFIX = "_file_column"
+# Params that may name a local file or folder the estimator reads (a text model checkpoint...).
+FILE_PARAMS = ("model_name", "pretrained_vectors")
+FILE_PARAM_SUFFIXES = ("_file", "_path")
 
 
 def file_columns_of(estimator: Any) -> list[str]:
@@ -377,6 +380,33 @@ def model_fingerprint(estimator: Any) -> str:
     params = {k: v for k, v in estimator.get_params(deep=True).items()
               if k.split("__")[-1] not in RUNTIME_PARAMS}
     return digest(type(estimator).__module__, type(estimator).__qualname__, sorted(params.items(), key=str))
+
+
+def param_files_fingerprint(estimator: Any) -> str | None:
+    """Digest of the content of the local files and folders the estimator's params name, or None.
+
+    Params named ``model_name`` or ``pretrained_vectors``, or ending in
+    ``_file`` or ``_path`` (nested ones included), whose value is an existing
+    local path: a checkpoint folder or vectors file replaced in place changes
+    the digest. A hub name or a missing path counts as its text (the params'
+    fingerprint has it already). Files are hashed like :func:`files_fingerprint`
+    (once per process); hidden files of a folder are left out.
+    """
+    from stackcat.images import file_content_hash
+
+    parts = []
+    for name, value in sorted(estimator.get_params(deep=True).items()):
+        leaf = name.split("__")[-1]
+        if not (leaf in FILE_PARAMS or leaf.endswith(FILE_PARAM_SUFFIXES)) or not isinstance(value, (str, os.PathLike)):
+            continue
+        path = Path(value)
+        if path.is_file():
+            parts.append((name, file_content_hash(path)))
+        elif path.is_dir():
+            files = sorted(f for f in path.rglob("*") if f.is_file()
+                           and not any(part.startswith(".") for part in f.relative_to(path).parts))
+            parts.append((name, [(f.relative_to(path).as_posix(), file_content_hash(f)) for f in files]))
+    return digest(parts) if parts else None
 
 
 def package_versions() -> dict[str, str | None]:

@@ -54,6 +54,7 @@ from stackcat.runs import (
     load_pickle,
     model_fingerprint,
     package_versions,
+    param_files_fingerprint,
     scratch_files_in,
     sign_file,
     signature_problem,
@@ -413,7 +414,9 @@ class StackingCategorizer(ClassifierMixin, _BaseComposition, BaseEstimator):
         The data part covers the content of the files a model reads (the
         columns :func:`stackcat.runs.file_columns_of` finds: its
         ``image_column``...), so replacing an image under the same name
-        recomputes the models that read images, and only those.
+        recomputes the models that read images, and only those; the model
+        part covers the local files its params name (a checkpoint folder, see
+        :func:`stackcat.runs.param_files_fingerprint`).
         """
         rows = np.arange(len(self.fold_of_row_))
         files_keys: dict[tuple[str, ...], str | None] = {(): None}
@@ -422,7 +425,7 @@ class StackingCategorizer(ClassifierMixin, _BaseComposition, BaseEstimator):
             columns = tuple(file_columns_of(estimator))
             if columns not in files_keys:
                 files_keys[columns] = files_fingerprint(X, columns)
-            model_key = digest(model_fingerprint(estimator), files_keys[columns])
+            model_key = digest(model_fingerprint(estimator), files_keys[columns], param_files_fingerprint(estimator))
             for fold in range(self.n_splits):
                 test = rows[self.fold_of_row_ == fold]
                 train = rows[self.fold_of_row_ != fold]

@@ -132,6 +132,35 @@ def test_images_replaced_under_the_same_names_recompute_the_image_jobs_only(tmp_
     np.testing.assert_array_equal(replaced.oof_["text"], first.oof_["text"])
 
 
+class WithStopWords(NaiveBayesText):
+    """Reads a local file named by a param (as a text model reads its checkpoint folder)."""
+
+    def __init__(self, text_column="text", alpha=1.0, stop_words_file=None):
+        super().__init__(text_column=text_column, alpha=alpha)
+        self.stop_words_file = stop_words_file
+
+    def fit(self, X, y):
+        self.stop_words_ = Path(self.stop_words_file).read_text().split()
+        return super().fit(X, y)
+
+
+def test_a_file_named_by_a_param_and_replaced_in_place_recomputes(tmp_path):
+    X, y = toy_table(n_per_class=6, n_classes=3)
+    words = tmp_path / "stop.txt"
+    words.write_text("n1 n2")
+
+    def fit():
+        return StackingCategorizer([("a", WithStopWords(stop_words_file=str(words))), ("b", NaiveBayesText())],
+                                   meta="average", n_splits=3, run_dir=tmp_path / "run", progress=False,
+                                   verbose=0).fit(X, y)
+
+    fit()
+    assert fit().jobs_["from_run_folder"].all()
+    words.write_text("n1 n2 n3")
+    from_folder = fit().jobs_.set_index(["model", "job"])["from_run_folder"]
+    assert not from_folder["a"].any() and from_folder["b"].all()
+
+
 class ReadsDocuments(NaiveBayesText):
     file_columns = ["doc_path"]
 
