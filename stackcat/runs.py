@@ -121,9 +121,9 @@ def current_umask() -> int:
 def write_joblib(obj: Any, path: str | Path, *, sign: bool = True) -> Path:
     """Pickle ``obj`` to ``path`` atomically; signed (``<path>.sig``) unless ``sign=False``.
 
-    The signature is written before the pickle is renamed into place, so a
-    signed name never holds an unsigned pickle: a crash in between leaves a
-    file whose signature does not match, which readers treat as damaged.
+    The signature is renamed into place before the pickle: a crash between the
+    two leaves the old pickle beside the new signature, a mismatch that readers
+    treat as damage (never a new pickle that passes for signed).
     """
     with atomic_path(path) as tmp:
         joblib.dump(obj, tmp)
@@ -196,7 +196,7 @@ def key_path() -> Path:
 
 
 def signing_key() -> bytes:
-    """This user's secret signing key, created (32 random bytes, mode 0600) on first use."""
+    """This user's secret signing key, created (32 random bytes as hex, mode 0600) on first use."""
     path = key_path()
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
