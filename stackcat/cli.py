@@ -124,7 +124,8 @@ def _add_stack_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--device", default="auto")
     group.add_argument("--param", action="append", default=[], metavar="MODEL__NAME=VALUE",
                        help="set any model param, e.g. bert__lr=3e-5 (repeatable)")
-    group.add_argument("--no-progress", action="store_true")
+    group.add_argument("--no-progress", action="store_true",
+                       help="no progress bars (they are drawn on a terminal only; a line per stage is printed anyway)")
 
 
 def _names(value: str) -> list[str]:
