@@ -388,8 +388,8 @@ class StackingCategorizer(ClassifierMixin, _BaseComposition, BaseEstimator):
             raise RuntimeError(
                 f"the meta-learner (meta={self.meta!r}) failed on the out-of-fold probabilities of "
                 f"{len(y_index)} rows and {len(self.classes_)} categories ({type(exc).__name__}: "
-                f"{str(exc).strip().splitlines()[-1] if str(exc).strip() else exc!r}). With this little data "
-                "use meta='average' (--meta average), or give it more rows"
+                f"{str(exc).strip().splitlines()[-1] if str(exc).strip() else exc!r}). A learned meta-learner "
+                "needs enough out-of-fold rows per fold; with few rows use meta='average' (--meta average)"
             ) from exc
 
     def _check_estimators(self) -> None:
