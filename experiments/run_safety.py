@@ -1,15 +1,16 @@
-"""Figures of docs/reliability.md rows 35 and 40 (issue 12): stale image resume, thin images.
+"""Figures of docs/reliability.md rows 35 and 40 (issue 12): stale image resume, image memory.
 
 ``resume``: fit ``--models clip --offline-weights`` on 60 demo rows (3 classes),
 rotate the photos between products under the same file names, ``--resume``,
 and compare with a fresh fit on the new files.
 
-``thin WIDTH``: extra peak RSS of ``image_embeddings`` on one WIDTH x 1 PNG with
+``peak NAME``: extra peak RSS of ``image_embeddings`` on one image with
 EfficientNet-Lite0 (its preprocessing resizes the short side to 224 px), the
-model loaded and warmed first. Run each width in its own process.
+model loaded and warmed first; the image file is made by another process, so
+that making it does not raise this one's peak. NAME: one of :data:`IMAGES`.
 
     PYTHONPATH=$PWD python experiments/run_safety.py resume /tmp/run-safety
-    PYTHONPATH=$PWD python experiments/run_safety.py thin 16000
+    PYTHONPATH=$PWD python experiments/run_safety.py peak thin-16000x1
 """
 
 from __future__ import annotations
@@ -59,27 +60,49 @@ def resume(folder: Path) -> None:
           f"({'; '.join(lines)}); fresh fit on the new photos: {fresh}")
 
 
-def thin(width: int) -> None:
+# name -> (mode, size, fill); PNG files
+IMAGES = {
+    "thin-16000x1": ("L", (16000, 1), 128),
+    "thin-40000x1": ("L", (40000, 1), 128),
+    "rgba-7000x7000": ("RGBA", (7000, 7000), (10, 200, 30, 128)),
+    "rgba-1000x20000": ("RGBA", (1000, 20000), (10, 200, 30, 128)),
+    "grey16-7000x7000": ("I;16", (7000, 7000), 40000),
+    "palette-alpha-7000x7000": ("P", (7000, 7000), 3),
+}
+
+
+def make(name: str, path: str) -> None:
+    from PIL import Image
+
+    mode, size, fill = IMAGES[name]
+    extra = {"transparency": fill} if mode == "P" else {}
+    Image.new(mode, size, fill).save(path, **extra)
+
+
+def peak(name: str) -> None:
     from PIL import Image
 
     from stackcat.encoders import get_encoder
     from stackcat.images import image_embeddings
 
     folder = Path(tempfile.mkdtemp())
-    Image.new("L", (width, 1), 128).save(folder / "thin.png")
+    path = str(folder / f"{name}.png")
+    subprocess.run([sys.executable, __file__, "make", name, path], check=True)
     Image.new("RGB", (64, 64), "red").save(folder / "small.png")
     encoder = get_encoder("efficientnet-lite0", device="cpu")
     image_embeddings([str(folder / "small.png")], encoder, progress=False)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.perf_counter()
-    result = image_embeddings([str(folder / "thin.png")], encoder, progress=False)
+    result = image_embeddings([path], encoder, progress=False)
     added = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
-    print(f"{width}x1 png: status {result.status[0]}, added peak RSS {added:.0f} MB, "
+    print(f"{name} png: status {result.status[0]}, added peak RSS {added:.0f} MB, "
           f"{time.perf_counter() - start:.2f} s")
 
 
 if __name__ == "__main__":
     if sys.argv[1] == "resume":
         resume(Path(sys.argv[2]))
+    elif sys.argv[1] == "make":
+        make(sys.argv[2], sys.argv[3])
     else:
-        thin(int(sys.argv[2]))
+        peak(sys.argv[2])

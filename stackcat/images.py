@@ -19,9 +19,11 @@ Encoders resize the short side to 224-336 px and centre-crop a square, so a
 thin image (a 198-byte 40000 x 1 PNG) would be blown up to 224 x 8,960,000
 pixels (8.9 GB). Keeping the centre at most ``MAX_ASPECT_RATIO`` times longer
 than wide changes nothing a centre-cropping encoder sees and bounds that
-resize to a few MB. With ``draft_size`` (as when embedding), a large image of
-any format is also reduced by an integer factor right after decoding
-(JPEGs are decoded reduced), before its conversion to RGB.
+resize to a few MB. A large image is converted to RGB strip by strip (alpha
+compositing and 16-bit grey would otherwise cost several copies of it), and
+with ``draft_size`` (as when embedding) reduced by an integer factor on the
+way (JPEGs are decoded reduced). What remains is the decoded image itself:
+at most ``max_pixels`` times its bytes per pixel.
 
 Embeddings (:func:`image_embeddings`): a row whose image is unusable gets a zero
 vector and ``ok=False``; nothing stops the run. With ``cache_dir`` each image is
@@ -156,7 +158,10 @@ def _decode(source: Any, *, max_pixels: int, draft_size: int | None) -> tuple[Im
                 if draft_size and image.format == "JPEG":
                     image.draft("RGB", (draft_size, draft_size))
                 image.load()
-                image = _reduced(_centre_cropped(image, MAX_ASPECT_RATIO), draft_size)
+                image = _centre_cropped(image, MAX_ASPECT_RATIO)
+                factor = max(1, min(image.size) // draft_size) if draft_size else 1
+                if factor >= 2 or image.width * image.height > _STRIP_PIXELS:
+                    return _reduced_rgb(image, factor), "ok"
                 return to_rgb(image), "ok"
     except Image.DecompressionBombError:
         return None, "too_large"
@@ -180,17 +185,28 @@ def _centre_cropped(image: Image.Image, max_ratio: float) -> Image.Image:
     return image
 
 
-def _reduced(image: Image.Image, draft_size: int | None) -> Image.Image:
-    """``image`` shrunk by an integer factor that keeps its short side >= ``draft_size``."""
-    if not draft_size:
-        return image
-    factor = min(image.size) // draft_size
-    if factor < 2:
-        return image
-    try:
-        return image.reduce(factor)
-    except (ValueError, NotImplementedError):  # modes reduce() does not handle (1-bit, palette...)
-        return image
+def _reduced_rgb(image: Image.Image, factor: int) -> Image.Image:
+    """``to_rgb(image).reduce(factor)``, converted strip by strip.
+
+    Converting a large image whole (alpha compositing, 16-bit to 8-bit,
+    Pillow's premultiplied copy in ``reduce``) costs several copies of it;
+    strips of about :data:`_STRIP_PIXELS` pixels keep the extra memory small.
+    """
+    from PIL import Image
+
+    width, height = image.size
+    grey_scale = _grey_scale(image) if image.mode in _WIDE_GREY_MODES else None
+    rows = factor * max(1, _STRIP_PIXELS // (width * factor))  # a multiple of factor: same boxes as whole
+    out = Image.new("RGB", (-(-width // factor), -(-height // factor)))
+    for top in range(0, height, rows):
+        strip = image.crop((0, top, width, min(height, top + rows)))
+        rgb = _plain_rgb(strip, grey_scale)
+        out.paste(rgb.reduce(factor) if factor > 1 else rgb, (0, top // factor))
+    return _exif_oriented(out, image)
+
+
+_STRIP_PIXELS = 1 << 20
+_WIDE_GREY_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -205,14 +221,30 @@ def to_rgb(image: Image.Image) -> Image.Image:
     >>> to_rgb(Image.new("RGBA", (2, 2), (0, 0, 0, 0))).getpixel((0, 0))
     (255, 255, 255)
     """
-    from PIL import Image, ImageOps
+    return _plain_rgb(_exif_oriented(image, image))
+
+
+def _exif_oriented(image: Image.Image, source: Image.Image) -> Image.Image:
+    """``image`` turned as the EXIF orientation of ``source`` says (``source`` may be its larger original)."""
+    from PIL import Image
 
     try:
-        image = ImageOps.exif_transpose(image)
+        orientation = source.getexif().get(0x0112)
     except Exception:  # noqa: BLE001 - a broken EXIF block must not cost the picture
-        pass
-    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-        image = _to_8bit_grey(image)
+        return image
+    method = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+              4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
+              6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+              8: Image.Transpose.ROTATE_90}.get(orientation)
+    return image.transpose(method) if method is not None else image
+
+
+def _plain_rgb(image: Image.Image, grey_scale: tuple[float, float] | None = None) -> Image.Image:
+    """``to_rgb`` without the EXIF orientation; ``grey_scale`` fixes the 16/32-bit grey scaling."""
+    from PIL import Image
+
+    if image.mode in _WIDE_GREY_MODES:
+        image = _to_8bit_grey(image, grey_scale)
     if image.mode == "P":
         image = image.convert("RGBA" if "transparency" in image.info else "RGB")
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
@@ -222,15 +254,34 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
-def _to_8bit_grey(image: Image.Image) -> Image.Image:
+def _grey_scale(image: Image.Image) -> tuple[float, float]:
+    """``(multiplier, divisor)`` mapping a 16/32-bit grey or float image onto 0..255, from its largest value."""
+    try:
+        largest = float(image.getextrema()[1])
+    except (TypeError, ValueError, IndexError):
+        largest = math.nan
+    if math.isnan(largest):  # getextrema does not skip NaN: look at the values (rare)
+        values = np.asarray(image, dtype=np.float64)
+        largest = float(np.nanmax(values)) if values.size and not np.isnan(values).all() else 0.0
+    if image.mode == "F" and largest <= 1.0:
+        return 255.0, 1.0
+    if largest > 255:
+        return 1.0, 257.0  # 16-bit range onto 8 bits
+    return 1.0, 1.0
+
+
+def _to_8bit_grey(image: Image.Image, scale: tuple[float, float] | None = None) -> Image.Image:
     from PIL import Image
 
+    multiplier, divisor = scale if scale is not None else _grey_scale(image)
     values = np.asarray(image, dtype=np.float64)
-    if image.mode == "F" and values.size and np.nanmax(values) <= 1.0:
-        values = values * 255.0
-    elif values.size and np.nanmax(values) > 255:
-        values = values / 257.0  # 16-bit range onto 8 bits
-    return Image.fromarray(np.clip(np.nan_to_num(values), 0, 255).astype(np.uint8), mode="L")
+    if not values.flags.writeable:
+        values = values.copy()
+    values *= multiplier
+    values /= divisor
+    np.nan_to_num(values, copy=False)
+    np.clip(values, 0, 255, out=values)
+    return Image.fromarray(values.astype(np.uint8), mode="L")
 
 
 def _as_file_path(path: Any) -> str | None:

@@ -426,6 +426,72 @@ def test_thin_images_cost_little_memory(tmp_path):
     assert int(added_mb) < 50, f"a thin image added {added_mb} MB"
 
 
+def stripes_test_images() -> dict[str, Image.Image]:
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (300, 340, 4), dtype=np.uint8)
+    palette_alpha = Image.fromarray(pixels[..., :3].copy()).convert("P")
+    palette_alpha.info["transparency"] = 3
+    return {"RGB": Image.fromarray(pixels[..., :3].copy()), "RGBA": Image.fromarray(pixels),
+            "LA": Image.fromarray(pixels).convert("LA"), "P+alpha": palette_alpha,
+            "I;16": Image.fromarray(pixels[..., 0].astype(np.uint16) * 257),
+            "F": Image.fromarray(pixels[..., 0].astype(np.float32) / 255),
+            "1": Image.fromarray(pixels[..., 0].copy()).convert("1"), "CMYK": Image.fromarray(pixels).convert("CMYK")}
+
+
+@pytest.mark.parametrize("factor", [1, 3])
+def test_strip_by_strip_conversion_equals_the_whole_image_one(factor, monkeypatch):
+    monkeypatch.setattr(images, "_STRIP_PIXELS", 340 * 40)  # 8 strips
+    for mode, image in stripes_test_images().items():
+        whole = images.to_rgb(image)
+        whole = whole.reduce(factor) if factor > 1 else whole
+        np.testing.assert_array_equal(np.asarray(images._reduced_rgb(image, factor)), np.asarray(whole),
+                                      err_msg=mode)
+
+
+def test_exif_orientation_survives_the_strip_path(tmp_path):
+    pixels = np.zeros((200, 300, 3), dtype=np.uint8)
+    pixels[:10] = 255  # a white band on top
+    image = Image.fromarray(pixels)
+    exif = image.getexif()
+    exif[0x0112] = 6  # turned 90 degrees
+    image.save(tmp_path / "turned.jpg", exif=exif, quality=95)
+    with Image.open(tmp_path / "turned.jpg") as loaded:
+        loaded.load()
+        strips = np.asarray(images._reduced_rgb(loaded, 2), dtype=int)
+        whole = np.asarray(images.to_rgb(loaded).reduce(2), dtype=int)
+    assert strips.shape == (150, 100, 3) and np.abs(strips - whole).max() == 0
+
+
+LARGE_IMAGE_PEAK = textwrap.dedent('''
+    import resource, sys
+    import numpy as np
+    from PIL import Image
+    from stackcat.images import image_embeddings
+
+    class Mean:
+        name = "mean-colour"
+        def encode(self, images):
+            return np.array([np.asarray(image, np.float32).mean((0, 1)) for image in images])
+
+    image_embeddings([sys.argv[1]], Mean(), progress=False)  # warm up on the small image
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    result = image_embeddings([sys.argv[2]], Mean(), progress=False)
+    print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024, result.status[0])
+''')
+
+
+def test_a_large_transparent_image_costs_little_more_than_its_pixels(tmp_path):
+    # 3000 x 3000 RGBA: 36 MB of pixels; converting it whole added 206 MB (copies for compositing), 63 now.
+    Image.new("RGB", (16, 16), "red").save(tmp_path / "small.png")
+    Image.new("RGBA", (3000, 3000), (10, 200, 30, 128)).save(tmp_path / "large.png")
+    script = tmp_path / "peak.py"
+    script.write_text(LARGE_IMAGE_PEAK)
+    done = subprocess.run([sys.executable, str(script), str(tmp_path / "small.png"), str(tmp_path / "large.png")],
+                          capture_output=True, text=True, timeout=120, check=True)
+    added_mb, status = done.stdout.split()
+    assert status == "ok" and int(added_mb) < 120, f"a 36 MB image added {added_mb} MB (206 MB before)"
+
+
 def test_thin_images_keep_their_centre(tmp_path):
     path = tmp_path / "wide.png"
     pixels = np.zeros((2, 4000, 3), dtype=np.uint8)
