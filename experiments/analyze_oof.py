@@ -17,8 +17,9 @@ import itertools
 from collections import Counter
 from pathlib import Path
 
-import joblib
 import numpy as np
+
+from stackcat.stacking import StackingCategorizer
 
 SMALL_CLASS = 5
 
@@ -29,7 +30,7 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=8, help="confused class pairs to list")
     args = parser.parse_args()
 
-    stack = joblib.load(args.run_dir / "stacker.joblib")
+    stack = StackingCategorizer.load(args.run_dir)  # signature checked before unpickling
     y, classes = stack.oof_target_, np.asarray(stack.classes_)
     predicted = {name: np.asarray(p).argmax(axis=1) for name, p in stack.oof_.items()}
     blend = np.mean([np.asarray(p, dtype=np.float32) for p in stack.oof_.values()], axis=0).argmax(axis=1)

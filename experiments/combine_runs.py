@@ -16,21 +16,19 @@ of another without recomputing either.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-import joblib
 import numpy as np
 
 from stackcat.meta import RerankMeta
 from stackcat.metrics import comparison_table
-from stackcat.stacking import nested_meta_oof
+from stackcat.stacking import StackingCategorizer, nested_meta_oof
 
 
 def load_oof(specs: list[str]) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
     oof, reference = {}, None
     for spec in specs:
         run_dir, _, names = spec.partition(":")
-        stack = joblib.load(Path(run_dir) / "stacker.joblib")
+        stack = StackingCategorizer.load(run_dir)  # signature checked before unpickling
         identity = (list(stack.classes_), stack.oof_target_, stack.fold_of_row_)
         if reference is None:
             reference = identity

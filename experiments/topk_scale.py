@@ -99,9 +99,8 @@ def main() -> None:
 
     for name, matrix in probas.items():
         scores[name] = step(f"score_{name}", lambda matrix=matrix: score(y, matrix))
-    average = step("average", lambda: weighted_sum(list(probas.values()), [1 / len(probas)] * len(probas)))
-    scores["average"] = step("score_average", lambda: score(y, average))
-    del average
+    blend_proba = step("average", lambda: weighted_sum(list(probas.values()), [1 / len(probas)] * len(probas)))
+    scores["average"] = step("score_average", lambda: score(y, blend_proba))
     selection = step("ensemble_fit", lambda: EnsembleSelection(n_iterations=20).fit(probas, y))
     scores["ensemble"] = step("ensemble_score", lambda: score(y, selection.predict_proba(probas)))
     average_meta = step("average_meta_fit", lambda: AverageBlend().fit(probas, y))

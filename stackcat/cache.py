@@ -38,6 +38,8 @@ from pathlib import Path
 
 import numpy as np
 
+from stackcat.runs import current_umask
+
 __all__ = [
     "MEMORY_CACHE_BYTES",
     "EmbeddingStore",
@@ -257,6 +259,7 @@ def atomic_write(final: Path, payload: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(payload)
+            os.fchmod(handle.fileno(), 0o666 & ~current_umask())  # mkstemp makes it 0600
         os.replace(temporary, final)
     except BaseException:
         try:

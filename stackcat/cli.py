@@ -1,5 +1,9 @@
 """The ``stackcat`` command line: ``fit``, ``predict``, ``evaluate`` and ``demo``.
 
+Output: a line per stage on stdout (time-stamped: texts and images encoded,
+each job, each epoch, with counts and rates), bars on a terminal only (see
+:mod:`stackcat.progress`); warnings and errors on stderr.
+
 Exit codes: 0 ok, 1 the run failed (bad data, a model error, a locked run
 folder, Ctrl-C), 2 usage error (bad arguments, a run folder that exists
 without ``--resume``).
@@ -61,12 +65,14 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--precision", type=float, default=0.99,
                          help="precision wanted from the rows marked 'auto' in the review column: the "
                               "probability threshold that gave it on the run's out-of-fold predictions")
+    _add_trust_option(predict)
     predict.set_defaults(handler=run_predict)
 
     evaluate = commands.add_parser("evaluate", help="score a run: its out-of-fold results, or a labelled table")
     evaluate.add_argument("run_dir", type=Path)
     evaluate.add_argument("table", type=Path, nargs="?", help="labelled table (default: the run's OOF results)")
     evaluate.add_argument("--image-dir", help="image folder of this table (default: the one used in fit)")
+    _add_trust_option(evaluate)
     evaluate.set_defaults(handler=run_evaluate)
 
     demo = commands.add_parser("demo", help="fit the whole stack on the embedded demo data and write its report")
@@ -80,6 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-progress", action="store_true")
     demo.set_defaults(handler=run_demo)
     return parser
+
+
+def _add_trust_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--trust-run-dir", action="store_true",
+                        help="load the run's model files even if they are not signed with your key (a run folder "
+                             "from a colleague, or from an older stackcat): loading a model file can run code, "
+                             "so only for folders you trust")
 
 
 def _add_table_options(parser: argparse.ArgumentParser) -> None:
@@ -122,7 +135,8 @@ def _add_stack_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--device", default="auto")
     group.add_argument("--param", action="append", default=[], metavar="MODEL__NAME=VALUE",
                        help="set any model param, e.g. bert__lr=3e-5 (repeatable)")
-    group.add_argument("--no-progress", action="store_true")
+    group.add_argument("--no-progress", action="store_true",
+                       help="no progress bars (they are drawn on a terminal only; a line per stage is printed anyway)")
 
 
 def _names(value: str) -> list[str]:
@@ -140,6 +154,7 @@ def run_fit(args: argparse.Namespace) -> int:
     from stackcat.data import prepare_table, read_table
 
     run_dir = args.run_dir = args.run_dir or Path("artifacts") / args.train.stem  # for the Ctrl-C hint
+    _check_stack_numbers(args)
     _check_run_folder(run_dir, args.resume)
     raw = read_table(args.train)
     inferred = infer_spec(raw, base_dir=args.train.parent, **_spec_overrides(args))
@@ -150,6 +165,14 @@ def run_fit(args: argparse.Namespace) -> int:
     print(prepared.summary())
     models = _models_from_args(args, run_dir)
     return _fit_and_report(prepared, models, run_dir, args, source=str(args.train))
+
+
+def _check_stack_numbers(args: argparse.Namespace) -> None:
+    if args.n_jobs == 0:
+        raise UsageError("--n-jobs 0 would run no job: give the number of jobs to run at once "
+                         "(1 or more), or -1 for one per CPU core")
+    if args.folds < 2:
+        raise UsageError(f"--folds {args.folds}: out-of-fold stacking needs at least 2 folds")
 
 
 def _check_run_folder(run_dir: Path, resume: bool) -> None:
@@ -334,7 +357,7 @@ def _image_notes(prepared: Any, out_dir: Path) -> list[str]:
 # --------------------------------------------------------------------------- predict / evaluate
 
 
-def _load_run(run_dir: Path) -> tuple[Any, Any]:
+def _load_run(run_dir: Path, trusted: bool = False) -> tuple[Any, Any]:
     from stackcat.data import TableSpec
     from stackcat.stacking import StackingCategorizer
 
@@ -342,7 +365,7 @@ def _load_run(run_dir: Path) -> tuple[Any, Any]:
     if not settings_path.exists():
         raise FileNotFoundError(f"{run_dir}: not a stackcat run folder (no {TABLE_SETTINGS})")
     settings = json.loads(settings_path.read_text(encoding="utf-8"))
-    return StackingCategorizer.load(run_dir), TableSpec.from_dict(settings["spec"])
+    return StackingCategorizer.load(run_dir, trusted=trusted), TableSpec.from_dict(settings["spec"])
 
 
 def _spec_for_table(spec: Any, image_dir: str | None, table: Path) -> Any:
@@ -359,7 +382,7 @@ def run_predict(args: argparse.Namespace) -> int:
     _refuse_out_over_input(args.out, args.table)
     if not 0 < args.precision <= 1:
         raise UsageError(f"--precision {args.precision}: expected a share in (0, 1], e.g. 0.99")
-    stack, spec = _load_run(args.run_dir)
+    stack, spec = _load_run(args.run_dir, trusted=args.trust_run_dir)
     spec = _spec_for_table(spec, args.image_dir, args.table)
     review = review_threshold(stack, args.precision)
     print(review.describe(), file=sys.stderr)
@@ -425,7 +448,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from stackcat.data import DataError, PreparedTable, prepare_table, read_table
     from stackcat.metrics import comparison_table
 
-    stack, spec = _load_run(args.run_dir)
+    stack, spec = _load_run(args.run_dir, trusted=args.trust_run_dir)
     if args.table is None:
         print(stack.oof_scores_.round(4).to_string())
         return EXIT_OK
@@ -474,6 +497,7 @@ def run_demo(args: argparse.Namespace) -> int:
     from stackcat.demo import DEMO_COLUMNS, load_demo
     from stackcat.presets import OFFLINE_TEXT_PREFIX, ModelOptions, build_models, offline_weights
 
+    _check_stack_numbers(args)
     raw, _ = load_demo(n_rows=args.rows)
     prepared = prepare_table(raw, TableSpec(**DEMO_COLUMNS))
     print(prepared.summary())
@@ -509,12 +533,14 @@ def _demo_models(text_model: str | None, image_encoder: str | None) -> list[str]
 
 def main(argv: Sequence[str] | None = None) -> int:
     from stackcat.data import DataError
+    from stackcat.progress import print_stage_lines
     from stackcat.runs import RunFolderError
 
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.handler(args)
+        with print_stage_lines():  # one line per stage, whether bars are drawn or not
+            return args.handler(args)
     except UsageError as exc:
         parser.print_usage(sys.stderr)
         print(f"stackcat {args.command}: error: {exc}", file=sys.stderr)

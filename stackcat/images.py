@@ -5,13 +5,25 @@ with a status that says why:
 
 ==============  ===============================================================
 ``ok``          decoded; grey, CMYK, palette and 16-bit images converted to RGB,
-                transparency composited on white, EXIF orientation applied
+                transparency composited on white, EXIF orientation applied;
+                thinner than 1:``MAX_ASPECT_RATIO``: centre-cropped to that ratio
 ``no_path``     the row has no path (None, NaN or an empty string)
 ``missing``     no readable file at the path
 ``too_large``   more than ``max_pixels`` pixels (checked from the header, before
                 decoding), or refused by Pillow's decompression-bomb guard
 ``corrupt``     not an image, truncated, or not convertible to RGB
 ==============  ===============================================================
+
+Memory: the work an image causes is bounded by its output, not its file.
+Encoders resize the short side to 224-336 px and centre-crop a square, so a
+thin image (a 198-byte 40000 x 1 PNG) would be blown up to 224 x 8,960,000
+pixels (8.9 GB). Keeping the centre at most ``MAX_ASPECT_RATIO`` times longer
+than wide changes nothing a centre-cropping encoder sees and bounds that
+resize to a few MB. A large image is converted to RGB strip by strip (alpha
+compositing and 16-bit grey would otherwise cost several copies of it), and
+with ``draft_size`` (as when embedding) reduced by an integer factor on the
+way (JPEGs are decoded reduced). What remains is the decoded image itself:
+at most ``max_pixels`` times its bytes per pixel.
 
 Embeddings (:func:`image_embeddings`): a row whose image is unusable gets a zero
 vector and ``ok=False``; nothing stops the run. With ``cache_dir`` each image is
@@ -46,6 +58,7 @@ import math
 import os
 import stat
 import threading
+import time
 import warnings
 from collections import Counter
 from collections.abc import Sequence
@@ -56,16 +69,19 @@ import numpy as np
 
 from stackcat.cache import MEMORY_CACHE_BYTES, EmbeddingStore, MemoryCache
 from stackcat.encoders import ImageEncoder, get_encoder
+from stackcat.progress import log_stage, progress_bar, rate
 
 if TYPE_CHECKING:
     from PIL import Image
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
+    "MAX_ASPECT_RATIO",
     "IMAGE_STATUSES",
     "MEMORY_CACHE_BYTES",
     "ImageEmbeddings",
     "clear_memory_cache",
+    "file_content_hash",
     "image_embeddings",
     "load_image",
     "to_rgb",
@@ -73,6 +89,8 @@ __all__ = [
 
 #: Larger images are refused before decoding (a 48 MP phone photo still passes).
 DEFAULT_MAX_PIXELS = 50_000_000
+#: Thinner images are centre-cropped to this ratio of long to short side.
+MAX_ASPECT_RATIO = 20
 IMAGE_STATUSES = ("ok", "no_path", "missing", "too_large", "corrupt")
 # JPEGs are decoded at a reduced scale when they are much larger than this (PIL draft mode);
 # encoders look at 224-336 px.
@@ -140,6 +158,10 @@ def _decode(source: Any, *, max_pixels: int, draft_size: int | None) -> tuple[Im
                 if draft_size and image.format == "JPEG":
                     image.draft("RGB", (draft_size, draft_size))
                 image.load()
+                image = _centre_cropped(image, MAX_ASPECT_RATIO)
+                factor = max(1, min(image.size) // draft_size) if draft_size else 1
+                if factor >= 2 or image.width * image.height > _STRIP_PIXELS:
+                    return _reduced_rgb(image, factor), "ok"
                 return to_rgb(image), "ok"
     except Image.DecompressionBombError:
         return None, "too_large"
@@ -147,6 +169,44 @@ def _decode(source: Any, *, max_pixels: int, draft_size: int | None) -> tuple[Im
         return None, "too_large"
     except Exception:  # noqa: BLE001 - any decoder failure (OSError, SyntaxError, struct.error, ...)
         return None, "corrupt"
+
+
+def _centre_cropped(image: Image.Image, max_ratio: float) -> Image.Image:
+    """The centre of ``image``, at most ``max_ratio`` times longer than its short side."""
+    width, height = image.size
+    short = max(1, min(width, height))
+    keep = int(short * max_ratio)
+    if width > keep:
+        left = (width - keep) // 2
+        return image.crop((left, 0, left + keep, height))
+    if height > keep:
+        top = (height - keep) // 2
+        return image.crop((0, top, width, top + keep))
+    return image
+
+
+def _reduced_rgb(image: Image.Image, factor: int) -> Image.Image:
+    """``to_rgb(image).reduce(factor)``, converted strip by strip.
+
+    Converting a large image whole (alpha compositing, 16-bit to 8-bit,
+    Pillow's premultiplied copy in ``reduce``) costs several copies of it;
+    strips of about :data:`_STRIP_PIXELS` pixels keep the extra memory small.
+    """
+    from PIL import Image
+
+    width, height = image.size
+    grey_scale = _grey_scale(image) if image.mode in _WIDE_GREY_MODES else None
+    rows = factor * max(1, _STRIP_PIXELS // (width * factor))  # a multiple of factor: same boxes as whole
+    out = Image.new("RGB", (-(-width // factor), -(-height // factor)))
+    for top in range(0, height, rows):
+        strip = image.crop((0, top, width, min(height, top + rows)))
+        rgb = _plain_rgb(strip, grey_scale)
+        out.paste(rgb.reduce(factor) if factor > 1 else rgb, (0, top // factor))
+    return _exif_oriented(out, image)
+
+
+_STRIP_PIXELS = 1 << 20
+_WIDE_GREY_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -161,14 +221,30 @@ def to_rgb(image: Image.Image) -> Image.Image:
     >>> to_rgb(Image.new("RGBA", (2, 2), (0, 0, 0, 0))).getpixel((0, 0))
     (255, 255, 255)
     """
-    from PIL import Image, ImageOps
+    return _plain_rgb(_exif_oriented(image, image))
+
+
+def _exif_oriented(image: Image.Image, source: Image.Image) -> Image.Image:
+    """``image`` turned as the EXIF orientation of ``source`` says (``source`` may be its larger original)."""
+    from PIL import Image
 
     try:
-        image = ImageOps.exif_transpose(image)
+        orientation = source.getexif().get(0x0112)
     except Exception:  # noqa: BLE001 - a broken EXIF block must not cost the picture
-        pass
-    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-        image = _to_8bit_grey(image)
+        return image
+    method = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+              4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
+              6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+              8: Image.Transpose.ROTATE_90}.get(orientation)
+    return image.transpose(method) if method is not None else image
+
+
+def _plain_rgb(image: Image.Image, grey_scale: tuple[float, float] | None = None) -> Image.Image:
+    """``to_rgb`` without the EXIF orientation; ``grey_scale`` fixes the 16/32-bit grey scaling."""
+    from PIL import Image
+
+    if image.mode in _WIDE_GREY_MODES:
+        image = _to_8bit_grey(image, grey_scale)
     if image.mode == "P":
         image = image.convert("RGBA" if "transparency" in image.info else "RGB")
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
@@ -178,15 +254,34 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
-def _to_8bit_grey(image: Image.Image) -> Image.Image:
+def _grey_scale(image: Image.Image) -> tuple[float, float]:
+    """``(multiplier, divisor)`` mapping a 16/32-bit grey or float image onto 0..255, from its largest value."""
+    try:
+        largest = float(image.getextrema()[1])
+    except (TypeError, ValueError, IndexError):
+        largest = math.nan
+    if math.isnan(largest):  # getextrema does not skip NaN: look at the values (rare)
+        values = np.asarray(image, dtype=np.float64)
+        largest = float(np.nanmax(values)) if values.size and not np.isnan(values).all() else 0.0
+    if image.mode == "F" and largest <= 1.0:
+        return 255.0, 1.0
+    if largest > 255:
+        return 1.0, 257.0  # 16-bit range onto 8 bits
+    return 1.0, 1.0
+
+
+def _to_8bit_grey(image: Image.Image, scale: tuple[float, float] | None = None) -> Image.Image:
     from PIL import Image
 
+    multiplier, divisor = scale if scale is not None else _grey_scale(image)
     values = np.asarray(image, dtype=np.float64)
-    if image.mode == "F" and values.size and np.nanmax(values) <= 1.0:
-        values = values * 255.0
-    elif values.size and np.nanmax(values) > 255:
-        values = values / 257.0  # 16-bit range onto 8 bits
-    return Image.fromarray(np.clip(np.nan_to_num(values), 0, 255).astype(np.uint8), mode="L")
+    if not values.flags.writeable:
+        values = values.copy()
+    values *= multiplier
+    values /= divisor
+    np.nan_to_num(values, copy=False)
+    np.clip(values, 0, 255, out=values)
+    return Image.fromarray(values.astype(np.uint8), mode="L")
 
 
 def _as_file_path(path: Any) -> str | None:
@@ -273,7 +368,8 @@ def image_embeddings(
     device : str, default="auto"
         Device of an encoder built from a string spec.
     progress : bool, default=True
-        Show a tqdm bar while encoding images that are not cached.
+        Show a bar (on a terminal) while encoding images that are not cached; a
+        line with the count and rate goes to the ``"stackcat"`` logger either way.
     max_pixels : int, default=DEFAULT_MAX_PIXELS
         Larger images get status ``"too_large"``.
 
@@ -339,14 +435,13 @@ def _encode_missing(
     max_pixels: int,
 ) -> dict[str, str]:
     """Decode and encode the images not in the cache, batch by batch; returns key -> failure status."""
-    from tqdm.auto import tqdm
-
     failed: dict[str, str] = {}
     if not to_encode:
         return failed
     workers = max(1, min(8, os.cpu_count() or 1))
-    bar = tqdm(total=len(to_encode), unit="img", desc=f"encoding images [{encoder.name}]",
-               disable=not progress)
+    bar = progress_bar(total=len(to_encode), unit="img", desc=f"encoding images [{encoder.name}]",
+                       enabled=progress)
+    began = time.perf_counter()
     with bar, ThreadPoolExecutor(max_workers=workers) as pool:
         for start in range(0, len(to_encode), batch_size):
             batch = to_encode[start:start + batch_size]
@@ -362,6 +457,8 @@ def _encode_missing(
                     vectors[key] = vector
                     store.put(key, vector)
             bar.update(len(batch))
+    log_stage(f"[{encoder.name}] " + rate(len(to_encode) - len(failed), "images encoded", time.perf_counter() - began)
+              + (f", {len(failed)} unusable" if failed else ""))
     return failed
 
 
@@ -405,6 +502,23 @@ def _assemble(
 # (path, size, mtime_ns) -> content hash, so a process hashes each file once.
 _hash_memo: dict[tuple[str, int, int], str] = {}
 _hash_memo_lock = threading.Lock()
+
+
+def file_content_hash(raw_path: Any) -> str | None:
+    """BLAKE2b-128 hex digest of a file's bytes, or None when there is no readable file.
+
+    Each file is read once per process: the hash is remembered by (absolute
+    path, size, mtime), so unchanged files are not read again, and a file
+    replaced in place (new size or mtime) is. The image embedding cache and the
+    run folder's job fingerprints (:func:`stackcat.runs.files_fingerprint`)
+    share it.
+
+    Examples
+    --------
+    >>> file_content_hash("no/such/file.jpg") is None
+    True
+    """
+    return _content_key(raw_path)[0]
 
 
 def _content_key(raw_path: Any) -> tuple[str | None, str, str | None]:

@@ -30,9 +30,9 @@ from scipy.special import entr
 from sklearn.base import BaseEstimator, _fit_context
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
-from tqdm.auto import tqdm
 
 from stackcat.models._base import normalize_rows
+from stackcat.progress import progress_bar
 from stackcat.topk import (
     dense_rows,
     is_top_k,
@@ -764,7 +764,7 @@ def build_candidates(matrices: Sequence[np.ndarray], top_k: int, class_log_count
     depth = min(rank_depth or max(2 * top_k, 10), n_classes)
     products, labels, features = [], [], []
     starts = range(0, n_products, ROW_CHUNK)
-    for start in tqdm(starts, desc="rerank candidates", unit="block", disable=not progress):
+    for start in progress_bar(starts, desc="rerank candidates", unit="block", enabled=progress):
         rows = slice(start, start + ROW_CHUNK)
         chunk = [dense_rows(m, rows, spread=False) for m in matrices]
         signal_chunk = [dense_rows(s, rows, spread=False) for s in signals]

@@ -14,7 +14,6 @@ and is vectorized: a 90k x 900 matrix scores in about a second.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -587,15 +586,10 @@ def plot_reliability(probas: Mapping[str, np.ndarray], y: np.ndarray) -> Any:
 # ---------------------------------------------------------------------------
 
 def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(temp)
-        os.replace(temp, path)
-    except BaseException:
-        if os.path.exists(temp):
-            os.unlink(temp)
-        raise
+    from stackcat.runs import atomic_path
+
+    with atomic_path(path) as temp:
+        write(str(temp))
 
 
 def _atomic_write_text(path: Path, text: str) -> None:

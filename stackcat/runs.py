@@ -8,25 +8,46 @@ A run folder holds everything one ``fit`` produced::
     jobs/<model>/<job>.<key>.model.joblib the fitted fold model (for test-time prediction)
     meta/<key>.joblib             fitted meta-learners
     stacker.joblib                the fitted StackingCategorizer (refers to the files above)
+    <any>.joblib.sig              HMAC-SHA256 signature of the pickle beside it (see below)
+    tmp/                          scratch files of running jobs (a fastText training text...)
 
 Every file is written to a temporary name in the same folder, flushed to disk
 and renamed over its final name, so a reader never sees half a file, whatever
 happens to the writer (``kill -9`` included). A job counts as done when its
-``.oof.npz`` exists: it is written last.
+``.oof.npz`` exists: it is written last. Files get the permissions the
+process's umask gives a new file (``mkstemp`` alone would make them 0600).
+
+Trust model of the pickles
+--------------------------
+Fitted models are pickles, and unpickling a file can run any code in it. So
+every pickle stackcat writes is signed with an HMAC-SHA256 under a secret key
+of the user (:func:`key_path`: ``$STACKCAT_KEY_FILE``, else
+``$XDG_CONFIG_HOME/stackcat/key``, else ``~/.config/stackcat/key``; 32 random
+bytes created on first use, mode 0600), the signature stored beside the file
+(``<file>.sig``). :func:`load_pickle` verifies the signature before
+unpickling and refuses an unsigned or mis-signed file, naming it, unless the
+caller says the folder is trusted (``trusted=True``, ``--trust-run-dir``: a
+folder from a colleague, or one written before signatures existed). A run
+folder written by another user is therefore refused until trusted; one you
+wrote yourself loads as it is, wherever it was moved. With a dask cluster, the
+workers write the fold models unsigned and the driver signs each one when its
+job comes back, so the workers need no key.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import fcntl
 import hashlib
+import hmac
 import json
 import os
 import platform
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -44,8 +65,17 @@ RUNTIME_PARAMS = frozenset({"verbose", "progress", "cache_dir", "image_cache_dir
                             "num_threads", "predict_batch_size", "thread_count"})
 
 
+SIGNATURE_SUFFIX = ".sig"
+KEY_BYTES = 32
+TEMP_FOLDER = "tmp"
+
+
 class RunFolderError(RuntimeError):
     """The run folder cannot be used (locked by another process, unreadable manifest...)."""
+
+
+class UntrustedFileError(RunFolderError):
+    """A pickle without a valid signature of this user's key: it is not unpickled."""
 
 
 # --------------------------------------------------------------------------- atomic files
@@ -67,15 +97,38 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
+            os.fchmod(handle.fileno(), 0o666 & ~current_umask())
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
 
 
-def write_joblib(obj: Any, path: str | Path) -> Path:
+def current_umask() -> int:
+    """The process's umask, read without changing it (Linux), else set and restored at once."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def write_joblib(obj: Any, path: str | Path, *, sign: bool = True) -> Path:
+    """Pickle ``obj`` to ``path`` atomically; signed (``<path>.sig``) unless ``sign=False``.
+
+    The signature is renamed into place before the pickle: a crash between the
+    two leaves the old pickle beside the new signature, a mismatch that readers
+    treat as damage (never a new pickle that passes for signed).
+    """
     with atomic_path(path) as tmp:
         joblib.dump(obj, tmp)
+        if sign:
+            write_text(file_signature(tmp), signature_path(path))
     return Path(path)
 
 
@@ -98,6 +151,153 @@ def write_text(text: str, path: str | Path) -> Path:
     return Path(path)
 
 
+# --------------------------------------------------------------------------- scratch files
+
+_scratch_folder: contextvars.ContextVar[Path | None] = contextvars.ContextVar("stackcat_scratch", default=None)
+
+
+@contextlib.contextmanager
+def scratch_files_in(folder: str | Path | None) -> Iterator[None]:
+    """Within this block (this thread), :func:`scratch_dir` is ``folder`` (created when used)."""
+    token = _scratch_folder.set(Path(folder) if folder is not None else None)
+    try:
+        yield
+    finally:
+        _scratch_folder.reset(token)
+
+
+def scratch_dir() -> str | None:
+    """Folder for a model's temporary files: the running job's ``<run>/tmp``, else None ($TMPDIR).
+
+    A model passes it as ``dir=`` to :mod:`tempfile`; files a killed job left
+    there are deleted when the run folder is next opened.
+    """
+    folder = _scratch_folder.get()
+    if folder is None:
+        return None
+    folder.mkdir(parents=True, exist_ok=True)
+    return str(folder)
+
+
+# --------------------------------------------------------------------------- signed pickles
+
+
+def key_path() -> Path:
+    """Where this user's signing key lives: ``$STACKCAT_KEY_FILE``, else the user's config folder.
+
+    On a cluster, point ``STACKCAT_KEY_FILE`` of the driver at the same file on
+    every machine that runs ``fit``/``predict`` for you (workers need none).
+    """
+    explicit = os.environ.get("STACKCAT_KEY_FILE")
+    if explicit:
+        return Path(explicit).expanduser()
+    config = os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config"
+    return Path(config) / "stackcat" / "key"
+
+
+def signing_key() -> bytes:
+    """This user's secret signing key, created (32 random bytes as hex, mode 0600) on first use."""
+    path = key_path()
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:  # another process created it first: use theirs
+            pass
+        else:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(os.urandom(KEY_BYTES).hex().encode("ascii"))
+    key = path.read_bytes().strip()
+    if len(key) < KEY_BYTES:
+        # created by a process still writing it, or damaged
+        time.sleep(0.1)
+        key = path.read_bytes().strip()
+        if len(key) < KEY_BYTES:
+            raise RunFolderError(f"signing key {path} is too short ({len(key)} bytes): delete it to make a "
+                                 "new one (run folders signed with it will then need --trust-run-dir)")
+    return key
+
+
+def signature_path(path: str | Path) -> Path:
+    path = Path(path)
+    return path.with_name(path.name + SIGNATURE_SUFFIX)
+
+
+def file_signature(path: str | Path, handle: Any = None) -> str:
+    """``hmac-sha256:<hex>`` of a file's bytes under :func:`signing_key`."""
+    mac = hmac.new(signing_key(), digestmod=hashlib.sha256)
+    with contextlib.nullcontext(handle) if handle is not None else open(path, "rb") as source:
+        for chunk in iter(lambda: source.read(1 << 20), b""):
+            mac.update(chunk)
+    return f"hmac-sha256:{mac.hexdigest()}"
+
+
+def sign_file(path: str | Path) -> Path:
+    """Sign a pickle written elsewhere (a worker's fold model): ``<path>.sig``."""
+    return write_text(file_signature(path), signature_path(path))
+
+
+def signature_problem(path: str | Path, handle: Any = None) -> str | None:
+    """None when ``path`` carries this user's valid signature, else what is wrong with it."""
+    sig = signature_path(path)
+    if not sig.exists():
+        return f"it is not signed (no {sig.name})"
+    expected = sig.read_text(encoding="utf-8", errors="replace").strip()
+    actual = file_signature(path, handle)
+    if not hmac.compare_digest(expected.encode(), actual.encode()):
+        return (f"its signature in {sig.name} does not match its content (damaged, changed since, "
+                f"or signed with another user's key {key_path()})")
+    return None
+
+
+def load_pickle(path: str | Path, *, trusted: bool = False, what: str = "file") -> Any:
+    """Unpickle a file stackcat wrote, after checking its signature.
+
+    Parameters
+    ----------
+    path : str or Path
+        A pickle written by :func:`write_joblib`.
+    trusted : bool, default=False
+        Skip the signature check: for a folder you trust though it was not
+        signed with your key (a colleague's run, one written before signatures).
+    what : str
+        What the file holds, for error messages.
+
+    Raises
+    ------
+    UntrustedFileError
+        The file is unsigned or its signature does not match: it is not unpickled.
+    RunFolderError
+        The file is signed but does not unpickle (or ``trusted`` and damaged).
+
+    Examples
+    --------
+    >>> import tempfile, os
+    >>> path = os.path.join(tempfile.mkdtemp(), "x.joblib")
+    >>> _ = write_joblib({"a": 1}, path)
+    >>> load_pickle(path)
+    {'a': 1}
+    """
+    path = Path(path)
+    with open(path, "rb") as handle:
+        if not trusted:
+            problem = signature_problem(path, handle)
+            if problem is not None:
+                raise UntrustedFileError(
+                    f"{path}: refused to load this {what}: {problem}. A pickle can run code when loaded, "
+                    "so stackcat only loads its own signed files. If you trust this run folder (you wrote it "
+                    "with an older stackcat, or a colleague gave it to you), pass --trust-run-dir "
+                    "(trusted=True); if it is your own run, run the same fit with --resume to recompute "
+                    "what is damaged")
+            handle.seek(0)
+        try:
+            return joblib.load(handle)
+        except Exception as exc:  # a damaged pickle raises almost anything
+            raise RunFolderError(
+                f"{path}: unreadable {what} ({type(exc).__name__}: {exc}); the file is damaged. Run the "
+                "same fit again with --resume to recompute it (finished jobs are reused)") from exc
+
+
 # --------------------------------------------------------------------------- fingerprints
 
 
@@ -106,8 +306,15 @@ def digest(*parts: Any) -> str:
     return joblib.hash(parts, hash_name="sha1")
 
 
-def frame_fingerprint(X: Any, y: Any = None) -> str:
-    """Fingerprint of the data a model sees: every cell of X (and y), in order."""
+def frame_fingerprint(X: Any, y: Any = None, file_columns: Sequence[str] = ()) -> str:
+    """Fingerprint of the data a model sees: every cell of X (and y), in order.
+
+    ``file_columns`` name the columns whose cells are paths of files the model
+    reads (images): the *content* of those files is fingerprinted too (see
+    :func:`files_fingerprint`), so a file replaced under the same name changes
+    the fingerprint. When X is not a DataFrame, any non-empty ``file_columns``
+    means that X's values themselves are the paths.
+    """
     if isinstance(X, pd.DataFrame):
         hashed = pd.util.hash_pandas_object(X.astype(object), index=False).to_numpy()
         names = [str(c) for c in X.columns]
@@ -115,7 +322,57 @@ def frame_fingerprint(X: Any, y: Any = None) -> str:
         hashed = pd.util.hash_array(np.asarray(X, dtype=object).astype(str))
         names = []
     labels = None if y is None else pd.util.hash_array(np.asarray(y, dtype=object).astype(str))
-    return digest(names, hashed, labels)
+    if not file_columns:
+        return digest(names, hashed, labels)
+    return digest(names, hashed, labels, files_fingerprint(X, file_columns))
+
+
+def files_fingerprint(X: Any, file_columns: Sequence[str]) -> str:
+    """Digest of the content of every file named in ``file_columns`` of X (row order kept).
+
+    Each file is hashed once per process and remembered by (path, size,
+    mtime): the same hasher as the image embedding cache
+    (:func:`stackcat.images.file_content_hash`), so a fit reads each image once
+    for both. Missing files and empty cells count as such.
+    """
+    from stackcat.images import file_content_hash
+
+    parts = []
+    for column in sorted(set(file_columns)):
+        if isinstance(X, pd.DataFrame):
+            if column not in X.columns:
+                continue
+            values = X[column].to_numpy(dtype=object)
+        else:
+            values = np.asarray(X, dtype=object).ravel()
+        parts.append((column, [file_content_hash(value) for value in values]))
+    return digest(parts)
+
+
+# Params that name a column of file paths the estimator reads (``image_column``...).
+FILE_COLUMN_PARAMS = ("image_column",)
+FILE_COLUMN_SUFFIX = "_file_column"
+# Params that may name a local file or folder the estimator reads (a text model checkpoint...).
+FILE_PARAMS = ("model_name", "pretrained_vectors")
+FILE_PARAM_SUFFIXES = ("_file", "_path")
+
+
+def file_columns_of(estimator: Any) -> list[str]:
+    """Columns of X whose cells are paths of files ``estimator`` reads.
+
+    An estimator declares them with a ``file_columns`` attribute or method
+    (a list of column names); otherwise any of its params (nested ones
+    included) named ``image_column`` or ending in ``_file_column`` names one.
+    """
+    declared = getattr(estimator, "file_columns", None)
+    if declared is not None:
+        return list(declared() if callable(declared) else declared)
+    columns = []
+    for name, value in estimator.get_params(deep=True).items():
+        leaf = name.split("__")[-1]
+        if isinstance(value, str) and (leaf in FILE_COLUMN_PARAMS or leaf.endswith(FILE_COLUMN_SUFFIX)):
+            columns.append(value)
+    return sorted(set(columns))
 
 
 def model_fingerprint(estimator: Any) -> str:
@@ -123,6 +380,33 @@ def model_fingerprint(estimator: Any) -> str:
     params = {k: v for k, v in estimator.get_params(deep=True).items()
               if k.split("__")[-1] not in RUNTIME_PARAMS}
     return digest(type(estimator).__module__, type(estimator).__qualname__, sorted(params.items(), key=str))
+
+
+def param_files_fingerprint(estimator: Any) -> str | None:
+    """Digest of the content of the local files and folders the estimator's params name, or None.
+
+    Params named ``model_name`` or ``pretrained_vectors``, or ending in
+    ``_file`` or ``_path`` (nested ones included), whose value is an existing
+    local path: a checkpoint folder or vectors file replaced in place changes
+    the digest. A hub name or a missing path counts as its text (the params'
+    fingerprint has it already). Files are hashed like :func:`files_fingerprint`
+    (once per process); hidden files of a folder are left out.
+    """
+    from stackcat.images import file_content_hash
+
+    parts = []
+    for name, value in sorted(estimator.get_params(deep=True).items()):
+        leaf = name.split("__")[-1]
+        if not (leaf in FILE_PARAMS or leaf.endswith(FILE_PARAM_SUFFIXES)) or not isinstance(value, (str, os.PathLike)):
+            continue
+        path = Path(value)
+        if path.is_file():
+            parts.append((name, file_content_hash(path)))
+        elif path.is_dir():
+            files = sorted(f for f in path.rglob("*") if f.is_file()
+                           and not any(part.startswith(".") for part in f.relative_to(path).parts))
+            parts.append((name, [(f.relative_to(path).as_posix(), file_content_hash(f)) for f in files]))
+    return digest(parts) if parts else None
 
 
 def package_versions() -> dict[str, str | None]:
@@ -227,8 +511,13 @@ class RunFolder:
     def meta_path(self, key: str) -> Path:
         return self.path / "meta" / f"{key[:16]}.joblib"
 
+    @property
+    def temp_folder(self) -> Path:
+        """Scratch files of running jobs (a fastText training text): emptied at the next start."""
+        return self.path / TEMP_FOLDER
+
     def remove_temp_files(self) -> list[Path]:
-        """Delete temporary files that a killed writer left (``.<name>.<random>.tmp``).
+        """Delete temporary files that a killed writer left (``.<name>.<random>.tmp``, ``tmp/``).
 
         Call it while holding the lock: no other process is writing then. The
         image embedding cache (``embeddings/``) is left alone: it never reads
@@ -239,6 +528,13 @@ class RunFolder:
         for folder in folders:
             if folder.is_dir():
                 for file in folder.glob(".*.tmp"):
+                    file.unlink(missing_ok=True)
+                    removed.append(file)
+        if self.temp_folder.is_dir():
+            for file in sorted(self.temp_folder.rglob("*"), reverse=True):  # files before their folders
+                if file.is_dir() and not file.is_symlink():
+                    file.rmdir()
+                else:
                     file.unlink(missing_ok=True)
                     removed.append(file)
         return removed

@@ -44,13 +44,21 @@ from sklearn.utils.validation import check_is_fitted
 
 from stackcat import __version__
 from stackcat.models._base import encode_labels, proba_for_classes
+from stackcat.progress import log_stage, progress_bar
 from stackcat.runs import (
     RunFolder,
     RunFolderError,
     digest,
+    file_columns_of,
+    files_fingerprint,
     frame_fingerprint,
+    load_pickle,
     model_fingerprint,
     package_versions,
+    param_files_fingerprint,
+    scratch_files_in,
+    sign_file,
+    signature_problem,
     write_joblib,
     write_npz,
 )
@@ -184,8 +192,17 @@ def run_job(job: Job, estimator: Any, X: Any, y: np.ndarray, classes: np.ndarray
     """Fit one clone and predict its held-out rows; with ``run_path`` the result is written there.
 
     The model file is written before the OOF file: a job is complete exactly
-    when its ``.oof.npz`` exists.
+    when its ``.oof.npz`` exists. The model file is written unsigned: the
+    process that planned the jobs signs it when the result comes back (a dask
+    worker needs no signing key). Temporary files of the model go to the run
+    folder's ``tmp/``.
     """
+    with scratch_files_in(RunFolder(run_path).temp_folder if run_path is not None else None):
+        return _run_job(job, estimator, X, y, classes, run_path, oof_dtype)
+
+
+def _run_job(job: Job, estimator: Any, X: Any, y: np.ndarray, classes: np.ndarray,
+             run_path: str | None, oof_dtype: str) -> JobResult:
     model = clone(estimator)
     start = time.perf_counter()
     model.fit(take_rows(X, job.train), y[job.train])
@@ -201,7 +218,7 @@ def run_job(job: Job, estimator: Any, X: Any, y: np.ndarray, classes: np.ndarray
                        len(job.train), estimator=model)
     if run_path is not None:
         run = RunFolder(run_path)
-        write_joblib(model, run.model_path(job.model, job.name, job.key))
+        write_joblib(model, run.model_path(job.model, job.name, job.key), sign=False)
         write_npz(run.oof_path(job.model, job.name, job.key), test=job.test, oof=oof,
                   timings=np.array([fit_seconds, predict_seconds]), n_train=np.array(len(job.train)))
         result.estimator = None
@@ -212,13 +229,20 @@ def load_job(run: RunFolder, job: Job) -> JobResult | None:
     """The stored result of ``job``, or None when it has not finished.
 
     A job whose files were damaged or deleted since (disk errors, a hand-edited
-    folder) is not trusted: it is recomputed, with a warning.
+    folder) is not trusted: it is recomputed, with a warning. Its model file
+    must carry this user's signature (see :mod:`stackcat.runs`), which also
+    catches a truncated or overwritten model without unpickling it.
     """
     path = run.oof_path(job.model, job.name, job.key)
     if not path.exists():
         return None
-    if not run.model_path(job.model, job.name, job.key).exists():
+    model_path = run.model_path(job.model, job.name, job.key)
+    if not model_path.exists():
         warnings.warn(f"{path}: its fitted model file is gone; the job is computed again", stacklevel=3)
+        return None
+    problem = signature_problem(model_path)
+    if problem is not None:
+        warnings.warn(f"{model_path}: {problem}; the job is computed again", stacklevel=3)
         return None
     try:
         with np.load(path) as stored:
@@ -294,7 +318,8 @@ class StackingCategorizer(ClassifierMixin, _BaseComposition, BaseEstimator):
     keep_models : bool, default=True
         Keep the fitted fold models (needed to predict new data).
     progress, verbose : bool / int
-        A progress bar over jobs; a line per finished job when ``verbose``.
+        A progress bar over jobs (on a terminal only); a line per finished job
+        when ``verbose``, on the ``"stackcat"`` logger (see :mod:`stackcat.progress`).
 
     Attributes
     ----------
@@ -347,7 +372,7 @@ class StackingCategorizer(ClassifierMixin, _BaseComposition, BaseEstimator):
         "random_state": ["random_state"],
         "refit": ["boolean"],
         "run_dir": [str, Path, None],
-        "n_jobs": [Integral, None],
+        "n_jobs": [Interval(Integral, None, -1, closed="right"), Interval(Integral, 1, None, closed="left"), None],
         "backend": [str, None],
         "scheduler": [str, None],
         "oof_dtype": [StrOptions({"auto", "float32", "float16"})],
@@ -419,10 +444,12 @@ class StackingCategorizer(ClassifierMixin, _BaseComposition, BaseEstimator):
                 run.warn_if_versions_differ(previous)
                 run.remove_temp_files()
                 run.write_manifest(self._manifest(data_key, n_rows, status="running"))
-            jobs = self._plan_jobs(data_key)
+            jobs = self._plan_jobs(data_key, X)
             results = self._run_jobs(jobs, X, labels, run)
             self._collect(results, n_rows)
-            self._fit_meta(X, y_index, [job.key for job in jobs], run)
+            self.tree_ = self._category_tree()
+            signals = self._fit_signals(X, y_index)
+            self._fit_meta_explained(y_index, [job.key for job in jobs], run, signals)
             self.oof_scores_ = self._score_table(y_index)
             if run:
                 self.run_dir_ = str(Path(self.run_dir).resolve())
@@ -432,6 +459,25 @@ class StackingCategorizer(ClassifierMixin, _BaseComposition, BaseEstimator):
                 for name, _ in self.estimators:
                     run.remove_stale_jobs(name, {job.key for job in jobs if job.model == name})
         return self
+
+    def _fit_meta_explained(self, y_index: np.ndarray, job_keys: list[str], run: RunFolder | None,
+                            signals: dict[str, Any]) -> None:
+        """``_fit_meta``, with a failure of the meta-learner's own library said in stackcat's terms."""
+        start = time.perf_counter()
+        try:
+            self._fit_meta(y_index, job_keys, run, signals)
+            if self.verbose:
+                log_stage(f"meta-learner {type(self.meta_).__name__} ready in {time.perf_counter() - start:.1f} s "
+                          f"({len(y_index):,} rows, {len(self.classes_):,} categories)")
+        except (OSError, RunFolderError):
+            raise
+        except Exception as exc:  # CatBoostError and others from the meta-learner's library
+            raise RuntimeError(
+                f"the meta-learner (meta={self.meta!r}) failed on the out-of-fold probabilities of "
+                f"{len(y_index)} rows and {len(self.classes_)} categories ({type(exc).__name__}: "
+                f"{str(exc).strip().splitlines()[-1] if str(exc).strip() else exc!r}). A learned meta-learner "
+                "needs enough out-of-fold rows per fold; with few rows use meta='average' (--meta average)"
+            ) from exc
 
     def _check_estimators(self) -> None:
         if not self.estimators:
@@ -449,11 +495,24 @@ class StackingCategorizer(ClassifierMixin, _BaseComposition, BaseEstimator):
             return self.oof_dtype
         return "float16" if n_rows * len(self.classes_) > FLOAT16_CELLS else "float32"
 
-    def _plan_jobs(self, data_key: str) -> list[Job]:
+    def _plan_jobs(self, data_key: str, X: Any) -> list[Job]:
+        """One job per (model, fold), keyed by the model's params, the data and the fold's rows.
+
+        The data part covers the content of the files a model reads (the
+        columns :func:`stackcat.runs.file_columns_of` finds: its
+        ``image_column``...), so replacing an image under the same name
+        recomputes the models that read images, and only those; the model
+        part covers the local files its params name (a checkpoint folder, see
+        :func:`stackcat.runs.param_files_fingerprint`).
+        """
         rows = np.arange(len(self.fold_of_row_))
+        files_keys: dict[tuple[str, ...], str | None] = {(): None}
         jobs = []
         for name, estimator in self.estimators:
-            model_key = model_fingerprint(estimator)
+            columns = tuple(file_columns_of(estimator))
+            if columns not in files_keys:
+                files_keys[columns] = files_fingerprint(X, columns)
+            model_key = digest(model_fingerprint(estimator), files_keys[columns], param_files_fingerprint(estimator))
             for fold in range(self.n_splits):
                 test = rows[self.fold_of_row_ == fold]
                 train = rows[self.fold_of_row_ != fold]
@@ -475,19 +534,25 @@ class StackingCategorizer(ClassifierMixin, _BaseComposition, BaseEstimator):
             warm_cache = getattr(estimators[name], "warm_cache", None)
             if callable(warm_cache):
                 warm_cache(X)
-        bar = _progress_bar(len(jobs), len(done), self.progress)
+        bar = progress_bar(total=len(jobs), initial=len(done), desc="jobs", unit="job", enabled=self.progress)
         if done and self.verbose:
-            bar.write(f"{len(done)} of {len(jobs)} jobs already done in {run.path}; {len(pending)} to run")
+            log_stage(f"{len(done)} of {len(jobs)} jobs already done in {run.path}; {len(pending)} to run")
+        elif self.verbose:
+            log_stage(f"{len(jobs)} jobs to run ({len(estimators)} models x {self.n_splits} folds"
+                      f"{' + a refit on all rows' if self.refit else ''}, {len(X):,} rows)")
         tasks = (joblib.delayed(run_job)(job, estimators[job.model], X, labels, self.classes_,
                                          run_path, self._oof_storage) for job in pending)
         try:
             with self._parallel_backend():
                 parallel = joblib.Parallel(n_jobs=self.n_jobs, return_as="generator_unordered")
                 for result in parallel(tasks):
+                    if run is not None:
+                        sign_file(run.model_path(result.model, result.name, result.key))
                     results.append(result)
                     bar.update(1)
                     if self.verbose:
-                        bar.write(self._job_line(result, labels))
+                        log_stage(f"{self._job_line(result, labels)} ({len(results) - len(done)} of "
+                                  f"{len(pending)} jobs to run done)")
         finally:
             bar.close()
         return results
@@ -551,10 +616,9 @@ class StackingCategorizer(ClassifierMixin, _BaseComposition, BaseEstimator):
         self.fold_models_ = {name: [models[name][job] for job in wanted] for name in names} if self.keep_models else {}
         self.jobs_ = pd.DataFrame(records).sort_values(["model", "job"], ignore_index=True)
 
-    def _fit_meta(self, X: Any, y_index: np.ndarray, job_keys: list[str], run: RunFolder | None) -> None:
+    def _fit_meta(self, y_index: np.ndarray, job_keys: list[str], run: RunFolder | None,
+                  signals: dict[str, Any]) -> None:
         candidates = self._meta_candidates()
-        self.tree_ = self._category_tree()
-        signals = self._fit_signals(X, y_index)
         ancestors = self.tree_.ancestors if self.tree_ is not None else None
         self.meta_inputs_ = _context(signals, ancestors)  # for ablations; not saved with the stack
         # the job keys determine the OOF matrices exactly, so they key the meta-learner too
@@ -571,8 +635,8 @@ class StackingCategorizer(ClassifierMixin, _BaseComposition, BaseEstimator):
         if len(candidates) > 1:
             choice, self.meta_selection_ = choose_meta(nested, y_index)
             if self.verbose:
-                print(f"meta-learner: {choice} (nested-OOF errors: "
-                      + ", ".join(f"{n} {int(e)}" for n, e in self.meta_selection_["errors"].items()) + ")")
+                log_stage(f"meta-learner chosen on nested OOF: {choice} (errors: "
+                          + ", ".join(f"{n} {int(e)}" for n, e in self.meta_selection_["errors"].items()) + ")")
         else:
             choice, self.meta_selection_ = next(iter(candidates)), None
         self.candidate_meta_oof_ = nested
@@ -774,46 +838,64 @@ class StackingCategorizer(ClassifierMixin, _BaseComposition, BaseEstimator):
             return ref
         cache = self.__dict__.setdefault("_loaded_models", {})
         if ref not in cache:
-            cache[ref] = joblib.load(Path(self.run_dir_) / ref)
+            path = Path(self.run_dir_) / ref
+            if not path.exists():
+                raise RunFolderError(f"{path}: fold model missing; run the same fit again with --resume to "
+                                     "recompute it (finished jobs are reused)")
+            model = load_pickle(path, trusted=self.__dict__.get("_trusted_run", False), what="fold model")
+            if not (hasattr(model, "predict_proba") and hasattr(model, "classes_")):
+                raise RunFolderError(f"{path}: holds a {type(model).__name__}, not a fitted classifier; run the "
+                                     "same fit again with --resume to recompute it")
+            cache[ref] = model
         return cache[ref]
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state.pop("_loaded_models", None)
         state.pop("meta_inputs_", None)
+        state.pop("_trusted_run", None)
         return state
 
     # saving -----------------------------------------------------------------
     @classmethod
-    def load(cls, run_dir: str | Path) -> StackingCategorizer:
-        """The fitted stack of a run folder (the folder may have moved since)."""
+    def load(cls, run_dir: str | Path, *, trusted: bool = False) -> StackingCategorizer:
+        """The fitted stack of a run folder (the folder may have moved since).
+
+        Parameters
+        ----------
+        run_dir : str or Path
+            The run folder.
+        trusted : bool, default=False
+            Load its pickles even when they do not carry this user's signature
+            (a folder from a colleague, or written before stackcat signed its
+            files). Unpickling can run code: trust only folders you would run
+            code from. See :mod:`stackcat.runs` for the trust model.
+        """
         path = Path(run_dir) / STACKER_FILE
         if not path.exists():
             raise FileNotFoundError(f"{run_dir}: no {STACKER_FILE}; the fit did not finish (run it again to resume)")
-        try:
-            stack = joblib.load(path)
-        except Exception as exc:  # a damaged pickle raises almost anything
+        stack = load_pickle(path, trusted=trusted, what="fitted stack")
+        if not isinstance(stack, cls) or not hasattr(stack, "meta_"):
             raise RunFolderError(
-                f"{path}: unreadable ({type(exc).__name__}: {exc}); the file is damaged. Run the same "
-                "fit again with --resume to rebuild it (finished jobs are reused)"
-            ) from exc
+                f"{path}: holds a {type(stack).__name__}, not a fitted {cls.__name__}; the file was replaced or "
+                "damaged. Run the same fit again with --resume to rebuild it (finished jobs are reused)")
         stack.run_dir_ = str(Path(run_dir).resolve())
+        stack._trusted_run = trusted
         return stack
 
 
 def _read_cached(path: Path) -> Any:
-    """A cached result, or None when absent or damaged (then it is computed again)."""
+    """A cached, signed result, or None when absent, unsigned or damaged (then it is computed again)."""
     if not path.exists():
         return None
+    problem = signature_problem(path)
+    if problem is not None:
+        warnings.warn(f"{path}: {problem}; computed again", stacklevel=3)
+        return None
     try:
-        return joblib.load(path)
-    except Exception as exc:  # a damaged pickle raises almost anything
-        warnings.warn(f"{path}: unreadable ({type(exc).__name__}: {exc}); computed again", stacklevel=3)
+        return load_pickle(path, trusted=True, what="cached result")  # its signature was just checked
+    except (RunFolderError, OSError) as exc:
+        warnings.warn(f"{exc}; computed again", stacklevel=3)
         return None
 
-
-def _progress_bar(total: int, initial: int, enabled: bool) -> Any:
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, desc="jobs", unit="job", disable=not enabled, leave=False)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,9 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Run folders are signed with a per-user key: tests (and the CLI subprocesses they start) use
+# one of their own instead of creating ~/.config/stackcat/key.
+os.environ.setdefault("STACKCAT_KEY_FILE", os.path.join(tempfile.mkdtemp(prefix="stackcat-test-key-"), "key"))
 
 DATA_DIR = Path(__file__).parent / "data"
 

@@ -276,8 +276,8 @@ def test_predict_says_when_the_precision_cannot_be_reached(tmp_path, capsys, mon
     assert run_cli(["fit", table, "--run-dir", run_dir, *GENERIC, *FAST], capsys)[0] == EXIT_OK
     load_run = cli._load_run
 
-    def run_whose_surest_oof_predictions_are_wrong(path):
-        stack, spec = load_run(path)
+    def run_whose_surest_oof_predictions_are_wrong(path, **options):
+        stack, spec = load_run(path, **options)
         wrong = (stack.oof_target_ + 1) % len(stack.classes_)
         stack.meta_oof_ = np.eye(len(stack.classes_), dtype=np.float32)[wrong]
         return stack, spec

@@ -205,11 +205,11 @@ def load_spy(monkeypatch):
     np_load, joblib_load = np.load, joblib.load
 
     def spy_np_load(file, *args, **kwargs):
-        opened.append(str(file))
+        opened.append(str(getattr(file, "name", file)))
         return np_load(file, *args, **kwargs)
 
     def spy_joblib_load(filename, *args, **kwargs):
-        opened.append(str(filename))
+        opened.append(str(getattr(filename, "name", filename)))  # a path or an open file
         return joblib_load(filename, *args, **kwargs)
 
     monkeypatch.setattr(np, "load", spy_np_load)
@@ -417,7 +417,7 @@ def test_a_damaged_stacker_file_is_named_with_the_way_out(tmp_path, table, capsy
     capsys.readouterr()
     assert main(["predict", str(run_dir), str(table), "--out", str(tmp_path / "p.csv")]) == EXIT_RUN_ERROR
     err = capsys.readouterr().err
-    assert f"{stacker}: unreadable" in err and "--resume" in err
+    assert f"{stacker}: refused" in err and "does not match its content" in err and "--resume" in err
     assert not (tmp_path / "p.csv").exists()
     assert main(["fit", str(table), "--run-dir", str(run_dir), "--resume", *FIT_OPTIONS]) == EXIT_OK
     assert main(["predict", str(run_dir), str(table), "--out", str(tmp_path / "p.csv")]) == EXIT_OK

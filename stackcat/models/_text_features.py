@@ -30,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from stackcat.cache import EmbeddingStore, MemoryCache, content_key
 from stackcat.models._base import resolve_device
@@ -49,6 +49,7 @@ from stackcat.models._torch import (
     tokenize,
     usable_max_length,
 )
+from stackcat.progress import log_stage, progress_bar, rate
 
 __all__ = [
     "TOKEN_STATES_MEMORY_BYTES",
@@ -98,7 +99,8 @@ def token_states(
     batch_size : int, default=64
         Texts per encoder forward pass.
     progress : bool, default=True
-        Show a tqdm bar while encoding texts that are not cached.
+        Show a bar (on a terminal) while encoding texts that are not cached; a line
+        with the count and rate goes to the ``"stackcat"`` logger either way.
 
     Returns
     -------
@@ -124,12 +126,15 @@ def token_states(
     missing = [(key, text) for key, text in distinct.items() if key not in found]
     if missing:
         encoder, tokenizer = _encoder_for(model_name, identity, resolve_device(device))
-        bar = tqdm(total=len(missing), unit="text", disable=not progress,
-                   desc=f"encoding texts [{Path(str(model_name)).name}]")
+        bar = progress_bar(total=len(missing), unit="text", enabled=progress,
+                           desc=f"encoding texts [{Path(str(model_name)).name}]")
+        start = time.perf_counter()
         with bar:
             for key, states in _encode(missing, encoder, tokenizer, max_length, batch_size):
                 found[key] = store.put(key, states)
                 bar.update()
+        log_stage(f"[{Path(str(model_name)).name}] "
+                  + rate(len(missing), "texts encoded", time.perf_counter() - start))
     return [found[key] for key in keys]
 
 

@@ -20,6 +20,7 @@ import os
 import shutil
 import tarfile
 import tempfile
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,9 +31,9 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Sampler
-from tqdm.auto import tqdm
 
 from stackcat.models._base import resolve_device, seed_everything
+from stackcat.progress import log_stage, progress_bar, rate
 
 # ---------------------------------------------------------------- devices, threads, precision
 
@@ -402,15 +403,19 @@ def predict_probabilities(module: nn.Module, batches: Iterable[tuple[list[int], 
 
 
 class ProgressBar(Callback):
-    """A tqdm bar per epoch showing the running training loss (and the eval loss at the end)."""
+    """Per epoch: a bar with the running training loss (on a terminal, when ``enabled``), then one log line."""
 
-    def __init__(self) -> None:
-        self.bar: tqdm | None = None
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.bar: Any = None
         self.total, self.count = 0.0, 0
+        self.title, self.start = "", 0.0
 
     def on_epoch_begin(self, loop: TrainingLoop, stage: Stage, epoch: int, n_batches: int) -> None:
-        self.bar = tqdm(total=n_batches, desc=f"{stage.name} epoch {epoch}/{stage.epochs}", unit="batch")
+        self.title = f"{stage.name} epoch {epoch}/{stage.epochs}"
+        self.bar = progress_bar(total=n_batches, desc=self.title, unit="batch", enabled=self.enabled)
         self.total, self.count = 0.0, 0
+        self.start = time.perf_counter()
 
     def on_batch_end(self, loop: TrainingLoop, loss: float) -> None:
         self.total += loss
@@ -424,6 +429,8 @@ class ProgressBar(Callback):
             postfix["valid_loss"] = f"{log.valid_loss:.4f}"
         self.bar.set_postfix(postfix)
         self.bar.close()
+        log_stage(f"{self.title}: " + rate(self.count, "batches", time.perf_counter() - self.start)
+                  + ", " + ", ".join(f"{k} {v}" for k, v in postfix.items()))
 
 
 class BestWeights(Callback):
@@ -473,7 +480,7 @@ class EarlyStopping(Callback):
 
 def training_callbacks(progress: bool, monitored: bool, patience: int | None) -> list[Callback]:
     """The callbacks the estimators use: a progress bar, and best weights + early stopping with an eval set."""
-    callbacks: list[Callback] = [ProgressBar()] if progress else []
+    callbacks: list[Callback] = [ProgressBar(enabled=progress)]
     if monitored:
         callbacks.append(BestWeights())
         if patience is not None:

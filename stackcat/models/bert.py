@@ -18,7 +18,6 @@ from sklearn.base import BaseEstimator, ClassifierMixin, _fit_context
 from sklearn.utils._param_validation import Interval
 from sklearn.utils.validation import check_is_fitted
 from torch import nn
-from tqdm.auto import tqdm
 
 from stackcat.models._base import (
     ProbaClassifierMixin,
@@ -52,6 +51,7 @@ from stackcat.models._torch import (
     torch_threads,
     usable_max_length,
 )
+from stackcat.progress import progress_bar
 
 DEFAULT_MODEL = "cointegrated/rubert-tiny2"
 
@@ -165,7 +165,8 @@ class BertClassifier(FrozenTextMixin, SavableTorchMixin, ProbaClassifierMixin, C
         Seeds head initialization, dropout and batch order: on CPU the same seed
         gives identical probabilities.
     progress : bool, default=True
-        Show a tqdm bar per epoch (running loss) and for prediction.
+        Show a bar per epoch (running loss) and for prediction, on a terminal only; a
+        line per epoch goes to the ``"stackcat"`` logger either way.
 
     Attributes
     ----------
@@ -314,7 +315,7 @@ class BertClassifier(FrozenTextMixin, SavableTorchMixin, ProbaClassifierMixin, C
                     SortedBatchSampler([len(t) for t in token_ids], self.predict_batch_size),
                     Collator(token_ids, self._pad_id(), with_rows=True),
                 )
-            batches = tqdm(loader, desc="predict", unit="batch", disable=not self.progress)
+            batches = progress_bar(loader, desc="predict", unit="batch", enabled=self.progress)
             with torch_threads(self._module_threads()):
                 return predict_probabilities(self.module_, batches, len(texts), len(self.classes_),
                                              resolve_device(self.device))

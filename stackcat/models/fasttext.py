@@ -26,6 +26,7 @@ from stackcat.models._base import (
     normalize_rows,
     optional_column,
 )
+from stackcat.runs import scratch_dir
 
 _LABEL_PREFIX = "__label__"
 _NON_WORD = re.compile(r"[^\w]+")
@@ -214,8 +215,9 @@ class FastTextClassifier(ProbaClassifierMixin, ClassifierMixin, BaseEstimator):
 
     @staticmethod
     def _write_train_file(texts: list[str], y_index: np.ndarray) -> str:
+        # in the run folder when a stack runs this fit: a killed job's text is deleted at the next start
         handle = tempfile.NamedTemporaryFile("w", encoding="utf-8", suffix=".txt",
-                                             prefix="stackcat-fasttext-", delete=False)
+                                             prefix="stackcat-fasttext-", delete=False, dir=scratch_dir())
         try:
             with handle:
                 for text, label in zip(texts, y_index):
@@ -288,7 +290,7 @@ def _train_halving_lr_on_nan(path: str, options: dict[str, Any]) -> tuple[Any, f
 
 
 def _model_bytes(model: Any) -> bytes:
-    fd, path = tempfile.mkstemp(suffix=".bin", prefix="stackcat-fasttext-")
+    fd, path = tempfile.mkstemp(suffix=".bin", prefix="stackcat-fasttext-", dir=scratch_dir())
     os.close(fd)
     try:
         model.save_model(path)
@@ -301,7 +303,7 @@ def _model_bytes(model: Any) -> bytes:
 def _model_from_bytes(blob: bytes) -> Any:
     import fasttext
 
-    fd, path = tempfile.mkstemp(suffix=".bin", prefix="stackcat-fasttext-")
+    fd, path = tempfile.mkstemp(suffix=".bin", prefix="stackcat-fasttext-", dir=scratch_dir())
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(blob)

@@ -56,7 +56,6 @@ from sklearn.base import BaseEstimator, ClassifierMixin, _fit_context
 from sklearn.utils._param_validation import Interval
 from sklearn.utils.validation import check_is_fitted
 from torch import nn
-from tqdm.auto import tqdm
 
 from stackcat.models._base import (
     ProbaClassifierMixin,
@@ -90,6 +89,7 @@ from stackcat.models._torch import (
     usable_max_length,
 )
 from stackcat.models.bert import DEFAULT_MODEL
+from stackcat.progress import progress_bar
 
 DEFAULT_IMAGE_ENCODER = "ViT-L-14/openai"
 
@@ -401,7 +401,7 @@ class FusionClassifier(FrozenTextMixin, SavableTorchMixin, ProbaClassifierMixin,
             images, image_ok = self._image_inputs(X, len(texts))
             loader = self._loader(self._text_inputs(texts), images, image_ok, None, shuffle=False,
                                   with_rows=True)
-            batches = tqdm(loader, desc="predict", unit="batch", disable=not self.progress)
+            batches = progress_bar(loader, desc="predict", unit="batch", enabled=self.progress)
             with torch_threads(self._module_threads()):
                 return predict_probabilities(self.module_, batches, len(texts), len(self.classes_),
                                              resolve_device(self.device))
