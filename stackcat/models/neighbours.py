@@ -60,8 +60,8 @@ def nearest_neighbours(queries: np.ndarray, index: np.ndarray, k: int, *,
     --------
     >>> index = np.eye(3, dtype=np.float32)
     >>> sims, rows = nearest_neighbours(np.array([[0.6, 0.8, 0]], np.float32), index, 2)
-    >>> rows.tolist(), sims.round(2).tolist()
-    ([[1, 0]], [[0.8, 0.6]])
+    >>> rows.tolist(), [round(float(s), 2) for s in sims[0]]
+    ([[1, 0]], [0.8, 0.6])
     """
     k = min(int(k), len(index))
     similarities = np.empty((len(queries), k), dtype=np.float32)
