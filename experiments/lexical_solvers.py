@@ -36,10 +36,11 @@ SPEC = TableSpec(text_columns=["productDisplayName"], attribute_columns=["gender
                  target="articleType", id_column="id")
 
 
-def head(name: str, C: float, max_iter: int, tol: float = 1e-3):
+def head(name: str, C: float, max_iter: int, tol: float = 1e-3, class_weight: str | None = None):
     """The classifier for ``name``; ``C`` and ``max_iter`` apply to the logistic regressions."""
     if name in ("saga", "lbfgs", "sag"):
-        return LogisticRegression(C=C, solver=name, max_iter=max_iter, tol=tol, random_state=0)
+        return LogisticRegression(C=C, solver=name, max_iter=max_iter, tol=tol, class_weight=class_weight,
+                                  random_state=0)
     if name == "sgd":  # one-vs-rest log loss; probabilities are the normalized per-class sigmoids
         return SGDClassifier(loss="log_loss", alpha=1e-6, max_iter=max_iter, tol=1e-4, random_state=0)
     if name == "svc_calibrated":
@@ -63,8 +64,8 @@ def expected_calibration_error(proba: np.ndarray, y: np.ndarray, bins: int = 15)
 
 
 def score_head(name: str, C: float, max_iter: int, tol: float, X_train, y_train, X_test, y_test,
-               n_classes: int) -> dict:
-    model = head(name, C, max_iter, tol)
+               n_classes: int, class_weight: str | None = None) -> dict:
+    model = head(name, C, max_iter, tol, class_weight)
     start = time.process_time()
     wall = time.perf_counter()
     with warnings.catch_warnings():
@@ -75,6 +76,7 @@ def score_head(name: str, C: float, max_iter: int, tol: float, X_train, y_train,
             return {"head": name, "error": str(exc)}
     row = {"head": name, "C": C if name in ("saga", "lbfgs", "sag") else None, "max_iter": max_iter,
            "tol": tol if name in ("saga", "lbfgs", "sag") else None,
+           "class_weight": class_weight if name in ("saga", "lbfgs", "sag") else None,
            "fit_cpu_s": round(time.process_time() - start, 1), "fit_wall_s": round(time.perf_counter() - wall, 1)}
     predicted = model.predict(X_test)
     row.update(weighted_f1=round(f1_score(y_test, predicted, average="weighted"), 4),
@@ -123,7 +125,8 @@ def sweep(texts: np.ndarray, y: np.ndarray, folds, args: argparse.Namespace, n_c
         for name in args.heads:
             for C in (args.C if name in ("saga", "lbfgs", "sag") else [None]):
                 for max_iter in (args.max_iter if name in ("saga", "lbfgs", "sag", "sgd") else [None]):
-                    row = score_head(name, C, max_iter, args.tol, X_train, y[train], X_test, y[test], n_classes)
+                    row = score_head(name, C, max_iter, args.tol, X_train, y[train], X_test, y[test], n_classes,
+                                     args.class_weight)
                     rows.append({"fold": fold, "feature_cpu_s": feature_cpu, **row})
                     print(json.dumps(rows[-1]), flush=True)
     return rows
@@ -137,6 +140,7 @@ def main() -> None:
     parser.add_argument("--C", type=float, nargs="+", default=[20.0], help="C values of the logistic regressions")
     parser.add_argument("--max-iter", type=int, nargs="+", default=[30])
     parser.add_argument("--tol", type=float, default=1e-3, help="tol of the logistic regressions")
+    parser.add_argument("--class-weight", choices=["balanced"], help="class_weight of the logistic regressions")
     parser.add_argument("--shipped", action="store_true", help="TfidfClassifier() on all 5 folds, OOF scores")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()

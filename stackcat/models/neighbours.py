@@ -141,8 +141,12 @@ class NeighboursClassifier(ProbaClassifierMixin, ClassifierMixin, BaseEstimator)
         The run's embedding cache folder (None: this process's memory only).
     n_neighbors : int, default=20
         Neighbours that vote (fewer when there are fewer training rows).
-    temperature : float, default=0.05
-        Softmax temperature of the votes, in cosine units.
+    temperature : float, default=0.02
+        Softmax temperature of the votes, in cosine units. Frozen-encoder cosines
+        crowd into a narrow band (e5-small: most between 0.75 and 0.95), hence a
+        small value: on the demo data 0.01-0.02 is best for e5 text and
+        EfficientNet-Lite0 images alike, 0.1 loses 0.08 weighted F1
+        (experiments/results/members_demo.md).
     smoothing : float, default=0.01
         Weight of the training class prior mixed into every row.
     chunk_size : int, default=1024
@@ -217,7 +221,7 @@ class NeighboursClassifier(ProbaClassifierMixin, ClassifierMixin, BaseEstimator)
         encoder: Any = DEFAULT_IMAGE_ENCODER,
         cache_dir: str | os.PathLike | None = None,
         n_neighbors: int = 20,
-        temperature: float = 0.05,
+        temperature: float = 0.02,
         smoothing: float = 0.01,
         chunk_size: int = 1024,
         backend: str = "numpy",
