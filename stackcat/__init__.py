@@ -28,6 +28,8 @@ _EXPORTS = {
     "BertClassifier": "stackcat.models.bert",
     "ClipImageClassifier": "stackcat.models.clip",
     "FusionClassifier": "stackcat.models.fusion",
+    "TfidfClassifier": "stackcat.models.lexical",
+    "NeighboursClassifier": "stackcat.models.neighbours",
     "StackingCategorizer": "stackcat.stacking",
     "RerankMeta": "stackcat.meta",
     "MulticlassMeta": "stackcat.meta",
@@ -38,6 +40,7 @@ _EXPORTS = {
     "per_class_report": "stackcat.metrics",
     "write_report": "stackcat.metrics",
     "build_models": "stackcat.presets",
+    "register_model": "stackcat.presets",
     "load_demo": "stackcat.demo",
 }
 

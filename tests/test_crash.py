@@ -55,8 +55,7 @@ DRIVER = textwrap.dedent('''
     sys.path.insert(0, os.environ["CRASH_TESTS_DIR"])
     from toy_models import NaiveBayesText
     from stackcat import presets
-    presets.MODEL_NAMES = (*presets.MODEL_NAMES, "toy")
-    presets._BUILDERS["toy"] = lambda options: NaiveBayesText()
+    presets.register_model("toy", lambda options: NaiveBayesText())
 
     events = Path(os.environ["CRASH_EVENTS"])
     counts = {}

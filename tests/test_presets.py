@@ -2,7 +2,14 @@ from __future__ import annotations
 
 import pytest
 
-from stackcat.presets import FROZEN_BERT, FROZEN_FUSION, ModelOptions, build_models
+from stackcat.presets import (
+    FROZEN_BERT,
+    FROZEN_FUSION,
+    ModelOptions,
+    build_models,
+    register_model,
+    unregister_model,
+)
 
 
 def test_frozen_text_options_reach_bert_and_fusion(tmp_path):
@@ -31,3 +38,36 @@ def test_text_prefix_reaches_the_text_models():
     models = dict(build_models(["bert", "fusion"], options))
     assert models["bert"].text_prefix == models["fusion"].text_prefix == "passage: "
     assert models["bert"]._texts(["Red shirt"]) == ["passage: Red shirt"]
+
+
+def test_neighbours_share_the_text_and_image_settings_of_bert_and_clip(tmp_path):
+    options = ModelOptions(text_model="/models/e5", text_prefix="passage: ", image_encoder="efficientnet-lite0",
+                           cache_dir=str(tmp_path), max_length=32, freeze_text_encoder=True)
+    models = dict(build_models(["bert", "clip", "knn_text", "knn_image", "lexical"], options))
+    knn_text, knn_image, bert, clip = models["knn_text"], models["knn_image"], models["bert"], models["clip"]
+    assert knn_text.source == "text" and knn_image.source == "image"
+    assert (knn_text.model_name, knn_text.text_prefix, knn_text.max_length, knn_text.cache_dir) == \
+        (bert.model_name, bert.text_prefix, bert.max_length, bert.cache_dir)
+    assert (knn_image.encoder, knn_image.cache_dir) == (clip.encoder, clip.cache_dir)
+    assert type(models["lexical"]).__name__ == "TfidfClassifier"
+
+
+def test_register_model_adds_a_name_and_unregister_removes_it():
+    from sklearn.naive_bayes import MultinomialNB
+
+    from stackcat import presets
+
+    register_model("nb_test", lambda options: MultinomialNB(alpha=options.random_state + 1.0))
+    try:
+        (name, model), = build_models(["nb_test"], ModelOptions(random_state=2), {"nb_test": {"fit_prior": False}})
+        assert name == "nb_test" and model.alpha == 3.0 and not model.fit_prior
+        assert "nb_test" in presets.MODEL_NAMES
+    finally:
+        unregister_model("nb_test")
+    assert "nb_test" not in presets.MODEL_NAMES
+    with pytest.raises(ValueError, match="unknown model"):
+        build_models(["nb_test"])
+    with pytest.raises(ValueError, match="built-in"):
+        unregister_model("lexical")
+    with pytest.raises(ValueError, match="comma"):
+        register_model("a,b", lambda options: MultinomialNB())

@@ -10,6 +10,8 @@ _EXPORTS = {
     "BertClassifier": "stackcat.models.bert",
     "ClipImageClassifier": "stackcat.models.clip",
     "FusionClassifier": "stackcat.models.fusion",
+    "TfidfClassifier": "stackcat.models.lexical",
+    "NeighboursClassifier": "stackcat.models.neighbours",
 }
 
 __all__ = sorted(_EXPORTS)
