@@ -713,7 +713,8 @@ class StackingCategorizer(ClassifierMixin, _BaseComposition, BaseEstimator):
         self.name_embeddings_ = {}
         names = self._class_names() if embedders else None
         for name, est in embedders.items():
-            if names and callable(getattr(est, "embed_texts", None)):
+            # the name signal needs an embedder of texts (a text kNN member, not an image one)
+            if names and callable(getattr(est, "embed_texts", None)) and getattr(est, "source", "text") == "text":
                 self.name_embeddings_[name] = est.embed_texts(names)
                 signals[f"name:{name}"] = name_signal(embeddings[name], self.name_embeddings_[name])
         return signals
