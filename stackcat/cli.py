@@ -125,6 +125,9 @@ def _add_stack_options(parser: argparse.ArgumentParser) -> None:
                        help="auto: the best of average, ensemble selection and the learned meta on nested OOF")
     group.add_argument("--tree", type=Path, help="category tree table (id,parent_id,title) whose ids are the labels")
     group.add_argument("--label-separator", help="the labels are paths with this separator, e.g. ' > '")
+    group.add_argument("--oof-top-k", type=int, default=None, metavar="K",
+                       help="keep each model's probabilities as their K largest per product "
+                            "(default: 32 above 1,000 categories, all below)")
     group.add_argument("--refit", action="store_true", help="test-time models refitted on all rows")
     group.add_argument("--seed", type=int, default=0)
     group.add_argument("--n-jobs", type=int, default=1, help="(model, fold) jobs at once")
@@ -179,6 +182,8 @@ def _check_stack_numbers(args: argparse.Namespace) -> None:
                          "(1 or more), or -1 for one per CPU core")
     if args.folds < 2:
         raise UsageError(f"--folds {args.folds}: out-of-fold stacking needs at least 2 folds")
+    if getattr(args, "oof_top_k", None) is not None and args.oof_top_k < 1:
+        raise UsageError(f"--oof-top-k {args.oof_top_k}: keep at least 1 probability per product")
 
 
 def _check_run_folder(run_dir: Path, resume: bool) -> None:
@@ -294,6 +299,7 @@ def _fit_and_report(prepared: Any, models: list[tuple[str, Any]], run_dir: Path,
         refit=getattr(args, "refit", False), run_dir=run_dir, n_jobs=args.n_jobs,
         scheduler=getattr(args, "scheduler", None), progress=not args.no_progress,
         tree=getattr(args, "tree", None), label_separator=getattr(args, "label_separator", None),
+        oof_top_k=getattr(args, "oof_top_k", None) or "auto",
     )
     start = time.perf_counter()
     stack.fit(frame, frame["label"].to_numpy(dtype=object))
@@ -436,7 +442,9 @@ def _prediction_rows(ids: Any, proba: Any, classes: Any, id_name: str, target_na
     import pandas as pd
 
     from stackcat.review import review_marks
+    from stackcat.topk import dense_rows
 
+    proba = dense_rows(proba, slice(None), spread=False)  # one chunk of rows: dense is small
     top = np.argsort(-proba, axis=1)[:, :5]
     top_proba = np.take_along_axis(proba, top, axis=1)
     return pd.DataFrame({

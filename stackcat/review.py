@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from stackcat.metrics import coverage_at_precision, precision_coverage_curve
+from stackcat.topk import row_argmax, row_max
 
 AUTO, REVIEW = "auto", "review"
 
@@ -99,8 +100,8 @@ def review_threshold(stack: Any, precision: float = 0.99) -> ReviewThreshold:
         raise ValueError(f"precision must be in (0, 1], got {precision}")
     proba, source = oof_for_review(stack)
     truth = np.asarray(stack.oof_target_)
-    confidence = proba.max(axis=1)
-    curve = precision_coverage_curve(confidence, proba.argmax(axis=1) == truth)
+    confidence = row_max(proba)
+    curve = precision_coverage_curve(confidence, row_argmax(proba) == truth)
     coverage, threshold = coverage_at_precision(curve, precision)
     if math.isfinite(threshold):
         at = int(np.flatnonzero(curve["threshold"] == threshold)[0])

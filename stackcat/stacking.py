@@ -36,13 +36,14 @@ from typing import Any
 import joblib
 import numpy as np
 import pandas as pd
+from scipy import sparse
 from sklearn.base import BaseEstimator, ClassifierMixin, clone
 from sklearn.model_selection import StratifiedKFold
 from sklearn.utils._param_validation import HasMethods, Interval, StrOptions
 from sklearn.utils.metaestimators import _BaseComposition
 from sklearn.utils.validation import check_is_fitted
 
-from stackcat import __version__
+from stackcat import __version__, topk
 from stackcat.models._base import encode_labels, proba_for_classes
 from stackcat.progress import log_stage, progress_bar
 from stackcat.runs import (
@@ -62,9 +63,11 @@ from stackcat.runs import (
     write_joblib,
     write_npz,
 )
+from stackcat.topk import DEFAULT_TOP_K, TOP_K_ABOVE_CLASSES, is_top_k, top_k_rows
 
 STACKER_FILE = "stacker.joblib"
 FLOAT16_CELLS = 20_000_000  # above this many OOF cells per model, "auto" stores float16
+PREDICT_BLOCK_CELLS = 20_000_000  # top-k prediction: rows per block x classes stays under this
 
 
 @dataclass(frozen=True)
@@ -130,15 +133,17 @@ def nested_meta_oof(meta: Any, oof: dict[str, np.ndarray], y_index: np.ndarray,
     split the same way; ``ancestors`` (the category tree) is passed whole.
     """
     n_classes = next(iter(oof.values())).shape[1]
-    out = np.zeros((len(y_index), n_classes), dtype=np.float32)
+    parts = []
     for fold in np.unique(fold_of_row):
-        held_out = fold_of_row == fold
+        held_out = np.flatnonzero(fold_of_row == fold)
+        inner_rows = np.flatnonzero(fold_of_row != fold)
         inner = clone(meta)
-        inner.fit({k: v[~held_out] for k, v in oof.items()}, y_index[~held_out],
-                  **accepted(inner.fit, _context(signals, ancestors, ~held_out)))
-        out[held_out] = inner.predict_proba({k: v[held_out] for k, v in oof.items()},
-                                            **accepted(inner.predict_proba, _context(signals, None, held_out)))
-    return out
+        inner.fit({k: topk.take_rows(v, inner_rows) for k, v in oof.items()}, y_index[inner_rows],
+                  **accepted(inner.fit, _context(signals, ancestors, inner_rows)))
+        proba = inner.predict_proba({k: topk.take_rows(v, held_out) for k, v in oof.items()},
+                                    **accepted(inner.predict_proba, _context(signals, None, held_out)))
+        parts.append((held_out, proba))
+    return topk.put_rows(parts, len(y_index), n_classes)
 
 
 def accepted(method: Any, context: dict[str, Any]) -> dict[str, Any]:
@@ -154,7 +159,7 @@ def _context(signals: dict[str, np.ndarray] | None, ancestors: np.ndarray | None
     """Keyword arguments of a meta-learner's fit/predict_proba: only those there are."""
     context: dict[str, Any] = {}
     if signals:
-        context["signals"] = {k: v[rows] for k, v in signals.items()}
+        context["signals"] = {k: topk.take_rows(v, rows) for k, v in signals.items()}
     if ancestors is not None:
         context["ancestors"] = ancestors
     return context
@@ -188,29 +193,45 @@ def take_rows(X: Any, rows: np.ndarray) -> Any:
 
 
 def run_job(job: Job, estimator: Any, X: Any, y: np.ndarray, classes: np.ndarray,
-            run_path: str | None, oof_dtype: str) -> JobResult:
+            run_path: str | None, oof_dtype: str, top_k: int | None = None) -> JobResult:
     """Fit one clone and predict its held-out rows; with ``run_path`` the result is written there.
 
     The model file is written before the OOF file: a job is complete exactly
     when its ``.oof.npz`` exists. The model file is written unsigned: the
     process that planned the jobs signs it when the result comes back (a dask
     worker needs no signing key). Temporary files of the model go to the run
-    folder's ``tmp/``.
+    folder's ``tmp/``. With ``top_k`` the held-out probabilities are kept as
+    top-k rows (:mod:`stackcat.topk`), predicted in blocks of rows.
     """
     with scratch_files_in(RunFolder(run_path).temp_folder if run_path is not None else None):
-        return _run_job(job, estimator, X, y, classes, run_path, oof_dtype)
+        return _run_job(job, estimator, X, y, classes, run_path, oof_dtype, top_k)
+
+
+def predict_aligned(model: Any, X: Any, classes: np.ndarray, dtype: str = "float32",
+                    top_k: int | None = None) -> Any:
+    """``model``'s probabilities of X in the columns of ``classes`` (0 for classes it never saw);
+    with ``top_k``, a top-k CSR matrix predicted in blocks of rows, so no dense ``rows x classes``
+    matrix is ever whole."""
+    if top_k is None:
+        return proba_for_classes(np.asarray(model.predict_proba(X)), model.classes_, classes).astype(dtype)
+    block_rows = max(PREDICT_BLOCK_CELLS // max(len(classes), 1), 256)
+    blocks = []
+    for start in range(0, len(X), block_rows):
+        rows = np.arange(start, min(start + block_rows, len(X)))
+        proba = np.asarray(model.predict_proba(take_rows(X, rows)))
+        blocks.append(top_k_rows(proba_for_classes(proba, model.classes_, classes), top_k, dtype))
+    return sparse.vstack(blocks, format="csr") if blocks else sparse.csr_matrix((0, len(classes)), dtype=dtype)
 
 
 def _run_job(job: Job, estimator: Any, X: Any, y: np.ndarray, classes: np.ndarray,
-             run_path: str | None, oof_dtype: str) -> JobResult:
+             run_path: str | None, oof_dtype: str, top_k: int | None) -> JobResult:
     model = clone(estimator)
     start = time.perf_counter()
     model.fit(take_rows(X, job.train), y[job.train])
     fit_seconds = time.perf_counter() - start
     start = time.perf_counter()
     if len(job.test):
-        proba = model.predict_proba(take_rows(X, job.test))
-        oof = proba_for_classes(np.asarray(proba), model.classes_, classes).astype(oof_dtype)
+        oof = predict_aligned(model, take_rows(X, job.test), classes, oof_dtype, top_k)
     else:
         oof = np.zeros((0, len(classes)), dtype=oof_dtype)
     predict_seconds = time.perf_counter() - start
@@ -219,7 +240,7 @@ def _run_job(job: Job, estimator: Any, X: Any, y: np.ndarray, classes: np.ndarra
     if run_path is not None:
         run = RunFolder(run_path)
         write_joblib(model, run.model_path(job.model, job.name, job.key), sign=False)
-        write_npz(run.oof_path(job.model, job.name, job.key), test=job.test, oof=oof,
+        write_npz(run.oof_path(job.model, job.name, job.key), test=job.test, **_oof_arrays(oof),
                   timings=np.array([fit_seconds, predict_seconds]), n_train=np.array(len(job.train)))
         result.estimator = None
     return result
@@ -249,12 +270,27 @@ def load_job(run: RunFolder, job: Job) -> JobResult | None:
             if not np.array_equal(stored["test"], job.test):
                 return None
             fit_seconds, predict_seconds = stored["timings"].tolist()
-            return JobResult(job.model, job.name, job.key, stored["test"], stored["oof"], fit_seconds,
+            return JobResult(job.model, job.name, job.key, stored["test"], _stored_oof(stored), fit_seconds,
                              predict_seconds, int(stored["n_train"]), cached=True)
     except Exception as exc:  # a damaged zip raises BadZipFile, ValueError, KeyError, EOFError...
         warnings.warn(f"{path}: unreadable ({type(exc).__name__}: {exc}); the job is computed again",
                       stacklevel=3)
         return None
+
+
+def _oof_arrays(oof: Any) -> dict[str, np.ndarray]:
+    """The arrays that store an OOF block in a ``.oof.npz``: dense, or the parts of a top-k CSR."""
+    if not is_top_k(oof):
+        return {"oof": oof}
+    return {"oof_data": oof.data, "oof_indices": oof.indices, "oof_indptr": oof.indptr,
+            "oof_shape": np.array(oof.shape)}
+
+
+def _stored_oof(stored: Any) -> Any:
+    if "oof" in stored:
+        return stored["oof"]
+    return sparse.csr_matrix((stored["oof_data"], stored["oof_indices"], stored["oof_indptr"]),
+                             shape=tuple(stored["oof_shape"]))
 
 
 # --------------------------------------------------------------------------- the estimator
@@ -312,6 +348,11 @@ class StackingCategorizer(ClassifierMixin, _BaseComposition, BaseEstimator):
         with a cluster, ``run_dir`` must be on storage the workers share.
     oof_dtype : {"auto", "float32", "float16"}, default="auto"
         Storage of OOF matrices; "auto" uses float16 above 20M cells per model.
+    oof_top_k : int, "auto" or None, default="auto"
+        Keep each model's OOF and test-time probabilities as their ``k``
+        largest entries per row (:mod:`stackcat.topk`; the rest of the mass
+        implied): memory linear in the number of products, whatever the number
+        of classes. "auto": top-32 above 1,000 classes, dense below. None: dense.
     evaluate_meta : bool, default=True
         Also score the meta-learner honestly by refitting it fold by fold on
         the OOF matrices (``meta_oof_``).
@@ -376,6 +417,7 @@ class StackingCategorizer(ClassifierMixin, _BaseComposition, BaseEstimator):
         "backend": [str, None],
         "scheduler": [str, None],
         "oof_dtype": [StrOptions({"auto", "float32", "float16"})],
+        "oof_top_k": [Interval(Integral, 1, None, closed="left"), StrOptions({"auto"}), None],
         "evaluate_meta": ["boolean"],
         "keep_models": ["boolean"],
         "progress": ["boolean"],
@@ -385,7 +427,8 @@ class StackingCategorizer(ClassifierMixin, _BaseComposition, BaseEstimator):
     def __init__(self, estimators: list[tuple[str, Any]], meta: Any = "auto", n_splits: int = 5,
                  random_state: int | None = 0, refit: bool = False, run_dir: str | Path | None = None,
                  n_jobs: int | None = 1, backend: str | None = None, scheduler: str | None = None,
-                 oof_dtype: str = "auto", evaluate_meta: bool = True, keep_models: bool = True,
+                 oof_dtype: str = "auto", oof_top_k: int | str | None = "auto",
+                 evaluate_meta: bool = True, keep_models: bool = True,
                  progress: bool = True, verbose: int = 1, retrieval: bool = True,
                  category_names: Any = "auto", tree: Any = None, label_separator: str | None = None) -> None:
         self.estimators = estimators
@@ -402,6 +445,7 @@ class StackingCategorizer(ClassifierMixin, _BaseComposition, BaseEstimator):
         self.backend = backend
         self.scheduler = scheduler
         self.oof_dtype = oof_dtype
+        self.oof_top_k = oof_top_k
         self.evaluate_meta = evaluate_meta
         self.keep_models = keep_models
         self.progress = progress
@@ -436,6 +480,7 @@ class StackingCategorizer(ClassifierMixin, _BaseComposition, BaseEstimator):
         self.class_counts_ = counts
         self.rare_classes_ = self.classes_[counts < self.n_splits]
         self._oof_storage = self._storage_dtype(n_rows)
+        self.oof_top_k_ = self._resolved_top_k()
         data_key = frame_fingerprint(X, labels)
         run = RunFolder(self.run_dir) if self.run_dir is not None else None
         with run.locked() if run else contextlib.nullcontext():
@@ -490,6 +535,11 @@ class StackingCategorizer(ClassifierMixin, _BaseComposition, BaseEstimator):
             if not hasattr(estimator, "predict_proba"):
                 raise TypeError(f"estimator {name!r} ({type(estimator).__name__}) has no predict_proba")
 
+    def _resolved_top_k(self) -> int | None:
+        if self.oof_top_k == "auto":
+            return DEFAULT_TOP_K if len(self.classes_) > TOP_K_ABOVE_CLASSES else None
+        return None if self.oof_top_k is None or self.oof_top_k >= len(self.classes_) else int(self.oof_top_k)
+
     def _storage_dtype(self, n_rows: int) -> str:
         if self.oof_dtype != "auto":
             return self.oof_dtype
@@ -516,7 +566,8 @@ class StackingCategorizer(ClassifierMixin, _BaseComposition, BaseEstimator):
             for fold in range(self.n_splits):
                 test = rows[self.fold_of_row_ == fold]
                 train = rows[self.fold_of_row_ != fold]
-                key = digest(model_key, data_key, train, test, self._oof_storage)
+                storage = self._oof_storage if self.oof_top_k_ is None else (self._oof_storage, self.oof_top_k_)
+                key = digest(model_key, data_key, train, test, storage)
                 jobs.append(Job(name, f"fold-{fold}", train, test, key))
             if self.refit:
                 jobs.append(Job(name, "full", rows, rows[:0], digest(model_key, data_key, "full")))
@@ -541,7 +592,7 @@ class StackingCategorizer(ClassifierMixin, _BaseComposition, BaseEstimator):
             log_stage(f"{len(jobs)} jobs to run ({len(estimators)} models x {self.n_splits} folds"
                       f"{' + a refit on all rows' if self.refit else ''}, {len(X):,} rows)")
         tasks = (joblib.delayed(run_job)(job, estimators[job.model], X, labels, self.classes_,
-                                         run_path, self._oof_storage) for job in pending)
+                                         run_path, self._oof_storage, self.oof_top_k_) for job in pending)
         try:
             with self._parallel_backend():
                 parallel = joblib.Parallel(n_jobs=self.n_jobs, return_as="generator_unordered")
@@ -588,19 +639,19 @@ class StackingCategorizer(ClassifierMixin, _BaseComposition, BaseEstimator):
         line = (f"[{result.model} {result.name}] {result.n_train:,} train rows, fit {result.fit_seconds:.1f} s, "
                 f"predict {result.predict_seconds:.1f} s")
         if len(result.test):
-            predicted = self.classes_[np.asarray(result.oof, dtype=np.float32).argmax(axis=1)]
+            predicted = self.classes_[topk.row_argmax(result.oof)]
             line += f", {len(result.test):,} held-out rows, accuracy {(predicted == labels[result.test]).mean():.4f}"
         return line
 
     def _collect(self, results: Iterable[JobResult], n_rows: int) -> None:
         names = [name for name, _ in self.estimators]
-        self.oof_ = {name: np.zeros((n_rows, len(self.classes_)), dtype=self._oof_storage) for name in names}
+        parts: dict[str, list] = {name: [] for name in names}
         filled = {name: np.zeros(n_rows, dtype=np.int32) for name in names}
         models: dict[str, dict[str, Any]] = {name: {} for name in names}
         records = []
         run = RunFolder(self.run_dir) if self.run_dir is not None else None
         for result in results:
-            self.oof_[result.model][result.test] = result.oof
+            parts[result.model].append((result.test, result.oof))
             filled[result.model][result.test] += 1
             if self.keep_models:
                 models[result.model][result.name] = (
@@ -612,6 +663,8 @@ class StackingCategorizer(ClassifierMixin, _BaseComposition, BaseEstimator):
         for name, count in filled.items():
             if not (count == 1).all():
                 raise RuntimeError(f"internal error: OOF rows of {name!r} filled {np.unique(count)} times")
+        self.oof_ = {name: topk.put_rows(parts[name], n_rows, len(self.classes_), self._oof_storage)
+                     for name in names}
         wanted = ["full"] if self.refit else [f"fold-{k}" for k in range(self.n_splits)]
         self.fold_models_ = {name: [models[name][job] for job in wanted] for name in names} if self.keep_models else {}
         self.jobs_ = pd.DataFrame(records).sort_values(["model", "job"], ignore_index=True)
@@ -707,7 +760,8 @@ class StackingCategorizer(ClassifierMixin, _BaseComposition, BaseEstimator):
         embedders = self._embedders()
         embeddings = {name: est.embed(X) for name, est in embedders.items()}
         n_classes = len(self.classes_)
-        signals = oof_signals(embeddings, y_index, n_classes, self.fold_of_row_) if embeddings else {}
+        signals = (oof_signals(embeddings, y_index, n_classes, self.fold_of_row_, top_k=self.oof_top_k_)
+                   if embeddings else {})
         self.retrieval_index_ = {name: NeighbourIndex(matrix, y_index, n_classes)
                                  for name, matrix in embeddings.items()}
         self.name_embeddings_ = {}
@@ -716,19 +770,21 @@ class StackingCategorizer(ClassifierMixin, _BaseComposition, BaseEstimator):
             # the name signal needs an embedder of texts (a text kNN member, not an image one)
             if names and callable(getattr(est, "embed_texts", None)) and getattr(est, "source", "text") == "text":
                 self.name_embeddings_[name] = est.embed_texts(names)
-                signals[f"name:{name}"] = name_signal(embeddings[name], self.name_embeddings_[name])
+                signals[f"name:{name}"] = name_signal(embeddings[name], self.name_embeddings_[name],
+                                                      self.oof_top_k_)
         return signals
 
     def _predict_signals(self, X: Any) -> dict[str, np.ndarray]:
-        from stackcat.retrieval import name_signal
+        from stackcat.retrieval import index_signals, name_signal
 
         signals: dict[str, np.ndarray] = {}
         estimators = self.named_estimators
+        top_k = getattr(self, "oof_top_k_", None)
         for name, index in getattr(self, "retrieval_index_", {}).items():
             embedded = estimators[name].embed(X)
-            signals.update({f"{name}:{kind}": values for kind, values in index.signals(embedded).items()})
+            signals.update({f"{name}:{kind}": values for kind, values in index_signals(index, embedded, top_k).items()})
             if name in self.name_embeddings_:
-                signals[f"name:{name}"] = name_signal(embedded, self.name_embeddings_[name])
+                signals[f"name:{name}"] = name_signal(embedded, self.name_embeddings_[name], top_k)
         return signals
 
     def _score_table(self, y_index: np.ndarray) -> pd.DataFrame:
@@ -739,9 +795,9 @@ class StackingCategorizer(ClassifierMixin, _BaseComposition, BaseEstimator):
     def oof_results(self) -> dict[str, np.ndarray]:
         """OOF probabilities of each base model, their plain average and the meta-learner."""
         check_is_fitted(self, "oof_")
-        results = {name: np.asarray(p, dtype=np.float32) for name, p in self.oof_.items()}
+        results = {name: p if topk.is_top_k(p) else np.asarray(p, dtype=np.float32) for name, p in self.oof_.items()}
         if len(results) > 1:
-            results["average"] = np.mean(list(results.values()), axis=0)
+            results["average"] = _plain_average(list(results.values()))
         chosen = f"meta:{type(self.meta_).__name__}"
         for name, proba in getattr(self, "candidate_meta_oof_", {}).items():
             if f"meta:{name}" != chosen:
@@ -777,7 +833,7 @@ class StackingCategorizer(ClassifierMixin, _BaseComposition, BaseEstimator):
         base = self.predict_base_proba(X)
         results = dict(base)
         if len(base) > 1:
-            results["average"] = np.mean(list(base.values()), axis=0)
+            results["average"] = _plain_average(list(base.values()))
         results[f"meta:{type(self.meta_).__name__}"] = self.predict_proba(X, base)
         return results
 
@@ -804,6 +860,7 @@ class StackingCategorizer(ClassifierMixin, _BaseComposition, BaseEstimator):
             "meta": repr(self.meta),
             "refit": self.refit,
             "oof_dtype": self._oof_storage,
+            "oof_top_k": self.oof_top_k_,
         }
 
     # prediction -------------------------------------------------------------
@@ -812,14 +869,12 @@ class StackingCategorizer(ClassifierMixin, _BaseComposition, BaseEstimator):
         check_is_fitted(self, "meta_")
         if not self.fold_models_:
             raise RuntimeError("the fold models were not kept (keep_models=False): this stack cannot predict new data")
+        top_k = getattr(self, "oof_top_k_", None)
         out = {}
         for name, refs in self.fold_models_.items():
-            total = np.zeros((len(X), len(self.classes_)), dtype=np.float32)
-            for ref in refs:
-                model = self._model(ref)
-                total += proba_for_classes(np.asarray(model.predict_proba(X), dtype=np.float32),
-                                           model.classes_, self.classes_)
-            out[name] = total / len(refs)
+            fold_probas = [predict_aligned(self._model(ref), X, self.classes_, "float32", top_k) for ref in refs]
+            mean = _plain_average(fold_probas)
+            out[name] = mean if top_k is None else topk.as_top_k(mean, top_k)
         return out
 
     def predict_proba(self, X: Any, base_proba: dict[str, np.ndarray] | None = None) -> np.ndarray:
@@ -883,6 +938,12 @@ class StackingCategorizer(ClassifierMixin, _BaseComposition, BaseEstimator):
         stack.run_dir_ = str(Path(run_dir).resolve())
         stack._trusted_run = trusted
         return stack
+
+
+def _plain_average(matrices: list[Any]) -> Any:
+    """The plain mean of probability matrices (float32 dense, or top-k CSR)."""
+    mean = topk.weighted_sum(matrices, [1.0 / len(matrices)] * len(matrices))
+    return mean.astype(np.float32)
 
 
 def _read_cached(path: Path) -> Any:

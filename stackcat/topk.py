@@ -149,21 +149,23 @@ def normalized_rows(matrix: Any) -> Any:
     return sparse.diags(scale) @ matrix
 
 
-def take_rows(matrix: Any, rows: np.ndarray) -> Any:
-    """Rows of a dense or top-k matrix (boolean mask or indices)."""
+def take_rows(matrix: Any, rows: np.ndarray | slice) -> Any:
+    """Rows of a dense or top-k matrix (boolean mask, indices or a slice)."""
+    if isinstance(rows, slice):
+        return matrix[rows]
     rows = np.flatnonzero(rows) if np.asarray(rows).dtype == bool else np.asarray(rows)
     return matrix[rows]
 
 
-def put_rows(parts: Sequence[tuple[np.ndarray, Any]], n_rows: int, n_classes: int) -> Any:
+def put_rows(parts: Sequence[tuple[np.ndarray, Any]], n_rows: int, n_classes: int, dtype: Any = np.float32) -> Any:
     """One matrix from ``(row indices, block)`` parts that cover ``n_rows`` rows once each."""
     if not any(is_top_k(block) for _, block in parts):
-        out = np.zeros((n_rows, n_classes), dtype=np.float32)
+        out = np.zeros((n_rows, n_classes), dtype=dtype)
         for rows, block in parts:
             out[rows] = block
         return out
     order = np.concatenate([rows for rows, _ in parts])
-    stacked = sparse.vstack([sparse.csr_matrix(block, dtype=np.float32) for _, block in parts], format="csr")
+    stacked = sparse.vstack([sparse.csr_matrix(block, dtype=dtype) for _, block in parts], format="csr")
     inverse = np.empty_like(order)
     inverse[order] = np.arange(len(order))
     return stacked[inverse]
