@@ -8,7 +8,12 @@ import torch
 from PIL import Image
 
 from stackcat import _onnx
-from stackcat.encoders import EfficientNetLite0Encoder, OpenClipEncoder, clear_loaded_models, get_encoder
+from stackcat.encoders import (
+    EfficientNetLite0Encoder,
+    OpenClipEncoder,
+    clear_loaded_models,
+    get_encoder,
+)
 from stackcat.models import _text_features
 from stackcat.models._text_features import clear_memory_cache, text_model_identity, token_states
 
