@@ -14,7 +14,10 @@ The ONNX export (once per model, cached) is done before the clock starts and tim
 on its own. Reported: items/s over wall time, CPU seconds of the process (all
 threads: the machine is shared, so wall time depends on the load; the 1-minute
 load average is printed beside it), peak RSS, and the cosine of every vector to
-PyTorch fp32's (text: mean-pooled token states).
+PyTorch fp32's (text: mean-pooled token states). ``--downstream`` adds, per backend,
+the 5-fold out-of-fold weighted / macro F1 of a logistic regression on the vectors
+(demo rows, target articleType, StratifiedKFold(5, shuffle=True, random_state=42)):
+what int8's small differences do to a classifier trained on them.
 
     nice -n 5 timeout 1800 python experiments/bench_encoders.py --out experiments/results/encoders.json
     nice -n 5 python experiments/bench_encoders.py --what texts --backends torch onnx --n 256
@@ -30,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -109,6 +113,34 @@ def _blank_image():
     return Image.new("RGB", (224, 224), "white")
 
 
+def downstream_f1(what: str, vectors: np.ndarray, n: int | None) -> dict:
+    """OOF weighted / macro F1 of a logistic regression on each demo row's vector."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import f1_score
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from stackcat.data import TableSpec, prepare_table
+    from stackcat.demo import DEMO_COLUMNS, load_demo
+    from stackcat.presets import OFFLINE_TEXT_PREFIX
+
+    frame = prepare_table(load_demo()[0], TableSpec(**DEMO_COLUMNS)).frame
+    if what == "texts":
+        index = {text: row for row, text in enumerate(demo_inputs("texts", n))}
+        rows = [index.get(OFFLINE_TEXT_PREFIX + text) for text in frame["text"].to_numpy(dtype=object)]
+    else:
+        rows = list(range(len(vectors)))
+    keep = np.array([row is not None for row in rows[:len(frame)]])
+    X = vectors[[row for row in rows[:len(frame)] if row is not None]]
+    y = frame["label"].to_numpy(dtype=object)[: len(keep)][keep]
+    folds = StratifiedKFold(5, shuffle=True, random_state=42)
+    model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=300))
+    predicted = cross_val_predict(model, X, y, cv=folds)
+    return {"oof_weighted_f1": round(f1_score(y, predicted, average="weighted"), 4),
+            "oof_macro_f1": round(f1_score(y, predicted, average="macro"), 4)}
+
+
 def cosines(reference: np.ndarray, other: np.ndarray) -> np.ndarray:
     norms = np.linalg.norm(reference, axis=1) * np.linalg.norm(other, axis=1)
     keep = norms > 0
@@ -122,6 +154,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, help="first N items only (default: all)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, help="JSON file for the rows")
+    parser.add_argument("--downstream", action="store_true", help="OOF F1 of a logistic regression per backend")
     parser.add_argument("--child", nargs=3, metavar=("WHAT", "BACKEND", "VECTORS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -146,6 +179,10 @@ def main() -> None:
                     similarity = cosines(vectors["torch"], vectors[backend])
                     row.update(cosine_to_torch_min=round(float(similarity.min()), 6),
                                cosine_to_torch_mean=round(float(similarity.mean()), 6))
+                if args.downstream:
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore")  # rare classes, lbfgs iterations
+                        row.update(downstream_f1(what, vectors[backend], args.n))
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     if args.out:
