@@ -43,6 +43,7 @@ from typing import Any
 __all__ = [
     "BACKENDS",
     "BACKEND_ENV",
+    "ExportError",
     "exported_model",
     "file_digest",
     "inference_session",
@@ -61,6 +62,10 @@ _sessions: OrderedDict[tuple[str, int], Any] = OrderedDict()
 _sessions_lock = threading.Lock()
 _digest_memo: dict[tuple[str, int, int], str] = {}
 _READ_CHUNK = 1 << 20
+
+
+class ExportError(RuntimeError):
+    """``torch.onnx.export`` could not export a model (an operator ONNX lacks, a model over 2 GB, ...)."""
 
 
 def onnxruntime_available() -> bool:
@@ -202,6 +207,8 @@ def torch_export(module: Any, example_inputs: tuple, path: str, *, input_names: 
             torch.onnx.export(module, example_inputs, path, dynamo=False, opset_version=OPSET,
                               input_names=input_names, output_names=["output"],
                               dynamic_axes=dynamic_axes)
+    except Exception as exc:  # noqa: BLE001 - the exporter fails in many ways; callers may fall back
+        raise ExportError(f"cannot export {type(module).__name__} to ONNX: {exc}") from exc
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
 

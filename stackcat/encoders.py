@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -62,6 +63,8 @@ _INT8_SUFFIX = "+onnx-int8"
 _MAX_LOADED_MODELS = 2
 _loaded_models: OrderedDict[tuple, tuple[Any, Callable]] = OrderedDict()
 _loaded_models_lock = threading.Lock()
+# Names of encoders whose ONNX export failed in this process: "auto" runs them on PyTorch.
+_not_exportable: set[str] = set()
 
 
 @runtime_checkable
@@ -104,9 +107,16 @@ class _TorchImageEncoder:
         if not images:
             return np.zeros((0, self.dim), dtype=np.float32)
         backend = self._resolved_backend()
-        if backend == "torch":
+        if backend == "torch" or (self.backend == "auto" and self.name in _not_exportable):
             return self._encode_torch(images)
-        return self._encode_onnx(images, int8=backend == "onnx-int8")
+        try:
+            return self._encode_onnx(images, int8=backend == "onnx-int8")
+        except _onnx.ExportError as exc:
+            if self.backend != "auto":
+                raise
+            warnings.warn(f"{self.name}: running on PyTorch, the ONNX export failed ({exc})", stacklevel=2)
+            _not_exportable.add(self.name)
+            return self._encode_torch(images)
 
     def _resolved_backend(self) -> str:
         """``backend`` made concrete; ``"auto"`` keeps torch where a reduced precision is asked for."""

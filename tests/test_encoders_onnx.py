@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -160,3 +162,30 @@ def test_efficientnet_lite0_real_weights_onnx_equals_torch():
     torch_vectors = EfficientNetLite0Encoder(device="cpu", backend="torch").encode(images)
     onnx_vectors = EfficientNetLite0Encoder(device="cpu", backend="onnx").encode(images)
     assert cosines(onnx_vectors, torch_vectors).min() >= 0.999
+
+
+def test_auto_falls_back_to_torch_when_the_export_fails(tiny_model, tmp_path, monkeypatch):
+    def unsupported(*args, **kwargs):
+        raise RuntimeError("Exporting the operator 'aten::something_new' is not supported")
+
+    monkeypatch.setattr(torch.onnx, "export", unsupported)
+    reference = token_states(TEXTS, tiny_model, 32, backend="torch", progress=False)
+    clear_memory_cache()
+    with pytest.raises(_onnx.ExportError, match="something_new"):
+        token_states(TEXTS, tiny_model, 32, backend="onnx", progress=False)
+    with pytest.warns(UserWarning, match="running on PyTorch"):
+        states = token_states(TEXTS, tiny_model, 32, backend="auto", progress=False)
+    for ours, theirs in zip(states, reference):
+        np.testing.assert_array_equal(ours, theirs)
+    assert not any(path.suffix == ".onnx" for path in (tiny_model / ".onnx").glob("*"))  # no half file
+
+    folder = tiny_open_clip_dir(tmp_path / "tiny-clip")
+    images = [Image.new("RGB", (40, 30), "red")]
+    encoder = OpenClipEncoder(f"local-dir:{folder}", pretrained=None, device="cpu")
+    with pytest.warns(UserWarning, match="running on PyTorch"):
+        vectors = encoder.encode(images)
+    assert encoder.backend == "auto" and vectors.shape == (1, 16)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        encoder.encode(images)  # no second attempt, no second warning

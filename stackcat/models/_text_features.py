@@ -37,6 +37,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import SimpleNamespace
@@ -141,7 +142,7 @@ def token_states(
     found = store.get_many(distinct)
     missing = [(key, text) for key, text in distinct.items() if key not in found]
     if missing:
-        runner = _runner_for(model_name, identity, torch_device, resolved)
+        runner = _runner_for(model_name, identity, torch_device, resolved, fallback=backend == "auto")
         bar = tqdm(total=len(missing), unit="text", disable=not progress,
                    desc=f"encoding texts [{Path(str(model_name)).name}]")
         with bar:
@@ -247,14 +248,26 @@ def _padded(sequences: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.nda
     return input_ids, attention_mask
 
 
-def _runner_for(model_name: str | os.PathLike, identity: str, device: torch.device, backend: str) -> _Runner:
-    """The frozen encoder of ``identity`` on ``device`` through ``backend``; loaded once (one at a time)."""
+def _runner_for(model_name: str | os.PathLike, identity: str, device: torch.device, backend: str, *,
+                fallback: bool = False) -> _Runner:
+    """The frozen encoder of ``identity`` on ``device`` through ``backend``; loaded once (one at a time).
+
+    With ``fallback`` (backend chosen by ``"auto"``), a model that cannot be exported to
+    ONNX runs on PyTorch instead (fp32 both: the same states, the same cache keys).
+    """
     slot = (identity, str(device), backend)
     with _lock:
         if slot not in _loaded:
             _loaded.clear()  # one model at a time: the previous one's memory goes back
-            build = _torch_runner if backend == "torch" else _onnx_runner
-            _loaded[slot] = build(model_name, identity, device, backend)
+            try:
+                build = _torch_runner if backend == "torch" else _onnx_runner
+                _loaded[slot] = build(model_name, identity, device, backend)
+            except _onnx.ExportError as exc:
+                if not fallback:
+                    raise
+                warnings.warn(f"{Path(str(model_name)).name}: running on PyTorch, the ONNX export failed "
+                              f"({exc})", stacklevel=3)
+                _loaded[slot] = _torch_runner(model_name, identity, device, "torch")
         return _loaded[slot]
 
 
