@@ -442,12 +442,19 @@ def _encode_missing(
     bar = progress_bar(total=len(to_encode), unit="img", desc=f"encoding images [{encoder.name}]",
                        enabled=progress)
     began = time.perf_counter()
-    with bar, ThreadPoolExecutor(max_workers=workers) as pool:
-        for start in range(0, len(to_encode), batch_size):
-            batch = to_encode[start:start + batch_size]
+    batches = [to_encode[start:start + batch_size] for start in range(0, len(to_encode), batch_size)]
+    with bar, ThreadPoolExecutor(max_workers=workers) as pool, ThreadPoolExecutor(max_workers=1) as ahead:
+        def decode(batch: list[tuple[str, str]]) -> list:
             # Decoding releases the GIL: threads overlap it on many-core machines.
-            loaded = list(pool.map(
+            return list(pool.map(
                 lambda item: load_image(item[1], max_pixels=max_pixels, draft_size=_DRAFT_SIZE), batch))
+
+        # The next batch is decoded while the encoder runs on this one.
+        pending = ahead.submit(decode, batches[0])
+        for index, batch in enumerate(batches):
+            loaded = pending.result()
+            if index + 1 < len(batches):
+                pending = ahead.submit(decode, batches[index + 1])
             good_keys = [key for (key, _), (image, _) in zip(batch, loaded) if image is not None]
             failed.update({key: st for (key, _), (image, st) in zip(batch, loaded) if image is None})
             images = [image for image, _ in loaded if image is not None]

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 from sklearn.base import clone
 
-from stackcat.models.fasttext import FastTextClassifier
+from stackcat.models.fasttext import AUTO_EPOCH_TOKENS, FastTextClassifier, auto_epochs, auto_lr
 
 from contract import check_fitted_contract, check_sklearn_contract
 
@@ -124,3 +124,48 @@ def test_repeated_fits_in_one_process_are_identical():
     probas = [FastTextClassifier(thread=1, dim=16).fit(X, y).predict_proba(X) for _ in range(8)]
     for proba in probas[1:]:
         np.testing.assert_array_equal(proba, probas[0])
+
+
+def test_auto_epochs_bounded_by_tokens_only_above_the_floor():
+    assert auto_epochs(1_000) == 150 and auto_epochs(100_000) == 25
+    # short texts: the row rule alone
+    assert auto_epochs(1_000, n_tokens=10_000) == 150
+    # long texts: all passes together stay within the token budget ...
+    epochs = auto_epochs(1_000, n_tokens=200_000)
+    assert epochs < 150 and epochs * 200_000 <= AUTO_EPOCH_TOKENS + 200_000
+    # ... but never below 25 passes, and large tables keep their 25 whatever their text weighs
+    assert auto_epochs(1_000, n_tokens=5_000_000) == 25
+    assert auto_epochs(40_000, n_tokens=40_000_000) == 25
+
+
+def test_auto_lr_makes_up_for_the_passes_cut():
+    assert auto_lr(0.5, 1_000, 150) == 0.5
+    assert auto_lr(0.5, 1_000, 75) == pytest.approx(1.0)
+    assert auto_lr(0.5, 1_000, 25) == pytest.approx(2.0)  # capped at 4x
+    assert auto_lr(0.5, 40_000, 25) == 0.5
+
+
+def test_long_texts_train_fewer_passes_at_a_higher_lr(monkeypatch):
+    import fasttext
+
+    real_train = fasttext.train_supervised
+    seen = {}
+
+    def record(**options):
+        seen.update(options)
+        return real_train(**{**options, "epoch": 1})  # the passes asked for are what matters
+
+    monkeypatch.setattr(fasttext, "train_supervised", record)
+    short_X, y = small_data(["shirt", "jeans", "wallet", "shoes"])
+    FastTextClassifier(thread=1, title_repeat=0).fit(short_X, y)
+    assert (seen["epoch"], seen["lr"]) == (150, 0.5)
+
+    words_per_text = 4_000  # 32 rows x 4,000 words: 128k tokens
+    long_X = [" ".join([text] * (words_per_text // len(text.split()))) for text in short_X]
+    clf = FastTextClassifier(thread=1, title_repeat=0).fit(long_X, y)
+    n_tokens = sum(len(text.split()) for text in long_X)
+    assert clf.epoch_ == seen["epoch"] == -(-AUTO_EPOCH_TOKENS // n_tokens) < 150
+    assert clf.lr_ == seen["lr"] == pytest.approx(0.5 * 150 / clf.epoch_)
+    # an explicit epoch is used as given
+    FastTextClassifier(thread=1, title_repeat=0, epoch=7).fit(long_X, y)
+    assert (seen["epoch"], seen["lr"]) == (7, 0.5)

@@ -199,6 +199,7 @@ def test_contract_on_texts(tiny_model):
 
 def test_reuses_the_text_states_of_the_frozen_bert_member(tiny_model, tmp_path, monkeypatch):
     texts, y = toy_texts()
+    monkeypatch.setenv("STACKCAT_ENCODER_BACKEND", "torch")  # the torch loader is the one watched
     counting = CountingLoader(load_text_encoder)
     monkeypatch.setattr(_text_features, "load_text_encoder", counting)
     BertClassifier(model_name=tiny_model, freeze_encoder=True, epochs=1, max_length=32, text_prefix="passage: ",

@@ -76,6 +76,9 @@ def fresh_process_state():
 
 @pytest.fixture
 def counting(monkeypatch):
+    # The counts are taken in torch's forward pass: run the frozen encoder through torch
+    # (the onnxruntime backend is tested in test_encoders_onnx.py).
+    monkeypatch.setenv("STACKCAT_ENCODER_BACKEND", "torch")
     loader = CountingLoader(load_text_encoder)
     monkeypatch.setattr(_text_features, "load_text_encoder", loader)
     return loader
@@ -138,6 +141,7 @@ def test_each_distinct_text_is_encoded_once(tiny_model, counting, tmp_path):
 
 
 def test_disk_cache_is_reused_by_a_fresh_process_state(tiny_model, monkeypatch, tmp_path):
+    monkeypatch.setenv("STACKCAT_ENCODER_BACKEND", "torch")  # the torch loader is the one watched
     texts = toy_frame()["text"].tolist()
     expected = token_states(texts, tiny_model, 32, cache_dir=tmp_path, progress=False)
     assert len(list(tmp_path.rglob("*.npy"))) == len(set(texts))

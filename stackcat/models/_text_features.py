@@ -23,6 +23,13 @@ first with one :func:`token_states` call on all the texts.
 The encoder itself is loaded only when some text is not cached, and kept
 (one model at a time) for the next call of the process, so predicting right after
 fitting does not load it again; :func:`clear_memory_cache` lets it go.
+
+Backends (``backend=``): on CPU the encoder runs by default through onnxruntime
+(exported once into ``<checkpoint>/.onnx/``, see :mod:`stackcat._onnx`), several
+times faster than PyTorch and equal to it within float rounding (states are
+stored as float16 anyway), so both share the cache entries. ``"onnx-int8"``
+states are keyed apart. Batches hold texts of similar length (sorted by token
+count), each padded to its own longest text.
 """
 
 from __future__ import annotations
@@ -31,21 +38,24 @@ import hashlib
 import os
 import threading
 import time
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from stackcat import _onnx
 from stackcat.cache import EmbeddingStore, MemoryCache, content_key
 from stackcat.models._base import resolve_device
 from stackcat.models._torch import (
     Precision,
     PretrainedModelNotFoundError,
     load_text_encoder,
-    pad_batch,
+    quiet_transformers,
     tokenize,
     usable_max_length,
 )
@@ -67,8 +77,9 @@ _READ_CHUNK = 1 << 20
 _memory = MemoryCache(TOKEN_STATES_MEMORY_BYTES)
 # (folder, ((file, size, mtime_ns), ...)) -> content hash, so a process hashes a checkpoint once.
 _identity_memo: dict[tuple[str, tuple], str] = {}
-# The last encoder loaded: {(identity, device): (encoder, tokenizer)}; one model at a time.
-_loaded: dict[tuple[str, str], tuple[nn.Module, Any]] = {}
+# The last encoder loaded: {(identity, device, backend): _Runner}; one model at a time.
+_loaded: dict[tuple[str, str, str], _Runner] = {}
+_INT8_TAG = "+onnx-int8"
 _lock = threading.RLock()
 
 
@@ -81,6 +92,7 @@ def token_states(
     device: str = "auto",
     batch_size: int = 64,
     progress: bool = True,
+    backend: str = "auto",
 ) -> list[np.ndarray]:
     """Last hidden states of each text's real tokens under a frozen encoder, each text encoded once.
 
@@ -101,6 +113,10 @@ def token_states(
     progress : bool, default=True
         Show a bar (on a terminal) while encoding texts that are not cached; a line
         with the count and rate goes to the ``"stackcat"`` logger either way.
+    backend : {"auto", "torch", "onnx", "onnx-int8"}, default="auto"
+        What runs the encoder: ``"auto"`` = onnxruntime on CPU when installed, else
+        PyTorch (see :func:`stackcat._onnx.resolve_backend`). ``"onnx-int8"``
+        (int8 weights) gives slightly different states, cached apart.
 
     Returns
     -------
@@ -119,18 +135,21 @@ def token_states(
     if not texts:
         return []
     identity = text_model_identity(model_name)
-    store = _store(model_name, identity, max_length, cache_dir)
-    keys = [content_key(identity, str(max_length), text) for text in texts]
+    torch_device = resolve_device(device)
+    resolved = _onnx.resolve_backend(backend, torch_device)
+    states_identity = identity + (_INT8_TAG if resolved == "onnx-int8" else "")
+    store = _store(model_name, states_identity, max_length, cache_dir)
+    keys = [content_key(states_identity, str(max_length), text) for text in texts]
     distinct = dict(zip(keys, texts))
     found = store.get_many(distinct)
     missing = [(key, text) for key, text in distinct.items() if key not in found]
     if missing:
-        encoder, tokenizer = _encoder_for(model_name, identity, resolve_device(device))
+        runner = _runner_for(model_name, identity, torch_device, resolved, fallback=backend == "auto")
         bar = progress_bar(total=len(missing), unit="text", enabled=progress,
                            desc=f"encoding texts [{Path(str(model_name)).name}]")
         start = time.perf_counter()
         with bar:
-            for key, states in _encode(missing, encoder, tokenizer, max_length, batch_size):
+            for key, states in _encode(missing, runner, max_length, batch_size):
                 found[key] = store.put(key, states)
                 bar.update()
         log_stage(f"[{Path(str(model_name)).name}] "
@@ -191,37 +210,125 @@ def _store(model_name: str | os.PathLike, identity: str, max_length: int,
                           what="text token states")
 
 
-@torch.no_grad()
-def _encode(items: list[tuple[str, str]], encoder: nn.Module, tokenizer: Any, max_length: int,
-            batch_size: int):
-    """Yield ``(key, float16 states of the real tokens)`` per item, batch by batch (shortest first)."""
-    device = next(encoder.parameters()).device
-    precision = Precision(device)
-    limit = usable_max_length(max_length, tokenizer, encoder)
-    token_ids = tokenize(tokenizer, [text for _, text in items], limit)
+class _Runner:
+    """A frozen text encoder ready to run: ``run(input_ids, attention_mask) -> (B, T, H)`` float32."""
+
+    def __init__(self, run: Callable[[np.ndarray, np.ndarray], np.ndarray], tokenizer: Any,
+                 max_positions: int | None) -> None:
+        self.run = run
+        self.tokenizer = tokenizer
+        self.max_positions = max_positions
+
+    def usable_max_length(self, max_length: int) -> int:
+        config = SimpleNamespace(max_position_embeddings=self.max_positions)
+        return usable_max_length(max_length, self.tokenizer, SimpleNamespace(config=config))
+
+
+def _encode(items: list[tuple[str, str]], runner: _Runner, max_length: int, batch_size: int):
+    """Yield ``(key, float16 states of the real tokens)`` per item, batch by batch (shortest first).
+
+    Texts are sorted by token count and each batch is padded to its own longest
+    text, so little work goes into padding.
+    """
+    tokenizer = runner.tokenizer
+    token_ids = tokenize(tokenizer, [text for _, text in items], runner.usable_max_length(max_length))
     order = np.argsort([len(ids) for ids in token_ids], kind="stable")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     for start in range(0, len(order), batch_size):
         rows = order[start:start + batch_size]
-        input_ids, attention_mask = pad_batch([token_ids[i] for i in rows], pad_id)
-        with precision.autocast():
-            states = encoder(input_ids=input_ids.to(device),
-                             attention_mask=attention_mask.to(device)).last_hidden_state
-        states = states.float().cpu().numpy()
+        input_ids, attention_mask = _padded([token_ids[i] for i in rows], pad_id)
+        states = runner.run(input_ids, attention_mask)
         for batch_row, row in enumerate(rows):
             yield items[row][0], states[batch_row, :len(token_ids[row])].astype(np.float16)
 
 
-def _encoder_for(model_name: str | os.PathLike, identity: str, device: torch.device) -> tuple[nn.Module, Any]:
-    """The frozen encoder (eval mode) and tokenizer of ``identity`` on ``device``; loaded once."""
-    slot = (identity, str(device))
+def _padded(sequences: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(input_ids, attention_mask)`` int64, padded on the right to the longest sequence."""
+    width = max(len(sequence) for sequence in sequences)
+    input_ids = np.full((len(sequences), width), pad_id, dtype=np.int64)
+    attention_mask = np.zeros((len(sequences), width), dtype=np.int64)
+    for row, sequence in enumerate(sequences):
+        input_ids[row, :len(sequence)] = sequence
+        attention_mask[row, :len(sequence)] = 1
+    return input_ids, attention_mask
+
+
+def _runner_for(model_name: str | os.PathLike, identity: str, device: torch.device, backend: str, *,
+                fallback: bool = False) -> _Runner:
+    """The frozen encoder of ``identity`` on ``device`` through ``backend``; loaded once (one at a time).
+
+    With ``fallback`` (backend chosen by ``"auto"``), a model that cannot be exported to
+    ONNX runs on PyTorch instead (fp32 both: the same states, the same cache keys).
+    """
+    slot = (identity, str(device), backend)
     with _lock:
         if slot not in _loaded:
             _loaded.clear()  # one model at a time: the previous one's memory goes back
-            encoder, tokenizer = load_text_encoder(model_name)
-            encoder.to(device).eval().requires_grad_(False)
-            _loaded[slot] = encoder, tokenizer
+            try:
+                build = _torch_runner if backend == "torch" else _onnx_runner
+                _loaded[slot] = build(model_name, identity, device, backend)
+            except _onnx.ExportError as exc:
+                if not fallback:
+                    raise
+                warnings.warn(f"{Path(str(model_name)).name}: running on PyTorch, the ONNX export failed "
+                              f"({exc})", stacklevel=3)
+                _loaded[slot] = _torch_runner(model_name, identity, device, "torch")
         return _loaded[slot]
+
+
+def _torch_runner(model_name: str | os.PathLike, identity: str, device: torch.device, backend: str) -> _Runner:
+    encoder, tokenizer = load_text_encoder(model_name)
+    encoder.to(device).eval().requires_grad_(False)
+    precision = Precision(device)
+
+    @torch.no_grad()
+    def run(input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        with precision.autocast():
+            states = encoder(input_ids=torch.from_numpy(input_ids).to(device),
+                             attention_mask=torch.from_numpy(attention_mask).to(device)).last_hidden_state
+        return states.float().cpu().numpy()
+
+    return _Runner(run, tokenizer, getattr(encoder.config, "max_position_embeddings", None))
+
+
+def _onnx_runner(model_name: str | os.PathLike, identity: str, device: torch.device, backend: str) -> _Runner:
+    folder = _checkpoint_folder(model_name)
+    path, metadata = _onnx.exported_model(_onnx.onnx_folder(folder), f"text\0{identity}",
+                                          lambda target: _export_text_encoder(model_name, target),
+                                          int8=backend == "onnx-int8")
+    session = _onnx.inference_session(path, _onnx.torch_thread_budget())
+    with quiet_transformers():
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+
+    def run(input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        return session.run(None, {"input_ids": input_ids, "attention_mask": attention_mask})[0]
+
+    return _Runner(run, tokenizer, metadata.get("max_positions"))
+
+
+class _LastHiddenState(nn.Module):
+    def __init__(self, encoder: nn.Module) -> None:
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+
+def _export_text_encoder(model_name: str | os.PathLike, path: str) -> dict:
+    """Write the encoder's ``last_hidden_state`` as an fp32 ONNX model; returns its metadata."""
+    encoder, tokenizer = load_text_encoder(model_name)  # a private copy: the export traces it
+    if hasattr(encoder, "set_attn_implementation"):
+        encoder.set_attn_implementation("eager")  # plain matrix products trace into ONNX as they are
+    example = tokenizer(["a red cotton shirt for men", "jeans"], padding=True, return_tensors="pt")
+    _onnx.torch_export(_LastHiddenState(encoder), (example["input_ids"], example["attention_mask"]), path,
+                       input_names=["input_ids", "attention_mask"],
+                       dynamic_axes={"input_ids": {0: "batch", 1: "tokens"},
+                                     "attention_mask": {0: "batch", 1: "tokens"},
+                                     "output": {0: "batch", 1: "tokens"}})
+    return {"max_positions": getattr(encoder.config, "max_position_embeddings", None)}
 
 
 def _checkpoint_folder(model_name: str | os.PathLike) -> Path:
