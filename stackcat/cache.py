@@ -405,10 +405,15 @@ def _record(digest: bytes, offset: int, payload: bytes, shape: tuple[int, ...], 
     return body + check.to_bytes(4, "little")
 
 
-def _record_checks(records: np.ndarray) -> np.ndarray:
+def _record_checks(records: np.ndarray, chunk: int = 65536) -> np.ndarray:
+    """The checksum each record should carry (in chunks: the uint64 temporaries stay small)."""
     words = records.view(np.uint32).reshape(len(records), _RECORD.itemsize // 4)[:, :_BODY_WORDS]
-    words = words.astype(np.uint64)
-    return ((words * _CHECK_WEIGHTS).sum(axis=1, dtype=np.uint64) + np.uint64(_CHECK_SEED)) & np.uint64(0xFFFFFFFF)
+    checks = np.empty(len(records), dtype=np.uint64)
+    for start in range(0, len(records), chunk):
+        part = words[start:start + chunk].astype(np.uint64)
+        part *= _CHECK_WEIGHTS
+        checks[start:start + chunk] = part.sum(axis=1, dtype=np.uint64)
+    return (checks + np.uint64(_CHECK_SEED)) & np.uint64(0xFFFFFFFF)
 
 
 def _valid_records(raw: bytes) -> tuple[np.ndarray, int]:
