@@ -781,6 +781,9 @@ class _Folder:
                 self.blocked_until = time.monotonic() + RETRY_WRITE_AFTER_S
                 self.last_error = exc
                 return exc
+            except BaseException:  # e.g. KeyboardInterrupt mid-write: same reason
+                self._retire_writer()
+                raise
         return None
 
     def _writer(self, info_text: str) -> _Writer:
@@ -836,22 +839,27 @@ def _mtime(entry: os.DirEntry) -> int:
 
 
 def _compact(root: Path) -> bool:
-    """Merge the small shards no live process writes into one; True when it did."""
+    """Merge small shards no live process writes into one (at most SHARD_BYTES); True when it did."""
     small = []
     for idx in sorted(root.glob(f"{_SHARD_PREFIX}*.idx"), key=lambda path: path.stat().st_mtime_ns):
         try:
-            if os.stat(idx.with_suffix(".bin")).st_size < COMPACT_BELOW_BYTES:
-                small.append(idx)
+            size = os.stat(idx.with_suffix(".bin")).st_size
         except FileNotFoundError:
-            small.append(idx)  # an index whose data is lost: nothing to copy, deleted below
+            size = 0  # an index whose data is lost: nothing to copy, deleted below
+        if size < COMPACT_BELOW_BYTES:
+            small.append((idx, size))
     if len(small) < COMPACT_MIN_SHARDS:
         return False
     locked: list[tuple[Path, int]] = []
     try:
-        for idx in small:
+        total = 0
+        for idx, size in small:
+            if total + size > SHARD_BYTES:
+                break
             fd = os.open(idx, os.O_RDONLY)
             if _try_lock(fd):
                 locked.append((idx, fd))
+                total += size
             else:
                 os.close(fd)  # a live writer's shard (or another process compacting it)
         if len(locked) < COMPACT_MIN_SHARDS:
@@ -867,28 +875,33 @@ def _compact(root: Path) -> bool:
 
 
 def _copy_into_new_shard(root: Path, indexes: list[Path]) -> None:
-    """Copy the valid entries of ``indexes`` (oldest first; the newest of a key wins) into a new shard."""
-    latest: dict[bytes, tuple[np.void, bytes]] = {}
-    for idx in indexes:
-        records, _ = _valid_records(idx.read_bytes())
-        try:
-            data = idx.with_suffix(".bin").read_bytes()
-        except FileNotFoundError:
-            continue
-        for record in records:
-            start, nbytes = int(record["offset"]), int(record["nbytes"])
-            payload = data[start:start + nbytes]
-            if len(payload) == nbytes and zlib.crc32(payload) == int(record["crc"]):
-                latest[bytes(record["digest"]).ljust(16, b"\0")] = (record, payload)
+    """Copy the last valid record of each key in ``indexes`` (oldest first) into a new shard.
+
+    One source ``.bin`` (smaller than COMPACT_BELOW_BYTES) is in memory at a time.
+    """
+    sources = [_valid_records(idx.read_bytes())[0] for idx in indexes]
+    last: dict[bytes, tuple[int, int]] = {}
+    for number, records in enumerate(sources):
+        for position, digest in enumerate(records["digest"].tolist()):
+            last[digest.ljust(16, b"\0")] = (number, position)
     writer = _Writer.create(root)
     try:
-        entries = []
-        for digest, (record, payload) in latest.items():
-            dtype = np.dtype(record["dtype"].decode())
-            shape = tuple(int(n) for n in record["shape"][:record["ndim"]])
-            entries.append((digest, np.frombuffer(payload, dtype=dtype).reshape(shape)))
-        for batch in _batches(entries, 64 * 2**20):
-            writer.append(batch)
+        for number, (idx, records) in enumerate(zip(indexes, sources)):
+            try:
+                data = idx.with_suffix(".bin").read_bytes()
+            except FileNotFoundError:
+                continue
+            entries = []
+            for position, record in enumerate(records.tolist()):
+                digest, offset, nbytes, crc, shape, ndim, dtype = record[:7]
+                digest = digest.ljust(16, b"\0")
+                payload = data[offset:offset + nbytes]
+                if last[digest] != (number, position) or len(payload) != nbytes or zlib.crc32(payload) != crc:
+                    continue
+                array = np.frombuffer(payload, dtype=np.dtype(dtype.decode())).reshape(shape[:ndim])
+                entries.append((digest, array))
+            for batch in _batches(entries, 64 * 2**20):
+                writer.append(batch)
         writer.sync()
     finally:
         writer.close()

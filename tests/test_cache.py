@@ -409,3 +409,23 @@ def test_when_the_latest_record_of_a_key_is_damaged_an_older_one_is_read(tmp_pat
     flip_byte(shard_files(tmp_path, ".bin")[0], 20)
     store.memory.clear()
     np.testing.assert_array_equal(store.get(key), np.full(4, 2.0))
+
+
+def test_an_interrupted_write_does_not_spoil_the_next_ones(tmp_path, monkeypatch):
+    store = vector_store(tmp_path)
+    keys = keys_of(range(6))
+    real_write_all = cache._write_all
+
+    def interrupted(fd, payload):
+        real_write_all(fd, payload[:len(payload) // 2 + 1])  # half a record, then Ctrl-C
+        raise KeyboardInterrupt
+
+    store.put_many({key: vector_of(key) for key in keys[:2]})
+    monkeypatch.setattr(cache, "_write_all", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        store.put(keys[2], vector_of(keys[2]))
+    monkeypatch.undo()
+    store.put_many({key: vector_of(key) for key in keys[3:]})
+    found = reopened(tmp_path).get_many(keys)
+    assert list(found) == keys[:2] + keys[3:]
+    assert len(shard_files(tmp_path, ".idx")) == 2, "the interrupted shard takes no more records"
