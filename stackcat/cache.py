@@ -23,8 +23,8 @@ A million entries are a handful of files, not a million. A writer appends an
 entry's bytes to its ``.bin``, then its record to its ``.idx``; nobody else writes
 to these files, so parallel writers (processes, Dask workers on a shared file
 system) need no lock. A reader loads every ``.idx`` into sorted arrays (one
-``searchsorted`` per batch of keys) and reads entries from memory maps of the
-``.bin`` files. When a key is missing, it first reads whatever the ``.idx`` files
+``searchsorted`` per batch of keys) and reads each entry with one ``pread`` of its
+``.bin``. When a key is missing, it first reads whatever the ``.idx`` files
 gained since (entries other processes wrote meanwhile).
 
 Guarantees, as in the one-file-per-entry ``v1`` format:
@@ -67,7 +67,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import mmap
 import os
 import re
 import secrets
@@ -134,6 +133,8 @@ _CHECK_WEIGHTS = np.array([(0x9E3779B1 * (i + 1)) & 0xFFFFFFFF | 1 for i in rang
                           dtype=np.uint64)
 _CHECK_SEED = 0x5EED5EED
 _WORDS = struct.Struct(f"<{_BODY_WORDS}I")
+# Shard files a folder keeps open for reading (least recently read ones are closed).
+_MAX_OPEN_SHARDS = 64
 # A process's own records are turned into a sorted run at the next lookup, or at this count.
 _PENDING_LIMIT = 65536
 
@@ -463,41 +464,46 @@ class _Shard:
     own: bool = False
     consumed: int = 0  # bytes of the .idx already loaded
     gone: bool = False
-    _map: mmap.mmap | None = None
+    fd: int | None = None
 
     def read(self, offset: int, nbytes: int) -> bytes | None:
-        """``nbytes`` bytes at ``offset`` of the ``.bin``; None when the file is gone or too short."""
-        end = offset + nbytes
-        if self._map is None or len(self._map) < end:
-            if not self._remap(end):
-                return None
-        return self._map[offset:end]
+        """``nbytes`` bytes at ``offset`` of the ``.bin``; None when the file is gone or too short.
 
-    def _remap(self, end: int) -> bool:
-        if self.gone:
-            return False
+        ``pread``, not a memory map: a ``.bin`` cut short while mapped would kill the process
+        (SIGBUS) instead of making its entries absent, and mapped pages would count in the
+        process's RSS.
+        """
+        if self.fd is None:
+            if self.gone:
+                return None
+            try:
+                self.fd = os.open(self.root / f"{self.name}.bin", os.O_RDONLY | getattr(os, "O_BINARY", 0))
+            except FileNotFoundError:
+                self.gone = True
+                return None
+            except OSError:
+                return None
         try:
-            fd = os.open(self.root / f"{self.name}.bin", os.O_RDONLY)
-        except FileNotFoundError:
-            self.close(gone=True)
-            return False
+            payload = _pread(self.fd, nbytes, offset)
         except OSError:
-            return False
-        try:
-            size = os.fstat(fd).st_size
-            if size < end:
-                return False
-            self.close()
-            self._map = mmap.mmap(fd, size, access=mmap.ACCESS_READ)
-            return True
-        finally:
-            os.close(fd)
+            return None
+        return payload if len(payload) == nbytes else None
 
     def close(self, gone: bool = False) -> None:
-        if self._map is not None:
-            self._map.close()
-            self._map = None
+        if self.fd is not None:
+            try:
+                os.close(self.fd)
+            except OSError:
+                pass
+            self.fd = None
         self.gone = self.gone or gone
+
+
+def _pread(fd: int, nbytes: int, offset: int) -> bytes:
+    if hasattr(os, "pread"):
+        return os.pread(fd, nbytes, offset)
+    os.lseek(fd, offset, os.SEEK_SET)  # no pread (Windows): callers hold the folder's lock
+    return os.read(fd, nbytes)
 
 
 @dataclass
@@ -584,6 +590,7 @@ class _Folder:
     runs: list[_Run] = field(default_factory=list)
     pending: list[tuple[np.ndarray, int]] = field(default_factory=list)  # (records, shard number)
     own_pending: list[tuple[bytes, int]] = field(default_factory=list)
+    open_shards: OrderedDict[int, None] = field(default_factory=OrderedDict)
     writer: _Writer | None = None
     opened: bool = False
     blocked_until: float = 0.0
@@ -654,10 +661,21 @@ class _Folder:
         if nbytes == 0:
             return np.empty(shape, dtype=dtype)
         payload = self.shards[shard].read(offset, nbytes)
+        self._keep_open(shard)
         if payload is None or zlib.crc32(payload) != crc:
             return None  # damaged: counts as absent, recomputed and appended again
         array = np.frombuffer(payload, dtype=dtype)
         return array if len(shape) == 1 else array.reshape(shape)
+
+    def _keep_open(self, shard: int) -> None:
+        """Keep the file of ``shard`` open, and at most _MAX_OPEN_SHARDS files of the folder."""
+        if self.open_shards and next(reversed(self.open_shards)) == shard:
+            return
+        self.open_shards[shard] = None
+        self.open_shards.move_to_end(shard)
+        if len(self.open_shards) > _MAX_OPEN_SHARDS:
+            oldest, _ = self.open_shards.popitem(last=False)
+            self.shards[oldest].close()
 
     def _lookup(self, digests: list[bytes]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Where the latest loaded record of each digest is: run number (-1: none) and position there.

@@ -429,3 +429,29 @@ def test_an_interrupted_write_does_not_spoil_the_next_ones(tmp_path, monkeypatch
     found = reopened(tmp_path).get_many(keys)
     assert list(found) == keys[:2] + keys[3:]
     assert len(shard_files(tmp_path, ".idx")) == 2, "the interrupted shard takes no more records"
+
+
+def test_a_shard_cut_short_while_open_makes_its_tail_absent(tmp_path):
+    keys = keys_of(range(3))
+    store = vector_store(tmp_path)
+    store.put_many({key: vector_of(key) for key in keys})  # 64 bytes each
+    store.memory.clear()
+    assert len(store.get_many(keys)) == 3  # the shard is open now
+    with open(shard_files(tmp_path, ".bin")[0], "r+b") as handle:
+        handle.truncate(64)
+    store.memory.clear()
+    assert list(store.get_many(keys)) == keys[:1]
+
+
+def test_a_reader_keeps_a_bounded_number_of_shards_open(tmp_path, monkeypatch):
+    monkeypatch.setattr(cache, "SHARD_BYTES", 100)
+    monkeypatch.setattr(cache, "_MAX_OPEN_SHARDS", 2)
+    vectors = {key: vector_of(key) for key in keys_of(range(6))}
+    writer = vector_store(tmp_path)
+    for key, array in vectors.items():
+        writer.put(key, array)  # a shard per two entries
+    store = reopened(tmp_path)
+    found = store.get_many(vectors)
+    assert all(np.array_equal(found[key], array) for key, array in vectors.items())
+    folder = cache._folder(store.root)
+    assert len(folder.shards) == 3 and sum(shard.fd is not None for shard in folder.shards) == 2
