@@ -17,9 +17,12 @@ same vectors at ``--v1-entries`` in both formats. The v1 code is the previous
 ``stackcat/cache.py`` taken from git (``--v1-commit``), run unchanged. Everything is
 written under a temporary folder in ``--dir`` and deleted at the end.
 
-Run (~6 min on 2 busy cores, ~4 GB of disk at the peak)::
+Run (~6-20 min on 2 busy cores, ~3.5 GB of disk at the peak)::
 
     nice -n 5 .venv/bin/python experiments/bench_store.py --dir /tmp
+
+``--compare-mmap`` instead times random reads of this format against the variant that read
+through memory maps (commit ``f305cfc``), alternating batches in one process.
 """
 
 from __future__ import annotations
@@ -58,18 +61,58 @@ def matrix_of(i: int, hidden: int) -> np.ndarray:
     return np.full((tokens, hidden), i % 251, dtype=np.float16)
 
 
-def v1_module(commit: str):
-    """The one-file-per-entry cache.py of ``commit``, imported under another name."""
+def module_at(commit: str, name: str):
+    """``stackcat/cache.py`` of ``commit``, imported as ``name``."""
     source = subprocess.run(["git", "-C", str(REPO), "show", f"{commit}:stackcat/cache.py"],
                             capture_output=True, text=True, check=True).stdout
-    if 'CACHE_FORMAT = "v1"' not in source:
-        raise SystemExit(f"stackcat/cache.py of {commit} is not the v1 format")
-    path = Path(tempfile.mkdtemp()) / "cache_v1.py"
+    path = Path(tempfile.mkdtemp()) / f"{name}.py"
     path.write_text(source)
-    spec = importlib.util.spec_from_file_location("cache_v1", path)
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up
     spec.loader.exec_module(module)
     return module
+
+
+def v1_module(commit: str):
+    """The one-file-per-entry cache.py of ``commit``."""
+    module = module_at(commit, "cache_v1")
+    if module.CACHE_FORMAT != "v1":
+        raise SystemExit(f"stackcat/cache.py of {commit} is not the v1 format")
+    return module
+
+
+def compare_mmap(args) -> None:
+    """Random reads of the current store and of the memory-mapped variant of ``--mmap-commit``,
+    batch by batch in alternation in one process, on one store of ``--ab-entries`` vectors."""
+    mapped = module_at(args.mmap_commit, "cache_mmap")
+    root = tempfile.mkdtemp(prefix="bench_store-ab-", dir=args.dir)
+    try:
+        keys = keys_for(args.ab_entries)
+        writer = cache.EmbeddingStore("ab", root, ndim=1, memory=cache.MemoryCache(0))
+        for first in range(0, len(keys), args.batch):
+            writer.put_many({key: vector_of(i, args.dim)
+                             for i, key in enumerate(keys[first:first + args.batch], first)})
+        cache._close_folders()
+        stores = {"pread (current)": cache.EmbeddingStore("ab", root, ndim=1, memory=cache.MemoryCache(0)),
+                  f"mmap ({args.mmap_commit})": mapped.EmbeddingStore("ab", root, ndim=1,
+                                                                     memory=mapped.MemoryCache(0))}
+        for store in stores.values():
+            store.get(keys[0])
+        rng = random.Random(1)
+        rates: dict[str, list[float]] = {name: [] for name in stores}
+        for repeat in range(args.random_batches):
+            batch = rng.sample(keys, args.read_batch)
+            order = list(stores.items()) if repeat % 2 else list(stores.items())[::-1]
+            for name, store in order:
+                start = time.perf_counter()
+                found = store.get_many(batch)
+                rates[name].append(len(found) / (time.perf_counter() - start))
+        for name, values in rates.items():
+            print(f"{name}: median {np.median(values):,.0f} random get_many entries/s "
+                  f"({len(values)} batches of {args.read_batch:,}, min {min(values):,.0f}, max {max(values):,.0f})")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def store_for(args, kind: str):
@@ -225,6 +268,10 @@ def main() -> None:
     parser.add_argument("--read-batch", type=int, default=10_000)
     parser.add_argument("--random-batches", type=int, default=20)
     parser.add_argument("--v1-commit", default="b414026", help="a commit whose cache.py is the v1 format")
+    parser.add_argument("--compare-mmap", action="store_true",
+                        help="only compare random reads with the memory-mapped variant of --mmap-commit")
+    parser.add_argument("--mmap-commit", default="f305cfc")
+    parser.add_argument("--ab-entries", type=int, default=300_000)
     # the phases' own options
     parser.add_argument("--phase", choices=["write", "read"])
     parser.add_argument("--format", choices=["v1", "v2"])
@@ -240,6 +287,9 @@ def main() -> None:
         print(json.dumps(result))
         return
 
+    if args.compare_mmap:
+        compare_mmap(args)
+        return
     args.work = Path(tempfile.mkdtemp(prefix="bench_store-", dir=args.dir))
     try:
         rows = [measure(args, "384 float32", "v1", "vector", args.v1_entries, args.single_puts),
