@@ -46,12 +46,16 @@ Guarantees, as in the one-file-per-entry ``v1`` format:
 
 Space: a writer starts a new shard past :data:`SHARD_BYTES`. When a folder holds
 :data:`COMPACT_MIN_SHARDS` or more shards under :data:`COMPACT_BELOW_BYTES` that no
-live process is writing (an ``flock`` on the ``.idx`` tells), the next process to
-open it copies their valid entries into one new shard and deletes them. That is
-also what reclaims the bytes of killed writers and of keys written twice by
-concurrent writers; bytes in large shards are not reclaimed (at most one entry per
-killed writer, plus duplicates when jobs encode the same inputs at once: fill the
-cache first with one call on all the inputs to avoid them).
+live process is writing (a writer holds an ``flock`` on its ``.idx``), the next
+process to read the folder copies their valid entries (up to :data:`SHARD_BYTES`)
+into one new shard, syncs it, then deletes them; a crash in between leaves
+duplicates, never a loss, and a process that had loaded a deleted shard finds its
+entries in the new one on its next miss. Compaction is also what reclaims the
+bytes of killed writers and of keys written twice by concurrent writers; bytes in
+large shards are not reclaimed (at most one entry per killed writer, plus
+duplicates when jobs encode the same inputs at once: fill the cache first with one
+call on all the inputs to avoid them). Where ``flock`` is missing (Windows) or
+fails (some network file systems), nothing is compacted.
 
 The ``v1`` cache of a namespace (``<slug>/<2 chars>/<key>.npy`` files) is still
 read: a key missing from ``v2`` is looked up there and, when found, copied into
@@ -583,6 +587,8 @@ def _try_lock(fd: int) -> bool:
 
 @dataclass
 class _Folder:
+    """One namespace folder as this process sees it: its shards, the sorted index runs, its writer."""
+
     root: Path
     lock: threading.RLock = field(default_factory=threading.RLock)
     shards: list[_Shard] = field(default_factory=list)

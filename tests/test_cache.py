@@ -455,3 +455,14 @@ def test_a_reader_keeps_a_bounded_number_of_shards_open(tmp_path, monkeypatch):
     assert all(np.array_equal(found[key], array) for key, array in vectors.items())
     folder = cache._folder(store.root)
     assert len(folder.shards) == 3 and sum(shard.fd is not None for shard in folder.shards) == 2
+
+
+def test_one_compaction_merges_at_most_a_shard_worth_of_bytes(tmp_path, monkeypatch):
+    monkeypatch.setattr(cache, "COMPACT_MIN_SHARDS", 2)
+    monkeypatch.setattr(cache, "SHARD_BYTES", 3 * 64)
+    keys = keys_of(range(5))
+    for key in keys:  # five idle shards of 64 bytes each
+        reopened(tmp_path).put(key, vector_of(key))
+    found = reopened(tmp_path).get_many(keys)
+    assert list(found) == keys
+    assert len(shard_files(tmp_path, ".idx")) == 3, "three merged into one, two left for next time"
