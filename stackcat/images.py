@@ -41,8 +41,8 @@ process to hash it, is small next to decoding and encoding it; within a process
 the hash is remembered per (path, size, mtime).
 
 Storage: a :class:`stackcat.cache.EmbeddingStore` per encoder name (see
-:mod:`stackcat.cache`): ``<cache_dir>/<encoder slug>/<first 2 hex of key>/<key>.npy``,
-one float32 vector per file, written atomically (temporary file + ``os.replace``:
+:mod:`stackcat.cache`): ``<cache_dir>/<encoder slug>/shard-*.bin`` + ``.idx`` files,
+one float32 vector per entry, each atomic (bytes first, then a checksummed record:
 a reader sees a whole entry or none, whatever runs concurrently or is killed
 mid-write); a damaged entry is recomputed and rewritten. Entries are small and
 independent, so parallel fold jobs need no lock; to encode each image exactly

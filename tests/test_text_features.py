@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
-from stackcat.cache import EmbeddingStore, MemoryCache, content_key
+from stackcat.cache import EmbeddingStore, MemoryCache, content_key, count_entries
 from stackcat.models import _text_features
 from stackcat.models._text_features import (
     clear_memory_cache,
@@ -144,7 +144,7 @@ def test_disk_cache_is_reused_by_a_fresh_process_state(tiny_model, monkeypatch, 
     monkeypatch.setenv("STACKCAT_ENCODER_BACKEND", "torch")  # the torch loader is the one watched
     texts = toy_frame()["text"].tolist()
     expected = token_states(texts, tiny_model, 32, cache_dir=tmp_path, progress=False)
-    assert len(list(tmp_path.rglob("*.npy"))) == len(set(texts))
+    assert count_entries(tmp_path) == len(set(texts))
     clear_memory_cache()
 
     def no_encoder(model_name):
@@ -191,8 +191,9 @@ def test_store_keeps_arrays_of_any_shape_and_drops_bad_entries(tmp_path):
         assert stored.dtype == np.float16 and not stored.flags.writeable
     with pytest.raises(ValueError, match="2 dimension"):
         store.put(keys[0], np.zeros(4))
-    np.save(store.entry_path(keys[1]), np.zeros((2, 4), dtype=np.float32))  # wrong dtype
-    store.entry_path(keys[2]).write_bytes(b"damaged")
+    with open(next(tmp_path.rglob("shard-*.bin")), "r+b") as shard:  # damage entries 1 and 2
+        shard.seek(8)
+        shard.write(b"\xff" * 24)
     fresh = EmbeddingStore("toy", tmp_path, dtype=np.float16, ndim=2, memory=MemoryCache())
     assert list(fresh.get_many(keys)) == [keys[0]]
     assert fresh.get_many(keys)[keys[0]].shape == (1, 4)
@@ -325,7 +326,7 @@ def test_warm_cache_encodes_texts_and_images_before_the_folds(tiny_model, image_
     fusion = frozen_fusion(tiny_model, text_cache_dir=tmp_path, image_encoder=image_encoder,
                            image_cache_dir=tmp_path / "images")
     fusion.warm_cache(frame)
-    assert list((tmp_path / "images").rglob("*.npy")), "images were not cached"
+    assert count_entries(tmp_path / "images"), "images were not cached"
     clear_memory_cache()
     loads = counting.loads
     fusion.fit(frame, frame["label"]).predict_proba(frame)
