@@ -580,11 +580,7 @@ class StackingCategorizer(ClassifierMixin, _BaseComposition, BaseEstimator):
         estimators = self.named_estimators
         run_path = str(run.path) if run else None
         results = list(done)
-        for name in dict.fromkeys(job.model for job in pending):
-            # frozen encoders fill their cache once here instead of once per parallel job
-            warm_cache = getattr(estimators[name], "warm_cache", None)
-            if callable(warm_cache):
-                warm_cache(X)
+        self._warm_caches([estimators[name] for name in dict.fromkeys(job.model for job in pending)], X)
         bar = progress_bar(total=len(jobs), initial=len(done), desc="jobs", unit="job", enabled=self.progress)
         if done and self.verbose:
             log_stage(f"{len(done)} of {len(jobs)} jobs already done in {run.path}; {len(pending)} to run")
@@ -608,9 +604,36 @@ class StackingCategorizer(ClassifierMixin, _BaseComposition, BaseEstimator):
             bar.close()
         return results
 
+    def _warm_caches(self, estimators: list[Any], X: Any) -> None:
+        """Frozen encoders fill their cache once here instead of once per parallel job.
+
+        On a dask cluster the rows are sharded over the workers, so encoding
+        (the slowest stage of a frozen-encoder stack) runs on the whole cluster;
+        the cache folder must then be on storage the workers share, like the
+        run folder.
+        """
+        warmers = [est.warm_cache for est in estimators if callable(getattr(est, "warm_cache", None))]
+        if not warmers:
+            return
+        if not self._distributed():
+            for warm in warmers:
+                warm(X)
+            return
+        with self._parallel_backend():
+            shards = np.array_split(np.arange(len(X)), max(min(len(X), 2 * _n_workers()), 1))
+            tasks = [joblib.delayed(warm)(take_rows(X, rows)) for warm in warmers for rows in shards if len(rows)]
+            started = time.perf_counter()
+            joblib.Parallel(n_jobs=-1)(tasks)
+            if self.verbose:
+                log_stage(f"encoder caches filled on the cluster: {len(tasks)} shards of {len(X):,} rows "
+                          f"in {time.perf_counter() - started:.1f} s")
+
+    def _distributed(self) -> bool:
+        return self.scheduler is not None or self.backend == "dask"
+
     @contextlib.contextmanager
     def _parallel_backend(self) -> Iterator[None]:
-        if self.scheduler is None and self.backend != "dask":
+        if not self._distributed():
             with joblib.parallel_config(backend=self.backend) if self.backend else contextlib.nullcontext():
                 yield
             return
@@ -938,6 +961,16 @@ class StackingCategorizer(ClassifierMixin, _BaseComposition, BaseEstimator):
         stack.run_dir_ = str(Path(run_dir).resolve())
         stack._trusted_run = trusted
         return stack
+
+
+def _n_workers() -> int:
+    """Workers of the current dask client (1 when it cannot say)."""
+    try:
+        from distributed import get_client
+
+        return max(len(get_client().scheduler_info().get("workers", {})), 1)
+    except (ImportError, ValueError):
+        return 1
 
 
 def _plain_average(matrices: list[Any]) -> Any:

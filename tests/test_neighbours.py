@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from stackcat.cache import count_entries
 from stackcat.images import clear_memory_cache as clear_image_cache
 from stackcat.models import _text_features
 from stackcat.models._text_features import clear_memory_cache as clear_text_cache
@@ -228,3 +229,27 @@ def test_a_changed_text_model_is_refused(tiny_model, tmp_path):
     knn.text_model_identity_ = "0" * 32
     with pytest.raises(ValueError, match="has changed since this model was fitted"):
         knn.predict_proba(texts[:2])
+
+
+@pytest.mark.dask
+def test_text_encoding_on_a_cluster_equals_a_local_run(tiny_model, tmp_path):
+    """The frozen text encoder runs on the dask workers (sharded rows, shared cache folder); the
+    stack's OOF equal a local run's."""
+    distributed = pytest.importorskip("distributed")
+    from stackcat.stacking import StackingCategorizer
+
+    texts, y = toy_texts()
+    X = pd.DataFrame({"id": range(len(texts)), "text": texts})
+
+    def stack(cache_dir, **params):
+        knn = NeighboursClassifier(source="text", model_name=tiny_model, max_length=32, cache_dir=str(cache_dir),
+                                   progress=False)
+        return StackingCategorizer([("knn", knn)], meta="average", n_splits=3, progress=False, verbose=0,
+                                   retrieval=False, **params)
+
+    local = stack(tmp_path / "local").fit(X, y)
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, host="127.0.0.1",
+                                  dashboard_address=None, processes=True) as cluster:
+        on_cluster = stack(tmp_path / "cluster", scheduler=cluster.scheduler_address, n_jobs=-1).fit(X, y)
+    np.testing.assert_allclose(local.oof_["knn"], on_cluster.oof_["knn"], atol=1e-4)
+    assert count_entries(tmp_path / "cluster") == len(set(texts))

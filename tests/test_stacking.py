@@ -249,3 +249,28 @@ def test_frozen_encoder_caches_are_warmed_once_before_pending_jobs(tmp_path):
     assert WarmedNaiveBayes.warmed == [len(X)]
     stack_of(estimators, run_dir=tmp_path / "run").fit(X, y)  # nothing pending: no warm-up
     assert WarmedNaiveBayes.warmed == [len(X)]
+
+
+@pytest.mark.dask
+def test_frozen_encoder_caches_are_filled_on_the_cluster_workers(tmp_path):
+    """With a scheduler, encoding is sharded over the workers (not done by the driver), every row
+    once, and the results equal a local run's."""
+    distributed = pytest.importorskip("distributed")
+    from toy_models import CacheWarmingText
+
+    X, y = toy_table(n_per_class=10)
+    local_dir, cluster_dir = tmp_path / "local", tmp_path / "cluster"
+    local_dir.mkdir()
+    cluster_dir.mkdir()
+    local = stack_of([("a", CacheWarmingText(warm_dir=str(local_dir)))]).fit(X, y)
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, host="127.0.0.1",
+                                  dashboard_address=None, processes=True) as cluster:
+        on_cluster = stack_of([("a", CacheWarmingText(warm_dir=str(cluster_dir)))],
+                              scheduler=cluster.scheduler_address, n_jobs=-1).fit(X, y)
+    assert len(list(local_dir.iterdir())) == 1  # locally: one call on every row
+    calls = list(cluster_dir.iterdir())
+    assert len(calls) >= 2
+    assert str(os.getpid()) not in {call.name.split("-")[1] for call in calls}
+    warmed = sorted(int(i) for call in calls for i in call.read_text().split())
+    assert warmed == sorted(X["id"])  # every row once
+    np.testing.assert_array_equal(local.oof_["a"], on_cluster.oof_["a"])

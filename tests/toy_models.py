@@ -128,3 +128,16 @@ class LookupProba(ClassifierMixin, BaseEstimator):
 
     def predict_proba(self, X):
         return np.array([self.table[i] for i in X["id"]], dtype=np.float64)
+
+
+class CacheWarmingText(NaiveBayesText):
+    """NaiveBayesText with a ``warm_cache`` that records which process warmed which rows
+    (a file per call in ``warm_dir``: its name holds the pid, its text the row ids)."""
+
+    def __init__(self, text_column="text", alpha=1.0, warm_dir=None):
+        super().__init__(text_column=text_column, alpha=alpha)
+        self.warm_dir = warm_dir
+
+    def warm_cache(self, X):
+        ids = " ".join(str(i) for i in X["id"])
+        Path(self.warm_dir, f"warm-{os.getpid()}-{uuid.uuid4().hex}").write_text(ids)
