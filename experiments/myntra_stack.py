@@ -34,6 +34,7 @@ from stackcat.meta import RerankMeta
 from stackcat.metrics import comparison_table, write_report
 from stackcat.models.fasttext import FastTextClassifier
 from stackcat.presets import OFFLINE_TEXT_PREFIX, ModelOptions, build_models, offline_weights
+from stackcat.progress import print_stage_lines
 from stackcat.stacking import StackingCategorizer, nested_meta_oof
 from stackcat.taxonomy import CategoryTree, hierarchy_scores
 
@@ -61,8 +62,11 @@ def peak_rss_mb() -> int:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 
+PEERS = ("tfidf_linearsvc", "plain_fasttext", "sklearn_stacking_lr")
+
+
 def peer_predictions(frame: pd.DataFrame, y_index: np.ndarray, folds: np.ndarray, n_classes: int,
-                     oof: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+                     oof: dict[str, np.ndarray], peers: tuple[str, ...] = PEERS) -> dict[str, np.ndarray]:
     """Out-of-fold one-hot/probabilities of the peers, on the stack's folds."""
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
@@ -70,22 +74,24 @@ def peer_predictions(frame: pd.DataFrame, y_index: np.ndarray, folds: np.ndarray
     from sklearn.svm import LinearSVC
 
     texts = frame["text"].to_numpy(dtype=object)
-    results = {name: np.zeros((len(texts), n_classes), dtype=np.float32)
-               for name in ("peer:tfidf_linearsvc", "peer:plain_fasttext", "peer:sklearn_stacking_lr")}
+    results = {f"peer:{name}": np.zeros((len(texts), n_classes), dtype=np.float32) for name in peers}
     stacked_features = np.hstack([np.log(np.clip(np.asarray(m, dtype=np.float64), 1e-7, 1)) for m in oof.values()])
     for fold in np.unique(folds):
         train, test = folds != fold, folds == fold
-        svc = make_pipeline(TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True), LinearSVC())
-        svc.fit(texts[train], y_index[train])
-        results["peer:tfidf_linearsvc"][np.flatnonzero(test), svc.predict(texts[test])] = 1.0
-        plain = FastTextClassifier(epoch=25, lr=0.5, wordNgrams=2, minn=2, maxn=5, dim=100, title_repeat=0,
-                                   normalize=False, bucket=2_000_000)
-        plain.fit(list(texts[train]), y_index[train])
-        results["peer:plain_fasttext"][np.ix_(np.flatnonzero(test), plain.classes_)] = plain.predict_proba(
-            list(texts[test]))
-        lr = LogisticRegression(C=1.0, max_iter=2000).fit(stacked_features[train], y_index[train])
-        results["peer:sklearn_stacking_lr"][np.ix_(np.flatnonzero(test), lr.classes_)] = lr.predict_proba(
-            stacked_features[test])
+        if "tfidf_linearsvc" in peers:
+            svc = make_pipeline(TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True), LinearSVC())
+            svc.fit(texts[train], y_index[train])
+            results["peer:tfidf_linearsvc"][np.flatnonzero(test), svc.predict(texts[test])] = 1.0
+        if "plain_fasttext" in peers:
+            plain = FastTextClassifier(epoch=25, lr=0.5, wordNgrams=2, minn=2, maxn=5, dim=100, title_repeat=0,
+                                       normalize=False, bucket=2_000_000)
+            plain.fit(list(texts[train]), y_index[train])
+            results["peer:plain_fasttext"][np.ix_(np.flatnonzero(test), plain.classes_)] = plain.predict_proba(
+                list(texts[test]))
+        if "sklearn_stacking_lr" in peers:
+            lr = LogisticRegression(C=1.0, max_iter=2000).fit(stacked_features[train], y_index[train])
+            results["peer:sklearn_stacking_lr"][np.ix_(np.flatnonzero(test), lr.classes_)] = lr.predict_proba(
+                stacked_features[test])
     return results
 
 
@@ -140,8 +146,14 @@ def main() -> None:
     parser.add_argument("--tree", action="store_true",
                         help="give the stack masterCategory > subCategory > articleType as the category tree")
     parser.add_argument("--ablation", action="store_true", help="RerankMeta with each feature group off")
-    parser.add_argument("--no-peers", action="store_true", help="skip the peers (sklearn stacking is slow)")
+    parser.add_argument("--peers", default=",".join(PEERS),
+                        help="comma-separated peers on the same folds ('' for none; sklearn_stacking_lr is slow)")
     args = parser.parse_args()
+    with print_stage_lines():
+        run(args)
+
+
+def run(args: argparse.Namespace) -> None:
 
     timings: dict[str, float] = {}
     start = time.perf_counter()
@@ -187,11 +199,12 @@ def main() -> None:
         results.update(ablations(stack, tree is not None))
         timings["ablations"] = time.perf_counter() - start
     start = time.perf_counter()
-    if not args.no_peers:
+    peers = tuple(name for name in args.peers.split(",") if name)
+    if peers:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=FutureWarning)
             results.update(peer_predictions(frame, stack.oof_target_, stack.fold_of_row_, len(stack.classes_),
-                                            stack.oof_))
+                                            stack.oof_, peers))
     timings["peers"] = time.perf_counter() - start
     if tree is not None:
         for name, proba in results.items():

@@ -82,8 +82,8 @@ def make(name: str, path: str) -> None:
 def peak(name: str) -> None:
     from PIL import Image
 
-    from stackcat.encoders import get_encoder
-    from stackcat.images import image_embeddings
+    from stackcat.features.image_encoders import get_encoder
+    from stackcat.features.images import image_embeddings
 
     folder = Path(tempfile.mkdtemp())
     path = str(folder / f"{name}.png")

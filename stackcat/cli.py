@@ -346,7 +346,7 @@ def _image_notes(prepared: Any, out_dir: Path) -> list[str]:
 
     import pandas as pd
 
-    from stackcat.images import load_image
+    from stackcat.features.images import load_image
     from stackcat.runs import write_text
 
     frame = prepared.frame

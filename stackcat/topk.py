@@ -140,7 +140,7 @@ def weighted_sum(matrices: Sequence[Any], weights: Sequence[float]) -> Any:
 def normalized_rows(matrix: Any) -> Any:
     """Rows scaled to sum to 1 (dense: an all-zero row becomes uniform; top-k: it stays empty)."""
     if not is_top_k(matrix):
-        from stackcat.models._base import normalize_rows
+        from stackcat.core import normalize_rows
 
         return normalize_rows(matrix)
     matrix = sparse.csr_matrix(matrix, dtype=np.float64)

@@ -24,6 +24,21 @@ def ke_csv() -> Path:
     return DATA_DIR / "ke_products.csv"
 
 
+@pytest.fixture(autouse=True)
+def fresh_feature_caches():
+    """Every test starts and ends with the frozen encoders' in-memory caches empty.
+
+    The image embeddings, text token states, loaded encoders and onnxruntime
+    sessions are process-wide (see :func:`stackcat.features.clear_caches`); the
+    disk caches are the tests' own tmp folders.
+    """
+    from stackcat.features import clear_caches
+
+    clear_caches()
+    yield
+    clear_caches()
+
+
 @pytest.fixture(scope="module")
 def toy_model_in_the_cli():
     """``stackcat fit --models toy`` builds the fast, exactly repeatable NaiveBayesText."""

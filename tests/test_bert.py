@@ -10,7 +10,8 @@ import torch
 from sklearn.base import clone
 from sklearn.metrics import log_loss
 
-from stackcat.models._torch import LengthBucketBatchSampler, PretrainedModelNotFoundError, pad_batch
+from stackcat.features.hub import PretrainedModelNotFoundError
+from stackcat.models._torch import LengthBucketBatchSampler, pad_batch
 from stackcat.models.bert import BertClassifier
 
 from contract import check_fitted_contract, check_sklearn_contract

@@ -13,16 +13,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from stackcat import cache
-from stackcat.cache import EmbeddingStore, MemoryCache, content_key, count_entries, namespace_slug
+from stackcat.features import store as store_module
+from stackcat.features.store import (
+    EmbeddingStore,
+    MemoryCache,
+    content_key,
+    count_entries,
+    namespace_slug,
+)
 
 
 @pytest.fixture(autouse=True)
 def fresh_process_state():
     """Each test starts as a new process would: nothing of any folder loaded."""
-    cache._close_folders()
+    store_module._close_folders()
     yield
-    cache._close_folders()
+    store_module._close_folders()
 
 
 def vector_store(folder, **kwargs) -> EmbeddingStore:
@@ -47,7 +53,7 @@ def shard_files(folder: Path, suffix: str) -> list[Path]:
 
 
 def reopened(folder, make=vector_store) -> EmbeddingStore:
-    cache._close_folders()
+    store_module._close_folders()
     return make(folder)
 
 
@@ -117,7 +123,7 @@ def test_a_key_written_twice_reads_back_the_later_value_in_its_process(tmp_path)
 
 
 def test_a_writer_starts_a_new_shard_past_the_size_limit(tmp_path, monkeypatch):
-    monkeypatch.setattr(cache, "SHARD_BYTES", 200)
+    monkeypatch.setattr(store_module, "SHARD_BYTES", 200)
     vectors = {key: vector_of(key) for key in keys_of(range(20))}  # 64 bytes each
     store = vector_store(tmp_path)
     for key, array in vectors.items():
@@ -136,7 +142,7 @@ def test_an_open_reader_sees_entries_another_process_wrote_since(tmp_path):
     assert store.get(key) is None  # the folder is loaded (and empty) now
     done = run_python(f"""
         import numpy as np
-        from stackcat.cache import EmbeddingStore
+        from stackcat.features.store import EmbeddingStore
         EmbeddingStore("toy-images", {str(tmp_path)!r}, ndim=1).put({key!r}, np.full(3, 7.0))
     """)
     assert done.returncode == 0, done.stderr
@@ -146,7 +152,7 @@ def test_an_open_reader_sees_entries_another_process_wrote_since(tmp_path):
 WRITER = """
     import sys
     import numpy as np
-    from stackcat.cache import EmbeddingStore, MemoryCache, content_key
+    from stackcat.features.store import EmbeddingStore, MemoryCache, content_key
     from test_cache import vector_of
     folder, first, last = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     store = EmbeddingStore("toy-images", folder, ndim=1, memory=MemoryCache())
@@ -183,10 +189,10 @@ def test_concurrent_writers_with_overlapping_keys(tmp_path):
 KILLED_WRITER = """
     import os, signal, sys
     import numpy as np
-    from stackcat import cache
+    from stackcat.features import store as store_module
     from test_cache import vector_of
     folder, target, calls_before_kill = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    real_write_all = cache._write_all
+    real_write_all = store_module._write_all
     calls = {"n": 0}
 
     def write_half_then_die(fd, payload):
@@ -198,9 +204,9 @@ KILLED_WRITER = """
                 os.kill(os.getpid(), signal.SIGKILL)
         real_write_all(fd, payload)
 
-    cache._write_all = write_half_then_die
-    store = cache.EmbeddingStore("toy-images", folder, ndim=1)
-    keys = [cache.content_key(str(n)) for n in range(100)]
+    store_module._write_all = write_half_then_die
+    store = store_module.EmbeddingStore("toy-images", folder, ndim=1)
+    keys = [store_module.content_key(str(n)) for n in range(100)]
     for start in range(0, 100, 10):
         store.put_many({key: vector_of(key) for key in keys[start:start + 10]})
 """
@@ -228,7 +234,7 @@ def test_a_writer_killed_mid_batch_leaves_a_readable_store(tmp_path, target):
 def test_a_writer_killed_at_a_random_moment_leaves_only_whole_entries(tmp_path):
     script = f"""
         import numpy as np
-        from stackcat.cache import EmbeddingStore, MemoryCache, content_key
+        from stackcat.features.store import EmbeddingStore, MemoryCache, content_key
         from test_cache import vector_of
         store = EmbeddingStore("toy-images", {str(tmp_path)!r}, ndim=1, memory=MemoryCache(0))
         n = 0
@@ -316,7 +322,7 @@ def test_a_cache_dir_that_is_a_file_warns_once_and_the_run_goes_on(tmp_path):
 def test_a_read_only_folder_is_read_and_warned_about(tmp_path, monkeypatch):
     keys = keys_of(range(5))
     vector_store(tmp_path).put_many({key: vector_of(key) for key in keys[:3]})
-    cache._close_folders()
+    store_module._close_folders()
     real_open = os.open
 
     def read_only_open(path, flags, *args):
@@ -324,7 +330,7 @@ def test_a_read_only_folder_is_read_and_warned_about(tmp_path, monkeypatch):
             raise OSError(errno.EROFS, "Read-only file system", str(path))
         return real_open(path, flags, *args)
 
-    monkeypatch.setattr(cache.os, "open", read_only_open)
+    monkeypatch.setattr(store_module.os, "open", read_only_open)
     store = vector_store(tmp_path)
     assert list(store.get_many(keys)) == keys[:3]
     with pytest.warns(RuntimeWarning, match="Read-only file system"):
@@ -342,7 +348,7 @@ def test_a_full_disk_mid_write_costs_only_the_cache(tmp_path, monkeypatch):
         real_write(fd, bytes(payload)[:10])
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(cache.os, "write", disk_full)
+    monkeypatch.setattr(store_module.os, "write", disk_full)
     with pytest.warns(RuntimeWarning, match="No space left"):
         store.put_many({key: vector_of(key) for key in keys_of(range(4, 8))})
     monkeypatch.undo()
@@ -370,14 +376,14 @@ def test_v1_entries_are_read_and_copied_into_the_current_format(tmp_path):
 
 
 def test_compaction_merges_idle_small_shards_and_leaves_live_ones(tmp_path, monkeypatch):
-    monkeypatch.setattr(cache, "COMPACT_MIN_SHARDS", 4)
+    monkeypatch.setattr(store_module, "COMPACT_MIN_SHARDS", 4)
     keys = keys_of(range(30))
     for start in range(0, 30, 5):  # six processes' worth of shards, overlapping keys
         reopened(tmp_path).put_many({key: vector_of(key) for key in keys[max(0, start - 2):start + 5]})
     root = next(tmp_path.iterdir())
-    live = cache._Writer.create(root)  # another process, still writing
+    live = store_module._Writer.create(root)  # another process, still writing
     try:
-        live.append([(cache._key_digest(keys[0]), vector_of(keys[0]))])
+        live.append([(store_module._key_digest(keys[0]), vector_of(keys[0]))])
         assert len(shard_files(tmp_path, ".idx")) == 7
         found = reopened(tmp_path).get_many(keys)
         indexes = shard_files(tmp_path, ".idx")
@@ -414,14 +420,14 @@ def test_when_the_latest_record_of_a_key_is_damaged_an_older_one_is_read(tmp_pat
 def test_an_interrupted_write_does_not_spoil_the_next_ones(tmp_path, monkeypatch):
     store = vector_store(tmp_path)
     keys = keys_of(range(6))
-    real_write_all = cache._write_all
+    real_write_all = store_module._write_all
 
     def interrupted(fd, payload):
         real_write_all(fd, payload[:len(payload) // 2 + 1])  # half a record, then Ctrl-C
         raise KeyboardInterrupt
 
     store.put_many({key: vector_of(key) for key in keys[:2]})
-    monkeypatch.setattr(cache, "_write_all", interrupted)
+    monkeypatch.setattr(store_module, "_write_all", interrupted)
     with pytest.raises(KeyboardInterrupt):
         store.put(keys[2], vector_of(keys[2]))
     monkeypatch.undo()
@@ -444,8 +450,8 @@ def test_a_shard_cut_short_while_open_makes_its_tail_absent(tmp_path):
 
 
 def test_a_reader_keeps_a_bounded_number_of_shards_open(tmp_path, monkeypatch):
-    monkeypatch.setattr(cache, "SHARD_BYTES", 100)
-    monkeypatch.setattr(cache, "_MAX_OPEN_SHARDS", 2)
+    monkeypatch.setattr(store_module, "SHARD_BYTES", 100)
+    monkeypatch.setattr(store_module, "_MAX_OPEN_SHARDS", 2)
     vectors = {key: vector_of(key) for key in keys_of(range(6))}
     writer = vector_store(tmp_path)
     for key, array in vectors.items():
@@ -453,13 +459,13 @@ def test_a_reader_keeps_a_bounded_number_of_shards_open(tmp_path, monkeypatch):
     store = reopened(tmp_path)
     found = store.get_many(vectors)
     assert all(np.array_equal(found[key], array) for key, array in vectors.items())
-    folder = cache._folder(store.root)
+    folder = store_module._folder(store.root)
     assert len(folder.shards) == 3 and sum(shard.fd is not None for shard in folder.shards) == 2
 
 
 def test_one_compaction_merges_at_most_a_shard_worth_of_bytes(tmp_path, monkeypatch):
-    monkeypatch.setattr(cache, "COMPACT_MIN_SHARDS", 2)
-    monkeypatch.setattr(cache, "SHARD_BYTES", 3 * 64)
+    monkeypatch.setattr(store_module, "COMPACT_MIN_SHARDS", 2)
+    monkeypatch.setattr(store_module, "SHARD_BYTES", 3 * 64)
     keys = keys_of(range(5))
     for key in keys:  # five idle shards of 64 bytes each
         reopened(tmp_path).put(key, vector_of(key))

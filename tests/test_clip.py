@@ -11,8 +11,8 @@ import pytest
 from sklearn.base import clone
 from sklearn.model_selection import StratifiedKFold
 
-from stackcat.encoders import OpenClipEncoder, clear_loaded_models
-from stackcat.images import clear_memory_cache
+from stackcat.features.image_encoders import OpenClipEncoder, clear_loaded_models
+from stackcat.features.images import clear_memory_cache
 from stackcat.models.clip import ClipImageClassifier
 
 from contract import check_fitted_contract, check_sklearn_contract
@@ -23,13 +23,6 @@ from tiny_images import (
     toy_image_dataset,
     write_truncated_jpeg,
 )
-
-
-@pytest.fixture(autouse=True)
-def fresh_memory_cache():
-    clear_memory_cache()
-    yield
-    clear_memory_cache()
 
 
 @pytest.fixture

@@ -9,15 +9,13 @@ import pytest
 import torch
 from PIL import Image
 
-from stackcat import _onnx
-from stackcat.encoders import (
+from stackcat.features import onnx_backend, text_states
+from stackcat.features.image_encoders import (
     EfficientNetLite0Encoder,
     OpenClipEncoder,
-    clear_loaded_models,
     get_encoder,
 )
-from stackcat.models import _text_features
-from stackcat.models._text_features import clear_memory_cache, text_model_identity, token_states
+from stackcat.features.text_states import clear_memory_cache, text_model_identity, token_states
 
 from tiny_bert import build_tiny_bert
 from tiny_images import tiny_open_clip_dir
@@ -33,10 +31,7 @@ CPU = torch.device("cpu")
 def private_stackcat_cache(tmp_path, monkeypatch):
     """Exports of weight-less models go to the stackcat cache: keep it in tmp_path."""
     monkeypatch.setenv("STACKCAT_CACHE", str(tmp_path / "stackcat-cache"))
-    monkeypatch.delenv(_onnx.BACKEND_ENV, raising=False)
-    yield
-    clear_loaded_models()
-    clear_memory_cache()
+    monkeypatch.delenv(onnx_backend.BACKEND_ENV, raising=False)
 
 
 @pytest.fixture
@@ -50,18 +45,18 @@ def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def test_auto_is_onnx_on_cpu_torch_on_cuda_and_env_overrides(monkeypatch):
-    assert _onnx.resolve_backend("auto", CPU) == "onnx"
-    assert _onnx.resolve_backend("auto", torch.device("cuda")) == "torch"
-    monkeypatch.setenv(_onnx.BACKEND_ENV, "torch")
-    assert _onnx.resolve_backend("auto", CPU) == "torch"
-    assert _onnx.resolve_backend("onnx", CPU) == "onnx"  # an explicit choice wins
-    monkeypatch.setenv(_onnx.BACKEND_ENV, "onnx-int8")  # int8 changes the vectors: ask for it by name
+    assert onnx_backend.resolve_backend("auto", CPU) == "onnx"
+    assert onnx_backend.resolve_backend("auto", torch.device("cuda")) == "torch"
+    monkeypatch.setenv(onnx_backend.BACKEND_ENV, "torch")
+    assert onnx_backend.resolve_backend("auto", CPU) == "torch"
+    assert onnx_backend.resolve_backend("onnx", CPU) == "onnx"  # an explicit choice wins
+    monkeypatch.setenv(onnx_backend.BACKEND_ENV, "onnx-int8")  # int8 changes the vectors: ask for it by name
     with pytest.raises(ValueError, match="STACKCAT_ENCODER_BACKEND"):
-        _onnx.resolve_backend("auto", CPU)
+        onnx_backend.resolve_backend("auto", CPU)
     with pytest.raises(ValueError, match="backend must be one of"):
-        _onnx.resolve_backend("tensorrt", CPU)
+        onnx_backend.resolve_backend("tensorrt", CPU)
     with pytest.raises(ValueError, match="CPU only"):
-        _onnx.resolve_backend("onnx", torch.device("cuda"))
+        onnx_backend.resolve_backend("onnx", torch.device("cuda"))
 
 
 def test_text_states_equal_torch_within_cosine(tiny_model):
@@ -78,13 +73,13 @@ def test_text_export_is_beside_the_weights_once_and_leaves_the_identity(tiny_mod
     token_states(TEXTS[:2], tiny_model, 32, backend="onnx", progress=False)
     exported = sorted(path.name for path in (tiny_model / ".onnx").iterdir())
     assert [name.rsplit(".", 1)[1] for name in exported] == ["json", "onnx"]  # no temporary file left
-    _text_features.clear_memory_cache()
+    text_states.clear_memory_cache()
     assert text_model_identity(tiny_model) == identity  # the hidden folder is not part of the model
 
     def no_export(*args, **kwargs):
         raise AssertionError("exported again")
 
-    monkeypatch.setattr(_onnx, "torch_export", no_export)
+    monkeypatch.setattr(onnx_backend, "torch_export", no_export)
     states = token_states(TEXTS[2:], tiny_model, 32, backend="onnx", progress=False)
     assert len(states) == len(TEXTS) - 2
 
@@ -94,13 +89,13 @@ def test_text_int8_is_cached_apart_from_fp32(tiny_model, tmp_path):
     fp32 = token_states(TEXTS, tiny_model, 32, cache_dir=cache, backend="onnx", progress=False)
     clear_memory_cache()
     runs = []
-    real_runner = _text_features._onnx_runner
-    _text_features._onnx_runner = lambda *args: runs.append(args[-1]) or real_runner(*args)
+    real_runner = text_states._onnx_runner
+    text_states._onnx_runner = lambda *args: runs.append(args[-1]) or real_runner(*args)
     try:
         int8 = token_states(TEXTS, tiny_model, 32, cache_dir=cache, backend="onnx-int8", progress=False)
         again = token_states(TEXTS, tiny_model, 32, cache_dir=cache, backend="torch", progress=False)
     finally:
-        _text_features._onnx_runner = real_runner
+        text_states._onnx_runner = real_runner
     assert runs == ["onnx-int8"]  # int8 encoded its own states; torch found fp32's in the cache
     assert (tiny_model / ".onnx").is_dir() and any("int8" in p.name for p in (tiny_model / ".onnx").iterdir())
     assert len({p.name for p in cache.iterdir()}) == 2  # two namespaces
@@ -171,7 +166,7 @@ def test_auto_falls_back_to_torch_when_the_export_fails(tiny_model, tmp_path, mo
     monkeypatch.setattr(torch.onnx, "export", unsupported)
     reference = token_states(TEXTS, tiny_model, 32, backend="torch", progress=False)
     clear_memory_cache()
-    with pytest.raises(_onnx.ExportError, match="something_new"):
+    with pytest.raises(onnx_backend.ExportError, match="something_new"):
         token_states(TEXTS, tiny_model, 32, backend="onnx", progress=False)
     with pytest.warns(UserWarning, match="running on PyTorch"):
         states = token_states(TEXTS, tiny_model, 32, backend="auto", progress=False)

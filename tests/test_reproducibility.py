@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from stackcat.images import clear_memory_cache
+from stackcat.features.images import clear_memory_cache
 from stackcat.meta import MulticlassMeta, RerankMeta
 from stackcat.runs import MANIFEST, TRACKED_PACKAGES, package_versions
 from stackcat.stacking import StackingCategorizer

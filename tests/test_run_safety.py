@@ -31,8 +31,9 @@ from PIL import Image
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import FunctionTransformer
 
-from stackcat import images, runs
+from stackcat import runs
 from stackcat.cli import EXIT_OK, EXIT_RUN_ERROR, EXIT_USAGE, main
+from stackcat.features import images
 from stackcat.models.clip import ClipImageClassifier
 from stackcat.runs import (
     file_columns_of,
@@ -389,7 +390,7 @@ THIN_IMAGE_PEAK = textwrap.dedent('''
     import resource, sys
     import numpy as np
     from PIL import Image
-    from stackcat.images import image_embeddings
+    from stackcat.features.images import image_embeddings
 
     class ResizingEncoder:
         """Resize the short side to 224 px and centre-crop, like the real encoders' preprocessing."""
@@ -466,7 +467,7 @@ LARGE_IMAGE_PEAK = textwrap.dedent('''
     import resource, sys
     import numpy as np
     from PIL import Image
-    from stackcat.images import image_embeddings
+    from stackcat.features.images import image_embeddings
 
     class Mean:
         name = "mean-colour"

@@ -11,20 +11,16 @@ import pandas as pd
 import pytest
 import torch
 
-from stackcat.cache import EmbeddingStore, MemoryCache, content_key, count_entries
-from stackcat.models import _text_features
-from stackcat.models._text_features import (
+from stackcat.features import text_states
+from stackcat.features.hub import PretrainedModelNotFoundError, load_text_encoder
+from stackcat.features.store import EmbeddingStore, MemoryCache, content_key, count_entries
+from stackcat.features.text_states import (
     clear_memory_cache,
     mean_pooled,
     text_model_identity,
     token_states,
 )
-from stackcat.models._torch import (
-    PretrainedModelNotFoundError,
-    load_text_encoder,
-    mean_pool,
-    pad_batch,
-)
+from stackcat.models._torch import mean_pool, pad_batch
 from stackcat.models.bert import BertClassifier
 from stackcat.models.fusion import DualAttentionFusion, FusionClassifier
 
@@ -67,20 +63,13 @@ def image_paths(tmp_path_factory):
     return write_colour_pngs(tmp_path_factory.mktemp("images"), COLOURS)
 
 
-@pytest.fixture(autouse=True)
-def fresh_process_state():
-    clear_memory_cache()
-    yield
-    clear_memory_cache()
-
-
 @pytest.fixture
 def counting(monkeypatch):
     # The counts are taken in torch's forward pass: run the frozen encoder through torch
     # (the onnxruntime backend is tested in test_encoders_onnx.py).
     monkeypatch.setenv("STACKCAT_ENCODER_BACKEND", "torch")
     loader = CountingLoader(load_text_encoder)
-    monkeypatch.setattr(_text_features, "load_text_encoder", loader)
+    monkeypatch.setattr(text_states, "load_text_encoder", loader)
     return loader
 
 
@@ -150,7 +139,7 @@ def test_disk_cache_is_reused_by_a_fresh_process_state(tiny_model, monkeypatch, 
     def no_encoder(model_name):
         raise AssertionError("the encoder must not be loaded: every text is cached")
 
-    monkeypatch.setattr(_text_features, "load_text_encoder", no_encoder)
+    monkeypatch.setattr(text_states, "load_text_encoder", no_encoder)
     got = token_states(texts, tiny_model, 32, cache_dir=tmp_path, progress=False)
     for a, b in zip(expected, got):
         np.testing.assert_array_equal(a, b)
@@ -316,7 +305,7 @@ def test_fusion_without_bert_pickles_small_and_saves(tiny_model, image_paths, tm
 
 
 def test_warm_cache_encodes_texts_and_images_before_the_folds(tiny_model, image_paths, counting, tmp_path):
-    from stackcat.images import clear_memory_cache as clear_image_memory_cache
+    from stackcat.features.images import clear_memory_cache as clear_image_memory_cache
 
     clear_image_memory_cache()  # earlier tests encoded these images in this process
     frame = toy_frame(image_paths)

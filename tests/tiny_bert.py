@@ -65,7 +65,7 @@ class CountingLoader:
     """Wraps a text-encoder loader (``load_text_encoder``): counts loads, and how often each
     distinct token sequence goes through a loaded encoder's forward pass.
 
-    Use: ``monkeypatch.setattr(_text_features, "load_text_encoder", CountingLoader(original))``.
+    Use: ``monkeypatch.setattr(text_states, "load_text_encoder", CountingLoader(original))``.
     """
 
     def __init__(self, load: Callable[[str], tuple[Any, Any]]):

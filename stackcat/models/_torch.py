@@ -32,8 +32,16 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
-from stackcat.models._base import resolve_device, seed_everything
+from stackcat._deprecated import moved_names
+from stackcat.core import Precision, resolve_device
+from stackcat.features import hub
+from stackcat.models._base import seed_everything
 from stackcat.progress import log_stage, progress_bar, rate
+
+# Loading Hugging Face models moved to stackcat.features.hub: the old names keep working for one release.
+__getattr__ = moved_names(__name__, None, elsewhere={
+    name: "stackcat.features.hub" for name in ("PretrainedModelNotFoundError", "hub_offline", "load_text_encoder",
+                                               "quiet_transformers", "tokenize", "usable_max_length")})[0]
 
 # ---------------------------------------------------------------- devices, threads, precision
 
@@ -52,41 +60,7 @@ def torch_threads(num_threads: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-class Precision:
-    """Mixed precision on CUDA (bf16 when supported, else fp16 with a GradScaler); fp32 on CPU."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.dtype: torch.dtype | None = None
-        if device.type == "cuda":
-            self.dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        self.scaler = torch.amp.GradScaler("cuda") if self.dtype == torch.float16 else None
-
-    def autocast(self) -> contextlib.AbstractContextManager:
-        if self.dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
-
-    def step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
-        """Backward pass and optimizer step (through the GradScaler for fp16)."""
-        if self.scaler is None:
-            loss.backward()
-            optimizer.step()
-        else:
-            self.scaler.scale(loss).backward()
-            self.scaler.step(optimizer)
-            self.scaler.update()
-
-
 # ---------------------------------------------------------------- tokens and batches
-
-
-def tokenize(tokenizer: Any, texts: Sequence[str], max_length: int) -> list[list[int]]:
-    """Token ids of each text (special tokens added, truncated to ``max_length``, unpadded)."""
-    if not texts:
-        return []
-    return tokenizer(list(texts), truncation=True, max_length=max_length,
-                     add_special_tokens=True)["input_ids"]
 
 
 def pad_batch(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -511,85 +485,6 @@ def history_records(loop: TrainingLoop) -> tuple[list[dict[str, Any]], dict[str,
     return [asdict(log) for log in loop.history], (asdict(best) if best is not None else None)
 
 
-# ---------------------------------------------------------------- pretrained models
-
-
-class PretrainedModelNotFoundError(OSError):
-    """A pretrained model name that is neither a local folder nor in the local cache."""
-
-
-def hub_offline() -> bool:
-    """True when ``HF_HUB_OFFLINE`` (or ``TRANSFORMERS_OFFLINE``) asks for no network."""
-    return any(os.environ.get(var, "").strip().upper() in {"1", "ON", "YES", "TRUE"}
-               for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
-
-
-@contextlib.contextmanager
-def quiet_transformers() -> Iterator[None]:
-    """Silence transformers' load reports and weight-loading bars for the block."""
-    from transformers.utils import logging as hf_logging
-
-    verbosity = hf_logging.get_verbosity()
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()
-
-
-def _not_found_message(name: str) -> str:
-    looks_like_path = os.sep in name and (name.startswith((os.sep, ".", "~")) or name.count("/") > 1)
-    if looks_like_path or Path(name).expanduser().exists():
-        return (f"Could not load the pretrained model from the folder {name!r}: it does not exist "
-                "or is not a Hugging Face checkpoint (config.json, weights and tokenizer files, "
-                "as written by save_pretrained).")
-    return (f"Could not load the pretrained model {name!r}: it is not a local folder and is not "
-            "in the local Hugging Face cache (this machine may have no access to the model hub). "
-            "Point model_name at a local copy: model_name=\"/path/to/folder\" (a folder written by "
-            f"save_pretrained), or download it once on a connected machine with "
-            f"`huggingface-cli download {name} --local-dir DIR` and pass model_name=\"DIR\".")
-
-
-def load_text_encoder(model_name: str | os.PathLike) -> tuple[nn.Module, Any]:
-    """``(AutoModel, AutoTokenizer)`` from a hub name or a local folder, with a clear offline error.
-
-    Raises
-    ------
-    PretrainedModelNotFoundError
-        If the name is neither a local folder nor cached (offline), with how to fix it.
-    """
-    from transformers import AutoModel, AutoTokenizer
-
-    name = str(model_name)
-    local = Path(name).expanduser()
-    source = str(local) if local.is_dir() else name
-    options = {"local_files_only": True} if hub_offline() else {}
-    try:
-        with quiet_transformers():
-            tokenizer = AutoTokenizer.from_pretrained(source, **options)
-            encoder = AutoModel.from_pretrained(source, **options)
-    except (OSError, ValueError) as err:
-        if isinstance(err, ValueError) and local.is_dir():
-            raise
-        raise PretrainedModelNotFoundError(_not_found_message(name)) from err
-    return encoder, tokenizer
-
-
-def usable_max_length(max_length: int, tokenizer: Any, encoder: nn.Module) -> int:
-    """``max_length`` capped by what the tokenizer and the position embeddings allow."""
-    limits = [max_length]
-    if 0 < getattr(tokenizer, "model_max_length", 0) < 100_000:
-        limits.append(tokenizer.model_max_length)
-    positions = getattr(encoder.config, "max_position_embeddings", None)
-    if positions:
-        limits.append(positions)
-    return int(min(limits))
-
-
 # ---------------------------------------------------------------- eval-set labels
 
 
@@ -615,7 +510,7 @@ def non_encoder_state(module: nn.Module) -> dict[str, torch.Tensor]:
 
 def save_text_module(folder: Path, module: nn.Module, tokenizer: Any) -> None:
     """``folder/encoder`` and ``folder/tokenizer`` via ``save_pretrained``; the rest in ``head.pt``."""
-    with quiet_transformers():
+    with hub.quiet_transformers():
         module.encoder.save_pretrained(folder / "encoder")
         tokenizer.save_pretrained(folder / "tokenizer")
     torch.save(non_encoder_state(module), folder / "head.pt")
@@ -634,7 +529,7 @@ def load_saved_encoder(folder: Path) -> tuple[nn.Module, Any]:
     """``(encoder, tokenizer)`` from ``folder/encoder`` and ``folder/tokenizer``."""
     from transformers import AutoModel, AutoTokenizer
 
-    with quiet_transformers():
+    with hub.quiet_transformers():
         return (AutoModel.from_pretrained(folder / "encoder"),
                 AutoTokenizer.from_pretrained(folder / "tokenizer"))
 

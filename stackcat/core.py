@@ -1,0 +1,168 @@
+"""The ground floor: labels, probability columns, devices and file modes.
+
+Every other module of stackcat may import this one; it imports nothing of
+stackcat and nothing heavy (torch is imported inside the device helpers, when
+they run), so ``import stackcat`` stays light.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = [
+    "Precision",
+    "current_umask",
+    "encode_labels",
+    "normalize_rows",
+    "proba_for_classes",
+    "resolve_device",
+]
+
+# ---------------------------------------------------------------- labels
+
+
+def encode_labels(y: Any, n_samples: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(classes_, y_indices)``: sorted distinct labels and each row's index into them.
+
+    Examples
+    --------
+    >>> classes, indices = encode_labels(["shoes", "hats", "shoes"], 3)
+    >>> classes.tolist(), indices.tolist()
+    (['hats', 'shoes'], [1, 0, 1])
+    """
+    labels = np.asarray(y.to_numpy(dtype=object) if isinstance(y, pd.Series) else y)
+    if labels.ndim != 1:
+        raise ValueError(f"y must be 1-D (one category per row); got shape {labels.shape}")
+    if len(labels) != n_samples:
+        raise ValueError(f"X has {n_samples} rows but y has {len(labels)}")
+    if len(labels) == 0:
+        raise ValueError("cannot fit on 0 rows")
+    if labels.dtype.kind == "f" and np.isnan(labels).any():
+        raise ValueError(f"y has missing labels (NaN) at rows {np.flatnonzero(np.isnan(labels))[:10].tolist()}")
+    try:
+        classes, indices = np.unique(labels, return_inverse=True)
+    except TypeError as exc:
+        kinds = sorted({type(v).__name__ for v in labels})
+        raise TypeError(f"y mixes label types {kinds}; convert them to one type") from exc
+    return classes, indices
+
+
+# ---------------------------------------------------------------- probability columns
+
+
+def proba_for_classes(proba: np.ndarray, model_classes: Sequence[Any], classes: Sequence[Any]) -> np.ndarray:
+    """Re-order/pad the columns of ``proba`` (``model_classes`` order) into ``classes`` order.
+
+    A class the model never saw gets probability 0.
+
+    Examples
+    --------
+    >>> proba_for_classes(np.array([[0.25, 0.75]]), ["b", "c"], ["a", "b", "c"]).tolist()
+    [[0.0, 0.25, 0.75]]
+    """
+    position = {c: i for i, c in enumerate(classes)}
+    out = np.zeros((proba.shape[0], len(classes)), dtype=proba.dtype)
+    for j, c in enumerate(model_classes):
+        out[:, position[c]] = proba[:, j]
+    return out
+
+
+def normalize_rows(proba: np.ndarray) -> np.ndarray:
+    """Rows that sum to 1 (a row of zeros becomes uniform).
+
+    Examples
+    --------
+    >>> normalize_rows(np.array([[1.0, 3.0], [0.0, 0.0]])).tolist()
+    [[0.25, 0.75], [0.5, 0.5]]
+    """
+    proba = np.asarray(proba, dtype=np.float64)
+    totals = proba.sum(axis=1, keepdims=True)
+    empty = totals[:, 0] <= 0
+    if empty.any():
+        proba[empty] = 1.0
+        totals[empty] = proba.shape[1]
+    return proba / totals
+
+
+# ---------------------------------------------------------------- devices
+
+
+def resolve_device(device: str = "auto") -> Any:
+    """``"auto"`` -> CUDA when available, else CPU; anything else is passed to ``torch.device``.
+
+    Examples
+    --------
+    >>> resolve_device("cpu")  # doctest: +SKIP
+    device(type='cpu')
+    """
+    import torch
+
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device={device!r} asked for CUDA, but torch sees no GPU; use device='cpu'")
+    return resolved
+
+
+class Precision:
+    """Mixed precision on CUDA (bf16 when supported, else fp16 with a GradScaler); fp32 on CPU.
+
+    Examples
+    --------
+    >>> precision = Precision(resolve_device("cpu"))  # doctest: +SKIP
+    >>> with precision.autocast():  # doctest: +SKIP
+    ...     logits = module(batch)
+    """
+
+    def __init__(self, device: torch.device):
+        import torch
+
+        self.device = device
+        self.dtype: torch.dtype | None = None
+        if device.type == "cuda":
+            self.dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        self.scaler = torch.amp.GradScaler("cuda") if self.dtype == torch.float16 else None
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        import torch
+
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+
+    def step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
+        """Backward pass and optimizer step (through the GradScaler for fp16)."""
+        if self.scaler is None:
+            loss.backward()
+            optimizer.step()
+        else:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(optimizer)
+            self.scaler.update()
+
+
+# ---------------------------------------------------------------- files
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it (Linux), else set and restored at once."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
