@@ -44,9 +44,10 @@ def rate(count: int, what: str, seconds: float) -> str:
     return f"{count:,} {what} in {seconds:.1f} s ({per_second})"
 
 
-def log_stage(message: str, *args: Any) -> None:
-    """One line for a finished stage (INFO on the ``"stackcat"`` logger)."""
-    logger.info(message, *args)
+def log_stage(message: str, *args: Any, level: int = logging.INFO) -> None:
+    """One line for a finished stage (INFO on the ``"stackcat"`` logger; sub-stages such as
+    training epochs use DEBUG, so a captured log keeps one line per stage)."""
+    logger.log(level, message, *args)
 
 
 class _TqdmSafeHandler(logging.Handler):

@@ -259,7 +259,7 @@ def test_missing_local_folder_is_named(tmp_path):
 def test_num_threads_restored_and_progress_shown(tiny_model, caplog):
     X, y = toy_data()
     before = torch.get_num_threads()
-    with caplog.at_level("INFO", logger="stackcat"):  # bars need a terminal; the epoch line is logged
+    with caplog.at_level("DEBUG", logger="stackcat"):  # bars need a terminal; the epoch line is logged
         clf = tiny_clf(tiny_model, epochs=1, num_threads=1, progress=True).fit(X, y)
     clf.predict_proba(X[:3])
     assert torch.get_num_threads() == before

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import math
 import os
 import shutil
@@ -404,7 +405,7 @@ class ProgressBar(Callback):
         self.bar.set_postfix(postfix)
         self.bar.close()
         log_stage(f"{self.title}: " + rate(self.count, "batches", time.perf_counter() - self.start)
-                  + ", " + ", ".join(f"{k} {v}" for k, v in postfix.items()))
+                  + ", " + ", ".join(f"{k} {v}" for k, v in postfix.items()), level=logging.DEBUG)
 
 
 class BestWeights(Callback):
