@@ -755,7 +755,7 @@ class StackingCategorizer(ClassifierMixin, _BaseComposition, BaseEstimator):
 
     def _fit_signals(self, X: Any, y_index: np.ndarray) -> dict[str, np.ndarray]:
         """Out-of-fold retrieval and name signals of the training rows; keeps what predict needs."""
-        from stackcat.retrieval import NeighbourIndex, name_signal, oof_signals
+        from stackcat.meta.retrieval import NeighbourIndex, name_signal, oof_signals
 
         embedders = self._embedders()
         embeddings = {name: est.embed(X) for name, est in embedders.items()}
@@ -775,7 +775,7 @@ class StackingCategorizer(ClassifierMixin, _BaseComposition, BaseEstimator):
         return signals
 
     def _predict_signals(self, X: Any) -> dict[str, np.ndarray]:
-        from stackcat.retrieval import index_signals, name_signal
+        from stackcat.meta.retrieval import index_signals, name_signal
 
         signals: dict[str, np.ndarray] = {}
         estimators = self.named_estimators
