@@ -38,7 +38,7 @@ _EXPORTS = {
     "score": "stackcat.metrics",
     "comparison_table": "stackcat.metrics",
     "per_class_report": "stackcat.metrics",
-    "write_report": "stackcat.metrics",
+    "write_report": "stackcat.report",
     "build_models": "stackcat.presets",
     "register_model": "stackcat.presets",
     "load_demo": "stackcat.demo",

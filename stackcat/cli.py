@@ -322,7 +322,7 @@ def _write_data_problems(prepared: Any, run_dir: Path) -> None:
 
 def _write_report(stack: Any, prepared: Any, out_dir: Path, fit_seconds: float | None = None,
                   results: dict | None = None, y_index: Any = None, extra_notes: Sequence[str] = ()) -> Path:
-    from stackcat.metrics import write_report
+    from stackcat.report import write_report
 
     timings = stack.jobs_.groupby("model")[["fit_seconds", "predict_seconds"]].sum()
     notes = [f"Data: {prepared.summary().splitlines()[0]}; problems listed in {DATA_PROBLEMS}.",
@@ -337,7 +337,7 @@ def _write_report(stack: Any, prepared: Any, out_dir: Path, fit_seconds: float |
     notes += stack.report_notes(results, stack.oof_target_ if y_index is None else y_index)
     notes += list(extra_notes)
     return write_report(out_dir, results if results is not None else stack.oof_results(),
-                        stack.oof_target_ if y_index is None else y_index, stack.classes_,
+                        stack.oof_target_ if y_index is None else y_index, stack.classes_, y_kind="indices",
                         train_counts=stack.class_counts_, notes=notes)
 
 
