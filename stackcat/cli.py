@@ -28,11 +28,11 @@ TABLE_SETTINGS = "table.json"
 DATA_PROBLEMS = "data_problems.csv"
 IMAGE_PROBLEMS = "image_problems.csv"
 MAX_PRINTED_PROBLEMS = 10
-DEFAULT_MODELS = "fasttext,lexical,bert,clip,fusion,knn_text"
+DEFAULT_MODELS = "fasttext,lexical,bert,image,fusion,knn_text"
 # `stackcat fit` without --models: the members that need no pretrained weights, plus the
 # neighbours of the frozen text encoder where one is named.
 FIT_DEFAULT_MODELS = "fasttext,lexical"
-ALL_MODELS = "fasttext,lexical,bert,clip,fusion,knn_text,knn_image"
+ALL_MODELS = "fasttext,lexical,bert,image,fusion,knn_text,knn_image"
 
 
 class UsageError(Exception):
@@ -538,7 +538,7 @@ def _demo_models(text_model: str | None, image_encoder: str | None) -> list[str]
     if text_model:
         names.append("bert")
     if image_encoder:
-        names.append("clip")
+        names.append("image")
     if text_model and image_encoder:
         names.append("fusion")
     if text_model:

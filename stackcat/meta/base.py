@@ -154,6 +154,8 @@ def signal_group(name: str) -> str:
 class _MetaBase(BaseEstimator):
     """Shared fitted-state checks and ``predict`` (argmax of ``predict_proba``)."""
 
+    _runtime_params: tuple[str, ...] = ()  # see stackcat.runs.runtime_params
+
     def predict(self, probas: Mapping[str, np.ndarray], **context: Any) -> np.ndarray:
         """Class indices: the argmax of :meth:`predict_proba`."""
         return np.argmax(self.predict_proba(probas, **context), axis=1)
@@ -185,6 +187,7 @@ class _BoostedMeta(_MetaBase):
     :meth:`_inner_split_scores`.
     """
 
+    _runtime_params = ("thread_count", "verbose")
     _parameter_constraints: dict = {
         "iterations": [Interval(Integral, 1, None, closed="left")],
         "learning_rate": [Interval(Real, 0, None, closed="neither"), None],
