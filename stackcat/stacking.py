@@ -312,7 +312,7 @@ class StackingCategorizer(ClassifierMixin, _BaseComposition, BaseEstimator):
         A list of names and/or estimators chooses among those (ties go to the
         earlier one).
     retrieval : bool, default=True
-        Give the meta-learner retrieval signals (:mod:`stackcat.retrieval`):
+        Give the meta-learner retrieval signals (:mod:`stackcat.meta.retrieval`):
         for every member that can embed its input (``embed(X)``, e.g.
         :class:`~stackcat.models.neighbours.NeighboursClassifier`), each
         product's cosine to every class's centroid and nearest product, and

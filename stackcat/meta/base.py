@@ -129,7 +129,7 @@ def inner_eval_mask(y: np.ndarray, fraction: float, rng: np.random.Generator) ->
 
 def check_signals(signals: Mapping[str, np.ndarray] | None, n_samples: int, n_classes: int,
                   names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
-    """Validate ``signal name -> (n_samples, n_classes)`` scores (see :mod:`stackcat.retrieval`).
+    """Validate ``signal name -> (n_samples, n_classes)`` scores (see :mod:`stackcat.meta.retrieval`).
 
     With ``names`` (the signals seen in ``fit``) exactly those must be given.
     """
