@@ -394,12 +394,7 @@ def runtime_params(estimator: Any) -> frozenset[str]:
 
 
 def model_fingerprint(estimator: Any) -> str:
-    """Class + learning params; each (nested) estimator's :func:`runtime_params` left out.
-
-    A class renamed after runs were made keeps their job keys by naming its old
-    ``(module, qualname)`` in a ``_fingerprint_class`` attribute of its own
-    (not inherited: a subclass is another model).
-    """
+    """Class + learning params; each (nested) estimator's :func:`runtime_params` left out."""
     deep = estimator.get_params(deep=True)
 
     def is_runtime(key: str) -> bool:
@@ -408,9 +403,7 @@ def model_fingerprint(estimator: Any) -> str:
         return leaf in runtime_params(owner)
 
     params = {k: v for k, v in deep.items() if not is_runtime(k)}
-    cls = type(estimator)
-    module, qualname = vars(cls).get("_fingerprint_class", (cls.__module__, cls.__qualname__))
-    return digest(module, qualname, sorted(params.items(), key=str))
+    return digest(type(estimator).__module__, type(estimator).__qualname__, sorted(params.items(), key=str))
 
 
 def param_files_fingerprint(estimator: Any) -> str | None:

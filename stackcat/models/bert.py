@@ -203,9 +203,7 @@ class BertClassifier(FrozenTextMixin, SavableTorchMixin, ProbaClassifierMixin, C
     """
 
     # params that change how fast, not what, it learns: left out of the run folder's job keys
-    # (`device` is one, as in fusion: a run resumed on other hardware keeps its finished folds,
-    # although CUDA trains in bf16 / fp16 and the CPU in fp32)
-    _runtime_params = ("cache_dir", "device", "num_threads", "predict_batch_size", "progress")
+    _runtime_params = ("cache_dir", "num_threads", "predict_batch_size", "progress")
 
     _parameter_constraints: dict = {
         "model_name": [str, os.PathLike],

@@ -258,7 +258,7 @@ class FusionClassifier(FrozenTextMixin, SavableTorchMixin, ProbaClassifierMixin,
     """
 
     # params that change how fast, not what, it learns: left out of the run folder's job keys
-    # (`device` too: a run resumed on other hardware keeps its finished folds)
+    # (`device` too: a run resumed on other hardware keeps its finished folds; issue 14's review)
     _runtime_params = ("device", "image_batch_size", "image_cache_dir", "num_threads", "predict_batch_size",
                        "progress", "text_cache_dir")
 

@@ -124,9 +124,7 @@ class ImageEmbeddingClassifier(ProbaClassifierMixin, ClassifierMixin, BaseEstima
     """
 
     # params that change how fast, not what, it learns: left out of the run folder's job keys
-    _runtime_params = ("cache_dir", "device", "batch_size", "n_jobs", "progress")
-    # the job keys of runs made before the rename stay valid (stackcat.runs.model_fingerprint)
-    _fingerprint_class = ("stackcat.models.clip", "ClipImageClassifier")
+    _runtime_params = ("batch_size", "cache_dir", "n_jobs", "progress")
 
     _parameter_constraints: dict = {
         "image_column": [str],

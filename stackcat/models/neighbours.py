@@ -193,7 +193,7 @@ class NeighboursClassifier(ProbaClassifierMixin, ClassifierMixin, BaseEstimator)
     """
 
     # params that change how fast, not what, it learns: left out of the run folder's job keys
-    _runtime_params = ("batch_size", "cache_dir", "device", "progress")
+    _runtime_params = ("cache_dir", "progress")
 
     _parameter_constraints: dict = {
         "source": [StrOptions({"text", "image"})],
