@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.stackcat-installed
 
-.PHONY: demo test lint install clean
+.PHONY: demo test test-fast lint install clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,8 +17,13 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/stackcat demo
 
+# The full suite (what CI runs), with the 15 slowest tests listed at the end.
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest --durations=15
+
+# The fast lane for development: everything but the end-to-end runs marked slow.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "not slow" --durations=15
 
 lint: $(STAMP)
 	$(BIN)/ruff check stackcat tests experiments

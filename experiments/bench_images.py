@@ -1,4 +1,4 @@
-"""Image encoders and ClipImageClassifier: throughput, memory, cache reuse, out-of-fold F1.
+"""Image encoders and ImageEmbeddingClassifier: throughput, memory, cache reuse, out-of-fold F1.
 
 Sections (each prints a markdown table; numbers go to experiments/results/images.md):
 
@@ -6,7 +6,7 @@ Sections (each prints a markdown table; numbers go to experiments/results/images
    fresh process that loads it and encodes ``--n-images`` demo photos; also the
    end-to-end ``image_embeddings`` rate (hash + decode + encode + cache write) and the
    rate of reading the same embeddings back from the disk cache.
-2. cache reuse and OOF F1: 5-fold ClipImageClassifier with EfficientNet-Lite0 on the
+2. cache reuse and OOF F1: 5-fold ImageEmbeddingClassifier with EfficientNet-Lite0 on the
    demo data (``stackcat.demo.load_demo()``), plus a second model asking for the same
    images, all through one ``cache_dir`` with the in-process memory cache dropped
    before every fold (as if each fold ran in its own process); reports encoder calls
@@ -44,7 +44,7 @@ from stackcat.core import proba_for_classes
 from stackcat.demo import load_demo
 from stackcat.features.image_encoders import get_encoder
 from stackcat.features.images import clear_memory_cache, image_embeddings, load_image
-from stackcat.models.clip import ClipImageClassifier
+from stackcat.models.image import ImageEmbeddingClassifier
 
 DEFAULT_ENCODERS = ("efficientnet-lite0", "ViT-B-32/random-init-seed0")
 
@@ -160,7 +160,7 @@ def out_of_fold(models: dict, X: np.ndarray, y: np.ndarray, n_splits: int, seed:
 def run_oof(label: str, X: np.ndarray, y: np.ndarray, heads: dict, seed: int, cache_dir: str) -> dict:
     encoder = CountingEncoder(get_encoder("efficientnet-lite0"))
     _ENCODED.clear()
-    models = {name: ClipImageClassifier(encoder=encoder, cache_dir=cache_dir, progress=False, **params)
+    models = {name: ImageEmbeddingClassifier(encoder=encoder, cache_dir=cache_dir, progress=False, **params)
               for name, params in heads.items()}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # StratifiedKFold: classes with < 5 rows

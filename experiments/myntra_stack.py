@@ -31,10 +31,11 @@ import pandas as pd
 
 from stackcat.data import TableSpec, prepare_table, read_table
 from stackcat.meta import RerankMeta
-from stackcat.metrics import comparison_table, write_report
+from stackcat.metrics import comparison_table
 from stackcat.models.fasttext import FastTextClassifier
 from stackcat.presets import OFFLINE_TEXT_PREFIX, ModelOptions, build_models, offline_weights
 from stackcat.progress import print_stage_lines
+from stackcat.report import write_report
 from stackcat.stacking import StackingCategorizer, nested_meta_oof
 from stackcat.taxonomy import CategoryTree, hierarchy_scores
 
@@ -213,7 +214,7 @@ def run(args: argparse.Namespace) -> None:
 
     table = comparison_table(results, stack.oof_target_)
     args.results.mkdir(parents=True, exist_ok=True)
-    report = write_report(args.run_dir / "comparison", results, stack.oof_target_, stack.classes_,
+    report = write_report(args.run_dir / "comparison", results, stack.oof_target_, stack.classes_, y_kind="indices",
                           train_counts=stack.class_counts_,
                           title=f"Myntra {args.subset}: stackcat vs its parts and the peers",
                           headline=f"meta:{type(stack.meta_).__name__}")

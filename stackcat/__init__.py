@@ -1,6 +1,6 @@
 """stackcat: put every product of a catalogue into the right category.
 
-Strong, different base models (FastText, a fine-tuned BERT, a CLIP image head,
+Strong, different base models (FastText, a fine-tuned BERT, an image-embedding head,
 a BERT+CLIP fusion net) produce out-of-fold probabilities; a CatBoost
 meta-learner combines them. Every base model is a scikit-learn classifier.
 
@@ -26,7 +26,8 @@ _EXPORTS = {
     "review_threshold": "stackcat.review",
     "FastTextClassifier": "stackcat.models.fasttext",
     "BertClassifier": "stackcat.models.bert",
-    "ClipImageClassifier": "stackcat.models.clip",
+    "ImageEmbeddingClassifier": "stackcat.models.image",
+    "ClipImageClassifier": "stackcat.models.clip",  # deprecated alias
     "FusionClassifier": "stackcat.models.fusion",
     "TfidfClassifier": "stackcat.models.lexical",
     "NeighboursClassifier": "stackcat.models.neighbours",
@@ -38,13 +39,15 @@ _EXPORTS = {
     "score": "stackcat.metrics",
     "comparison_table": "stackcat.metrics",
     "per_class_report": "stackcat.metrics",
-    "write_report": "stackcat.metrics",
+    "write_report": "stackcat.report",
     "build_models": "stackcat.presets",
     "register_model": "stackcat.presets",
     "load_demo": "stackcat.demo",
 }
 
-__all__ = sorted(_EXPORTS) + ["__version__"]
+_DEPRECATED = {"ClipImageClassifier"}  # still importable, with a DeprecationWarning
+
+__all__ = sorted(set(_EXPORTS) - _DEPRECATED) + ["__version__"]
 
 
 def __getattr__(name: str) -> Any:

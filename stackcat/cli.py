@@ -28,11 +28,11 @@ TABLE_SETTINGS = "table.json"
 DATA_PROBLEMS = "data_problems.csv"
 IMAGE_PROBLEMS = "image_problems.csv"
 MAX_PRINTED_PROBLEMS = 10
-DEFAULT_MODELS = "fasttext,lexical,bert,clip,fusion,knn_text"
+DEFAULT_MODELS = "fasttext,lexical,bert,image,fusion,knn_text"
 # `stackcat fit` without --models: the members that need no pretrained weights, plus the
 # neighbours of the frozen text encoder where one is named.
 FIT_DEFAULT_MODELS = "fasttext,lexical"
-ALL_MODELS = "fasttext,lexical,bert,clip,fusion,knn_text,knn_image"
+ALL_MODELS = "fasttext,lexical,bert,image,fusion,knn_text,knn_image"
 
 
 class UsageError(Exception):
@@ -322,7 +322,7 @@ def _write_data_problems(prepared: Any, run_dir: Path) -> None:
 
 def _write_report(stack: Any, prepared: Any, out_dir: Path, fit_seconds: float | None = None,
                   results: dict | None = None, y_index: Any = None, extra_notes: Sequence[str] = ()) -> Path:
-    from stackcat.metrics import write_report
+    from stackcat.report import write_report
 
     timings = stack.jobs_.groupby("model")[["fit_seconds", "predict_seconds"]].sum()
     notes = [f"Data: {prepared.summary().splitlines()[0]}; problems listed in {DATA_PROBLEMS}.",
@@ -337,7 +337,7 @@ def _write_report(stack: Any, prepared: Any, out_dir: Path, fit_seconds: float |
     notes += stack.report_notes(results, stack.oof_target_ if y_index is None else y_index)
     notes += list(extra_notes)
     return write_report(out_dir, results if results is not None else stack.oof_results(),
-                        stack.oof_target_ if y_index is None else y_index, stack.classes_,
+                        stack.oof_target_ if y_index is None else y_index, stack.classes_, y_kind="indices",
                         train_counts=stack.class_counts_, notes=notes)
 
 
@@ -538,7 +538,7 @@ def _demo_models(text_model: str | None, image_encoder: str | None) -> list[str]
     if text_model:
         names.append("bert")
     if image_encoder:
-        names.append("clip")
+        names.append("image")
     if text_model and image_encoder:
         names.append("fusion")
     if text_model:

@@ -49,7 +49,6 @@ import pandas as pd
 
 SALE_WORD = "Распродажа"
 KE_JSON_COLUMN = "text_fields"
-KE_LEAK_FIELDS = ("rating",)  # unknown when a product is listed
 CSV_SUFFIXES = {".csv", ".tsv", ".txt"}
 PARQUET_SUFFIXES = {".parquet", ".pq"}
 MAX_LISTED_ERRORS = 20
@@ -206,11 +205,6 @@ class PreparedTable:
     errors: list[RowError] = field(default_factory=list)
     spec: TableSpec = field(default_factory=TableSpec)
     n_input_rows: int = 0
-
-    @property
-    def dropped_rows(self) -> list[int]:
-        kept = set(self.frame.index)
-        return sorted({e.row for e in self.errors if e.row not in kept})
 
     def summary(self) -> str:
         """A short human summary: rows read, rows kept, the first errors."""

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-MODEL_NAMES = ("fasttext", "lexical", "bert", "clip", "fusion", "knn_text", "knn_image")
+MODEL_NAMES = ("fasttext", "lexical", "bert", "image", "fusion", "knn_text", "knn_image")
+MODEL_ALIASES = {"clip": "image"}  # old names: they build the same model under the name given
 DEFAULT_TEXT_MODEL = "cointegrated/rubert-tiny2"
 DEFAULT_IMAGE_ENCODER = "ViT-L-14/openai"
 OFFLINE_IMAGE_ENCODER = "efficientnet-lite0"
@@ -69,18 +70,25 @@ def build_models(names: Sequence[str], options: ModelOptions = ModelOptions(),
                  params: Mapping[str, Mapping[str, Any]] | None = None) -> list[tuple[str, Any]]:
     """Named base estimators for ``names`` (any of :data:`MODEL_NAMES`), with per-model ``params``.
 
+    An alias (:data:`MODEL_ALIASES`: ``"clip"`` for ``"image"``) builds its
+    model under the alias, so a run fitted with ``--models clip`` keeps its job names.
+
     Examples
     --------
     >>> [name for name, _ in build_models(["fasttext", "lexical"])]
     ['fasttext', 'lexical']
     """
-    unknown = [n for n in names if n not in _BUILDERS]
+    unknown = [n for n in names if _builder(n) is None]
     if unknown:
         raise ValueError(f"unknown model(s) {unknown}; choose from {list(MODEL_NAMES)}")
     if not names:
         raise ValueError(f"no models named; choose from {list(MODEL_NAMES)}")
     params = params or {}
-    return [(name, _BUILDERS[name](options).set_params(**params.get(name, {}))) for name in names]
+    return [(name, _builder(name)(options).set_params(**params.get(name, {}))) for name in names]
+
+
+def _builder(name: str) -> Callable[[ModelOptions], Any] | None:
+    return _BUILDERS.get(name) or _BUILDERS.get(MODEL_ALIASES.get(name, ""))
 
 
 def register_model(name: str, builder: Callable[[ModelOptions], Any]) -> None:
@@ -133,12 +141,12 @@ def _bert(options: ModelOptions) -> Any:
     return model.set_params(**FROZEN_BERT) if options.freeze_text_encoder else model
 
 
-def _clip(options: ModelOptions) -> Any:
-    from stackcat.models.clip import ClipImageClassifier
+def _image(options: ModelOptions) -> Any:
+    from stackcat.models.image import ImageEmbeddingClassifier
 
-    return ClipImageClassifier(encoder=options.image_encoder, cache_dir=options.cache_dir,
-                               device=options.device, random_state=options.random_state,
-                               progress=options.progress)
+    return ImageEmbeddingClassifier(encoder=options.image_encoder, cache_dir=options.cache_dir,
+                                    device=options.device, random_state=options.random_state,
+                                    progress=options.progress)
 
 
 def _lexical(options: ModelOptions) -> Any:
@@ -157,7 +165,7 @@ def _knn_text(options: ModelOptions) -> Any:
 
 
 def _knn_image(options: ModelOptions) -> Any:
-    """Neighbours on the image encoder's vectors: the same cache entries as ``clip``."""
+    """Neighbours on the image encoder's vectors: the same cache entries as ``image``."""
     from stackcat.models.neighbours import NeighboursClassifier
 
     return NeighboursClassifier(source="image", encoder=options.image_encoder, cache_dir=options.cache_dir,
@@ -177,7 +185,7 @@ def _fusion(options: ModelOptions) -> Any:
 
 
 _BUILDERS: dict[str, Callable[[ModelOptions], Any]] = {
-    "fasttext": _fasttext, "lexical": _lexical, "bert": _bert, "clip": _clip, "fusion": _fusion,
+    "fasttext": _fasttext, "lexical": _lexical, "bert": _bert, "image": _image, "fusion": _fusion,
     "knn_text": _knn_text, "knn_image": _knn_image,
 }
-_BUILT_IN = frozenset(_BUILDERS)
+_BUILT_IN = frozenset(_BUILDERS) | frozenset(MODEL_ALIASES)

@@ -62,7 +62,8 @@ MANIFEST = "manifest.json"
 LOCK = ".lock"
 TRACKED_PACKAGES = ("stackcat", "numpy", "pandas", "scikit-learn", "catboost", "fasttext-numpy2",
                     "torch", "transformers", "open_clip_torch", "joblib")
-# Params that change how a model runs, never what it learns: left out of its fingerprint.
+# Params that change how a model runs, never what it learns: left out of its fingerprint. An
+# estimator class names its own in ``_runtime_params``; this set is for those that do not.
 RUNTIME_PARAMS = frozenset({"verbose", "progress", "cache_dir", "image_cache_dir", "text_cache_dir", "n_jobs",
                             "num_threads", "predict_batch_size", "thread_count"})
 
@@ -363,10 +364,33 @@ def file_columns_of(estimator: Any) -> list[str]:
     return sorted(set(columns))
 
 
+def runtime_params(estimator: Any) -> frozenset[str]:
+    """The params of ``estimator`` that do not change what it learns (left out of its fingerprint).
+
+    An estimator class declares them in a ``_runtime_params`` class attribute
+    (``("progress", "cache_dir", ...)``); one that declares nothing gets
+    :data:`RUNTIME_PARAMS`.
+
+    Examples
+    --------
+    >>> from sklearn.linear_model import LogisticRegression
+    >>> "verbose" in runtime_params(LogisticRegression())
+    True
+    """
+    declared = getattr(type(estimator), "_runtime_params", None)
+    return RUNTIME_PARAMS if declared is None else frozenset(declared)
+
+
 def model_fingerprint(estimator: Any) -> str:
-    """Class + learning params (runtime-only params such as ``verbose`` left out)."""
-    params = {k: v for k, v in estimator.get_params(deep=True).items()
-              if k.split("__")[-1] not in RUNTIME_PARAMS}
+    """Class + learning params; each (nested) estimator's :func:`runtime_params` left out."""
+    deep = estimator.get_params(deep=True)
+
+    def is_runtime(key: str) -> bool:
+        owner_key, _, leaf = key.rpartition("__")
+        owner = deep.get(owner_key) if owner_key else estimator
+        return leaf in runtime_params(owner)
+
+    params = {k: v for k, v in deep.items() if not is_runtime(k)}
     return digest(type(estimator).__module__, type(estimator).__qualname__, sorted(params.items(), key=str))
 
 

@@ -312,7 +312,7 @@ class StackingCategorizer(ClassifierMixin, _BaseComposition, BaseEstimator):
         A list of names and/or estimators chooses among those (ties go to the
         earlier one).
     retrieval : bool, default=True
-        Give the meta-learner retrieval signals (:mod:`stackcat.retrieval`):
+        Give the meta-learner retrieval signals (:mod:`stackcat.meta.retrieval`):
         for every member that can embed its input (``embed(X)``, e.g.
         :class:`~stackcat.models.neighbours.NeighboursClassifier`), each
         product's cosine to every class's centroid and nearest product, and
@@ -778,7 +778,7 @@ class StackingCategorizer(ClassifierMixin, _BaseComposition, BaseEstimator):
 
     def _fit_signals(self, X: Any, y_index: np.ndarray) -> dict[str, np.ndarray]:
         """Out-of-fold retrieval and name signals of the training rows; keeps what predict needs."""
-        from stackcat.retrieval import NeighbourIndex, name_signal, oof_signals
+        from stackcat.meta.retrieval import NeighbourIndex, name_signal, oof_signals
 
         embedders = self._embedders()
         embeddings = {name: est.embed(X) for name, est in embedders.items()}
@@ -798,7 +798,7 @@ class StackingCategorizer(ClassifierMixin, _BaseComposition, BaseEstimator):
         return signals
 
     def _predict_signals(self, X: Any) -> dict[str, np.ndarray]:
-        from stackcat.retrieval import index_signals, name_signal
+        from stackcat.meta.retrieval import index_signals, name_signal
 
         signals: dict[str, np.ndarray] = {}
         estimators = self.named_estimators

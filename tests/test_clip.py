@@ -1,4 +1,4 @@
-"""ClipImageClassifier: estimator contract, missing-image policy, pickling, shared embedding cache."""
+"""ImageEmbeddingClassifier: estimator contract, missing-image policy, pickling, shared embedding cache."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from sklearn.model_selection import StratifiedKFold
 
 from stackcat.features.image_encoders import OpenClipEncoder, clear_loaded_models
 from stackcat.features.images import clear_memory_cache
-from stackcat.models.clip import ClipImageClassifier
+from stackcat.models.image import ImageEmbeddingClassifier
 
 from contract import check_fitted_contract, check_sklearn_contract
 from tiny_images import (
@@ -30,14 +30,14 @@ def toy(tmp_path):
     return toy_image_dataset(tmp_path / "images", per_class=6)
 
 
-def stub_classifier(**params) -> ClipImageClassifier:
+def stub_classifier(**params) -> ImageEmbeddingClassifier:
     params.setdefault("encoder", CountingEncoder())
     params.setdefault("normalize", "standard")
-    return ClipImageClassifier(progress=False, **params)
+    return ImageEmbeddingClassifier(progress=False, **params)
 
 
 def test_sklearn_checks_that_apply():
-    check_sklearn_contract(ClipImageClassifier())
+    check_sklearn_contract(ImageEmbeddingClassifier())
 
 
 @pytest.mark.parametrize("labels", [None, [10, 20, 30]])
@@ -125,13 +125,13 @@ def test_invalid_params_rejected_at_fit(toy):
     with pytest.raises(ValueError, match="normalize"):
         stub_classifier(normalize="max").fit(*toy)
     with pytest.raises(ValueError, match="encoder"):
-        ClipImageClassifier(encoder=3).fit(*toy)
+        ImageEmbeddingClassifier(encoder=3).fit(*toy)
 
 
 def test_joblib_round_trip_gives_identical_probabilities(toy, tmp_path):
     paths, y = toy
     folder = tiny_open_clip_dir(tmp_path / "tiny")
-    clf = ClipImageClassifier(encoder=f"local-dir:{folder}", device="cpu", progress=False)
+    clf = ImageEmbeddingClassifier(encoder=f"local-dir:{folder}", device="cpu", progress=False)
     clf.fit(paths, y)
     assert isinstance(clf.encoder_, OpenClipEncoder)
     proba = clf.predict_proba(paths)

@@ -5,15 +5,15 @@ import pandas as pd
 import pytest
 from sklearn.metrics import accuracy_score, f1_score, top_k_accuracy_score
 
+from stackcat import metrics
 from stackcat.metrics import (
-    PLOTS,
     comparison_table,
     confused_pairs,
-    markdown_table,
     per_class_report,
     score,
-    write_report,
+    y_as_indices,
 )
+from stackcat.report import PLOTS, markdown_table, write_report
 
 
 def two_class_rows(confidence, correct):
@@ -187,3 +187,39 @@ def test_write_report_rejects_unknown_headline(tmp_path, report_inputs):
     results, y, classes, _ = report_inputs
     with pytest.raises(ValueError, match="headline 'meta'"):
         write_report(tmp_path, results, y, classes, headline="meta")
+
+
+def test_integer_classes_with_indices_need_y_kind(tmp_path):
+    # classes {0, 2, 3}: y=[0, 2] reads as labels (rows of class 0 and 2) or as indices (class 0 and 3)
+    classes = [0, 2, 3]
+    proba = np.array([[0.8, 0.1, 0.1], [0.1, 0.1, 0.8]])
+    with pytest.raises(ValueError, match="y_kind"):
+        y_as_indices([0, 2], classes)
+    assert y_as_indices([0, 2], classes, y_kind="indices").tolist() == [0, 2]
+    assert y_as_indices([0, 2], classes, y_kind="labels").tolist() == [0, 1]
+    with pytest.raises(ValueError, match="y_kind"):
+        write_report(tmp_path, {"m": proba}, [0, 2], classes)
+    write_report(tmp_path, {"m": proba}, [0, 2], classes, y_kind="indices")
+    per_class = pd.read_csv(tmp_path / "per_class_f1.csv").set_index("class")
+    assert per_class.loc[3, "support"] == 1 and per_class.loc[2, "support"] == 0
+    assert per_class["f1[m]"].loc[[0, 3]].tolist() == [1.0, 1.0]
+    write_report(tmp_path, {"m": proba}, [0, 2], classes, y_kind="labels")
+    per_class = pd.read_csv(tmp_path / "per_class_f1.csv").set_index("class")
+    assert per_class.loc[2, "support"] == 1 and per_class.loc[3, "support"] == 0
+
+
+def test_unambiguous_targets_need_no_y_kind():
+    assert y_as_indices(["b", "a"], ["a", "b"]).tolist() == [1, 0]
+    assert y_as_indices([1, 0], ["a", "b"]).tolist() == [1, 0]
+    assert y_as_indices([0, 1, 2], [0, 1, 2]).tolist() == [0, 1, 2]  # both readings agree
+    with pytest.raises(ValueError, match="y_kind must be"):
+        y_as_indices([0], ["a"], y_kind="label")
+
+
+def test_report_names_still_reachable_from_metrics_with_a_warning():
+    with pytest.warns(DeprecationWarning, match="stackcat.report.write_report"):
+        assert metrics.write_report is write_report
+    with pytest.warns(DeprecationWarning, match="stackcat.report.PLOTS"):
+        assert metrics.PLOTS is PLOTS
+    with pytest.raises(AttributeError):
+        metrics.no_such_name  # noqa: B018

@@ -14,7 +14,7 @@ from stackcat.features.images import clear_memory_cache as clear_image_cache
 from stackcat.features.store import count_entries
 from stackcat.features.text_states import clear_memory_cache as clear_text_cache
 from stackcat.models.bert import BertClassifier
-from stackcat.models.clip import ClipImageClassifier
+from stackcat.models.image import ImageEmbeddingClassifier
 from stackcat.models.neighbours import (
     NeighboursClassifier,
     faiss_nearest_neighbours,
@@ -170,7 +170,7 @@ def test_rows_without_an_image_are_left_out_of_the_index(toy_images):
 def test_reuses_the_image_embeddings_of_the_clip_member(toy_images, tmp_path):
     paths, y = toy_images
     encoder = CountingEncoder()
-    ClipImageClassifier(encoder=encoder, cache_dir=tmp_path, progress=False).fit(paths, y)
+    ImageEmbeddingClassifier(encoder=encoder, cache_dir=tmp_path, progress=False).fit(paths, y)
     calls = encoder.calls
     clear_image_cache()  # only the disk cache is shared now
     knn = image_knn(encoder=FailingEncoder(name=encoder.name), cache_dir=tmp_path).fit(paths, y)

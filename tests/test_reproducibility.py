@@ -138,13 +138,13 @@ def test_fusion_through_the_stacker(products, tiny_text_model):
 
 
 def test_clip_head_through_the_stacker(products):
-    from stackcat.models.clip import ClipImageClassifier
+    from stackcat.models.image import ImageEmbeddingClassifier
 
     X, y = products
     encoder = CountingEncoder(dim=8)
 
     def make():
-        return stack_of([("clip", ClipImageClassifier(encoder=encoder, normalize="standard", progress=False,
+        return stack_of([("clip", ImageEmbeddingClassifier(encoder=encoder, normalize="standard", progress=False,
                                                       random_state=3))])
 
     first, second = fit_twice(make, X, y)

@@ -14,7 +14,7 @@ from stackcat.meta import (
     build_candidates,
     candidate_feature_names,
 )
-from stackcat.retrieval import NeighbourIndex, name_signal, oof_signals
+from stackcat.meta.retrieval import NeighbourIndex, name_signal, oof_signals
 from stackcat.stacking import StackingCategorizer, choose_meta
 from stackcat.taxonomy import CategoryTree
 

@@ -34,7 +34,7 @@ from sklearn.preprocessing import FunctionTransformer
 from stackcat import runs
 from stackcat.cli import EXIT_OK, EXIT_RUN_ERROR, EXIT_USAGE, main
 from stackcat.features import images
-from stackcat.models.clip import ClipImageClassifier
+from stackcat.models.image import ImageEmbeddingClassifier
 from stackcat.runs import (
     file_columns_of,
     frame_fingerprint,
@@ -106,7 +106,7 @@ def write_images(folder: Path, labels: np.ndarray, colour_of_class: list) -> lis
 def image_stack(run_dir: Path, encoder) -> StackingCategorizer:
     return StackingCategorizer(
         [("text", NaiveBayesText()),
-         ("image", ClipImageClassifier(encoder=encoder, C=10.0, random_state=0, progress=False))],
+         ("image", ImageEmbeddingClassifier(encoder=encoder, C=10.0, random_state=0, progress=False))],
         meta="average", n_splits=3, random_state=0, run_dir=run_dir, progress=False, verbose=0)
 
 
@@ -167,10 +167,10 @@ class ReadsDocuments(NaiveBayesText):
 
 
 def test_file_columns_are_found_by_declaration_or_param_name():
-    assert file_columns_of(ClipImageClassifier(image_column="photo")) == ["photo"]
+    assert file_columns_of(ImageEmbeddingClassifier(image_column="photo")) == ["photo"]
     assert file_columns_of(NaiveBayesText()) == []
     assert file_columns_of(ReadsDocuments()) == ["doc_path"]
-    pipeline = make_pipeline(FunctionTransformer(), ClipImageClassifier())
+    pipeline = make_pipeline(FunctionTransformer(), ImageEmbeddingClassifier())
     assert file_columns_of(pipeline) == ["image_path"]
 
 

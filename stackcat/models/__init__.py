@@ -8,13 +8,16 @@ from typing import Any
 _EXPORTS = {
     "FastTextClassifier": "stackcat.models.fasttext",
     "BertClassifier": "stackcat.models.bert",
-    "ClipImageClassifier": "stackcat.models.clip",
+    "ImageEmbeddingClassifier": "stackcat.models.image",
+    "ClipImageClassifier": "stackcat.models.clip",  # deprecated alias
     "FusionClassifier": "stackcat.models.fusion",
     "TfidfClassifier": "stackcat.models.lexical",
     "NeighboursClassifier": "stackcat.models.neighbours",
 }
 
-__all__ = sorted(_EXPORTS)
+_DEPRECATED = {"ClipImageClassifier"}  # still importable, with a DeprecationWarning
+
+__all__ = sorted(set(_EXPORTS) - _DEPRECATED)
 
 
 def __getattr__(name: str) -> Any:

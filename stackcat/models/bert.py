@@ -196,6 +196,9 @@ class BertClassifier(FrozenTextMixin, SavableTorchMixin, ProbaClassifierMixin, C
     ...                         lr=0.1, epochs=20, cache_dir="artifacts/text-cache")  # doctest: +SKIP
     """
 
+    # params that change how fast, not what, it learns: left out of the run folder's job keys
+    _runtime_params = ("cache_dir", "num_threads", "predict_batch_size", "progress")
+
     _parameter_constraints: dict = {
         "model_name": [str, os.PathLike],
         "text_column": [str],

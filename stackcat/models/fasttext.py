@@ -157,6 +157,10 @@ class FastTextClassifier(ProbaClassifierMixin, ClassifierMixin, BaseEstimator):
     ['shirt']
     """
 
+    # params that change how fast, not what, it learns: left out of the run folder's job keys
+    # (`thread` is not one: FastText's lock-free threads change the result)
+    _runtime_params = ("verbose",)
+
     _parameter_constraints: dict = {
         "text_column": [str],
         "title_column": [str, None],

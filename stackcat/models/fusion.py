@@ -250,6 +250,11 @@ class FusionClassifier(FrozenTextMixin, SavableTorchMixin, ProbaClassifierMixin,
     (1000, 840)
     """
 
+    # params that change how fast, not what, it learns: left out of the run folder's job keys
+    # (`device` too: a run resumed on other hardware keeps its finished folds; issue 14's review)
+    _runtime_params = ("device", "image_batch_size", "image_cache_dir", "num_threads", "predict_batch_size",
+                       "progress", "text_cache_dir")
+
     _parameter_constraints: dict = {
         "model_name": [str, os.PathLike],
         "text_column": [str],

@@ -110,6 +110,9 @@ class TfidfClassifier(ProbaClassifierMixin, ClassifierMixin, BaseEstimator):
     ['shirt']
     """
 
+    # params that change how fast, not what, it learns: left out of the run folder's job keys
+    _runtime_params = ()
+
     _parameter_constraints: dict = {
         "text_column": [str],
         "word_ngrams": [tuple],

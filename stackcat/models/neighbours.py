@@ -4,7 +4,7 @@ The embeddings are the ones other members already compute, read from the same
 caches: a text is the mean of its frozen-encoder token states
 (:func:`stackcat.features.text_states.token_states`, shared with
 ``BertClassifier(freeze_encoder=True)``), an image its frozen image-encoder vector
-(:func:`stackcat.features.images.image_embeddings`, shared with ``ClipImageClassifier``).
+(:func:`stackcat.features.images.image_embeddings`, shared with ``ImageEmbeddingClassifier``).
 Vectors are L2-normalized, so an inner product is a cosine.
 
 Search is exact by default: query rows go through BLAS in chunks of ``chunk_size``
@@ -124,7 +124,7 @@ class NeighboursClassifier(ProbaClassifierMixin, ClassifierMixin, BaseEstimator)
     source : {"text", "image"}, default="text"
         Which embeddings: the mean-pooled token states of the frozen text encoder
         ``model_name`` (shared cache with ``BertClassifier(freeze_encoder=True)``),
-        or the image encoder ``encoder``'s vectors (shared with ``ClipImageClassifier``).
+        or the image encoder ``encoder``'s vectors (shared with ``ImageEmbeddingClassifier``).
     text_column : str, default="text"
         Column of X holding the text (source="text"; X may also be a plain list of strings).
     image_column : str, default="image_path"
@@ -191,6 +191,9 @@ class NeighboursClassifier(ProbaClassifierMixin, ClassifierMixin, BaseEstimator)
     >>> knn.embed(frame.head(2)).shape
     (2, 3)
     """
+
+    # params that change how fast, not what, it learns: left out of the run folder's job keys
+    _runtime_params = ("cache_dir", "progress")
 
     _parameter_constraints: dict = {
         "source": [StrOptions({"text", "image"})],
