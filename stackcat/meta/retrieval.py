@@ -39,7 +39,6 @@ Examples
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -58,37 +57,38 @@ def l2_normalized(embeddings: np.ndarray) -> np.ndarray:
     return np.divide(embeddings, norms, out=np.zeros_like(embeddings), where=norms > 0)
 
 
-@dataclass
 class NeighbourIndex:
     """Reference rows of one embedding view, grouped by class, for exact cosine search.
+
+    Keeps the unit-length reference rows sorted by class (not the input array),
+    the class centroids and where each class starts: what a fitted stack saves.
 
     Parameters
     ----------
     embeddings : ndarray (n_reference, dim)
+        Rows of zeros (no image, say) vote for nothing.
     y : ndarray (n_reference,)
         Class index of each reference row.
     n_classes : int
-    k : int
+    k : int, default=10
         Neighbours for ``knn_share``.
-    temperature : float
+    temperature : float, default=0.05
         Softmax temperature of the neighbours' votes.
     """
 
-    embeddings: np.ndarray
-    y: np.ndarray
-    n_classes: int
-    k: int = 10
-    temperature: float = 0.05
-
-    def __post_init__(self) -> None:
-        usable = np.linalg.norm(self.embeddings, axis=1) > 0  # rows without the view vote for nothing
-        order = np.argsort(self.y[usable], kind="stable")
-        self._reference = l2_normalized(self.embeddings[usable][order])
-        self._labels = self.y[usable][order].astype(np.int64)
-        counts = np.bincount(self._labels, minlength=self.n_classes)
+    def __init__(self, embeddings: np.ndarray, y: np.ndarray, n_classes: int, k: int = 10,
+                 temperature: float = 0.05) -> None:
+        self.n_classes = n_classes
+        self.k = k
+        self.temperature = temperature
+        usable = np.linalg.norm(embeddings, axis=1) > 0
+        order = np.argsort(y[usable], kind="stable")
+        self._reference = l2_normalized(embeddings[usable][order])
+        self._labels = np.asarray(y)[usable][order].astype(np.int64)
+        counts = np.bincount(self._labels, minlength=n_classes)
         self._present = np.flatnonzero(counts)
         self._starts = (np.cumsum(counts) - counts)[self._present]
-        centroids = np.zeros((self.n_classes, self._reference.shape[1]), dtype=np.float32)
+        centroids = np.zeros((n_classes, self._reference.shape[1]), dtype=np.float32)
         np.add.at(centroids, self._labels, self._reference)
         self._centroids = l2_normalized(centroids)
 
