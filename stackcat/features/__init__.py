@@ -19,6 +19,10 @@ import sys
 
 __all__ = ["clear_caches"]
 
+# (module of this package, its function that empties the module's in-process caches)
+_CLEARERS = (("images", "clear_memory_cache"), ("text_states", "clear_memory_cache"),
+             ("image_encoders", "clear_loaded_models"), ("onnx_backend", "clear_sessions"))
+
 
 def clear_caches() -> None:
     """Forget what the frozen encoders keep in this process's memory.
@@ -34,15 +38,7 @@ def clear_caches() -> None:
     >>> from stackcat.features import clear_caches
     >>> clear_caches()
     """
-    images = sys.modules.get("stackcat.features.images")
-    if images is not None:
-        images.clear_memory_cache()
-    text_states = sys.modules.get("stackcat.features.text_states")
-    if text_states is not None:
-        text_states.clear_memory_cache()
-    image_encoders = sys.modules.get("stackcat.features.image_encoders")
-    if image_encoders is not None:
-        image_encoders.clear_loaded_models()
-    onnx_backend = sys.modules.get("stackcat.features.onnx_backend")
-    if onnx_backend is not None:
-        onnx_backend.clear_sessions()
+    for module_name, clear in _CLEARERS:
+        module = sys.modules.get(f"stackcat.features.{module_name}")
+        if module is not None:
+            getattr(module, clear)()
