@@ -29,7 +29,7 @@ from stackcat.runs import MANIFEST, RunFolder
 from stackcat.stacking import StackingCategorizer
 
 from tiny_images import write_huge_png, write_image, write_truncated_jpeg
-from toy_models import toy_table
+from toy_models import toy_table, write_toy_csv
 
 KE_CSV = Path(__file__).parent / "data" / "ke_products.csv"
 FAST = ["--models", "toy", "--folds", "3", "--meta", "average", "--no-progress"]
@@ -43,16 +43,6 @@ def run_cli(argv, capsys) -> tuple[int, str, str]:
     code = main([str(a) for a in argv])
     captured = capsys.readouterr()
     return code, captured.out, captured.err
-
-
-def write_toy_csv(path: Path, n_per_class: int = 8, **columns) -> Path:
-    """A generic table (id, text, label): 4 classes told apart by one word each."""
-    X, y = toy_table(n_per_class=n_per_class)
-    X["label"] = y
-    for name, values in columns.items():
-        X[name] = values
-    X.to_csv(path, index=False)
-    return path
 
 
 pytestmark = pytest.mark.usefixtures("toy_model_in_the_cli")

@@ -37,7 +37,7 @@ from stackcat.cli import EXIT_OK, EXIT_RUN_ERROR, main
 from stackcat.runs import LOCK, MANIFEST, RunFolder
 from stackcat.stacking import STACKER_FILE, StackingCategorizer
 
-from toy_models import NaiveBayesText, toy_table
+from toy_models import NaiveBayesText, toy_table, write_toy_csv
 
 TESTS_DIR = Path(__file__).parent
 N_FOLDS = 5
@@ -104,12 +104,8 @@ pytestmark = pytest.mark.usefixtures("toy_model_in_the_cli")
 
 @pytest.fixture(scope="module")
 def table(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("crash-data")
-    X, y = toy_table(n_per_class=30, n_classes=5, seed=1)
-    X["label"] = y
-    path = folder / "products.csv"
-    X.to_csv(path, index=False)
-    return path
+    return write_toy_csv(tmp_path_factory.mktemp("crash-data") / "products.csv", n_per_class=30, n_classes=5,
+                         seed=1)
 
 
 @pytest.fixture(scope="module")

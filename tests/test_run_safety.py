@@ -47,7 +47,7 @@ from stackcat.runs import (
 from stackcat.stacking import STACKER_FILE, StackingCategorizer
 
 from tiny_images import CountingEncoder
-from toy_models import NaiveBayesText, toy_table
+from toy_models import NaiveBayesText, toy_table, write_toy_csv
 
 TESTS_DIR = Path(__file__).parent
 FIT_OPTIONS = ["--text-columns", "text", "--target", "label", "--id-column", "id",
@@ -60,12 +60,8 @@ COLOURS = [(200, 30, 30), (30, 40, 190), (30, 170, 40)]
 
 @pytest.fixture(scope="module")
 def table(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("safety-data")
-    X, y = toy_table(n_per_class=12, n_classes=3, seed=2)
-    X["label"] = y
-    path = folder / "products.csv"
-    X.to_csv(path, index=False)
-    return path
+    return write_toy_csv(tmp_path_factory.mktemp("safety-data") / "products.csv", n_per_class=12, n_classes=3,
+                         seed=2)
 
 
 @pytest.fixture

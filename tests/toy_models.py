@@ -141,3 +141,13 @@ class CacheWarmingText(NaiveBayesText):
     def warm_cache(self, X):
         ids = " ".join(str(i) for i in X["id"])
         Path(self.warm_dir, f"warm-{os.getpid()}-{uuid.uuid4().hex}").write_text(ids)
+
+
+def write_toy_csv(path, n_per_class=8, n_classes=4, seed=0, **columns):
+    """:func:`toy_table` written as a generic CSV (id, text, label, and any extra ``columns``)."""
+    X, y = toy_table(n_per_class=n_per_class, n_classes=n_classes, seed=seed)
+    X["label"] = y
+    for name, values in columns.items():
+        X[name] = values
+    X.to_csv(path, index=False)
+    return path
