@@ -56,3 +56,40 @@ def moved_names(old: str, new: str | None, *, elsewhere: Mapping[str, str] | Non
         return sorted(name for name in names if not (name.startswith("__") and name.endswith("__")))
 
     return __getattr__, __dir__
+
+
+# ---------------------------------------------------------------- renamed estimator parameters
+
+DEPRECATED = "deprecated"
+"""Default of a renamed parameter's old name: "not given" (scikit-learn's convention)."""
+
+
+def renamed_param(estimator: Any, old: str, new: str) -> Any:
+    """The value of ``estimator``'s parameter ``new``, or of its old name ``old`` when that was set.
+
+    A renamed parameter keeps its old name in ``__init__`` for one release, with
+    the default :data:`DEPRECATED`; setting it warns (DeprecationWarning) and wins
+    over the new name, so old code keeps its behaviour.
+
+    Examples
+    --------
+    >>> class Model:
+    ...     n_threads, num_threads = None, 4
+    >>> import warnings
+    >>> with warnings.catch_warnings(record=True):
+    ...     renamed_param(Model(), "num_threads", "n_threads")
+    4
+    """
+    value = getattr(estimator, old)
+    if isinstance(value, str) and value == DEPRECATED:
+        return getattr(estimator, new)
+    warnings.warn(f"{type(estimator).__name__}({old}=...) is deprecated: use {new}=... "
+                  f"(the old name goes in the next release)", DeprecationWarning, stacklevel=3)
+    return value
+
+
+def renamed_constraint(new_constraint: list[Any]) -> list[Any]:
+    """``_parameter_constraints`` entry of a renamed parameter's old name: the new one's, or unset."""
+    from sklearn.utils._param_validation import Hidden, StrOptions
+
+    return [Hidden(StrOptions({DEPRECATED})), *new_constraint]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 __all__ = [
     "Precision",
     "current_umask",
+    "limit_threads",
     "encode_labels",
     "normalize_rows",
     "proba_for_classes",
@@ -149,6 +150,34 @@ class Precision:
             self.scaler.scale(loss).backward()
             self.scaler.step(optimizer)
             self.scaler.update()
+
+
+@contextlib.contextmanager
+def limit_threads(n_threads: int | None) -> Iterator[None]:
+    """Cap torch's and the BLAS libraries' threads at ``n_threads`` for the block, then restore them.
+
+    None leaves both alone; a negative number means one per CPU core. The one
+    thread limiter of stackcat: every estimator's ``n_threads`` goes through it.
+
+    Examples
+    --------
+    >>> with limit_threads(1):  # doctest: +SKIP
+    ...     model.fit(X, y)
+    """
+    if n_threads is None:
+        yield
+        return
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    threads = (os.cpu_count() or 1) if n_threads < 0 else max(1, int(n_threads))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with threadpool_limits(limits=threads):
+            yield
+    finally:
+        torch.set_num_threads(before)
 
 
 # ---------------------------------------------------------------- files
