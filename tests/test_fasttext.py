@@ -1,7 +1,11 @@
 from __future__ import annotations
 
 import os
+import platform
+import subprocess
+import sys
 import tempfile
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -31,7 +35,7 @@ def test_sklearn_checks_that_apply():
 ])
 def test_contract_any_label_type(labels):
     X, y = small_data(labels)
-    clf = FastTextClassifier(epoch=30, thread=1, dim=16)
+    clf = FastTextClassifier(epoch=30, n_threads=1, dim=16)
     check_fitted_contract(clf, X, y, ["cotton shirt", "denim", "new\nline text", ""])
     assert clf.predict(["red cotton shirt"])[0] == labels[0]
 
@@ -39,7 +43,7 @@ def test_contract_any_label_type(labels):
 def test_reads_named_columns_of_a_dataframe():
     X, y = small_data(["shirt", "jeans", "wallet", "shoes"])
     frame = pd.DataFrame({"desc": X, "name": [t.split()[0] for t in X]})
-    clf = FastTextClassifier(text_column="desc", title_column="name", epoch=30, thread=1, dim=16)
+    clf = FastTextClassifier(text_column="desc", title_column="name", epoch=30, n_threads=1, dim=16)
     proba = clf.fit(frame, y).predict_proba(frame)
     assert (clf.classes_[proba.argmax(1)] == np.array(y)).mean() > 0.9
 
@@ -79,7 +83,7 @@ def test_invalid_param_rejected_at_fit_not_init():
 
 def test_single_thread_is_repeatable():
     X, y = small_data(["shirt", "jeans", "wallet", "shoes"])
-    clf = FastTextClassifier(epoch=5, thread=1, random_state=3)
+    clf = FastTextClassifier(epoch=5, n_threads=1, random_state=3)
     a = clone(clf).fit(X, y).predict_proba(X)
     b = clone(clf).fit(X, y).predict_proba(X)
     np.testing.assert_array_equal(a, b)
@@ -114,14 +118,92 @@ def test_divergence_halves_the_learning_rate(monkeypatch):
     monkeypatch.setattr(fasttext, "train_supervised", diverge_at_high_lr)
     X, y = small_data(["shirt", "jeans", "wallet", "shoes"])
     with pytest.warns(UserWarning, match="diverged with lr=0.5"):
-        clf = FastTextClassifier(lr=0.5, epoch=5, thread=1).fit(X, y)
+        clf = FastTextClassifier(lr=0.5, epoch=5, n_threads=1).fit(X, y)
     assert seen == [0.5, 0.25, 0.125] and clf.lr_ == 0.125
+
+
+def test_every_halving_diverged_names_what_to_do(monkeypatch):
+    import fasttext
+
+    def always_nan(**options):
+        raise RuntimeError("Encountered NaN.")
+
+    monkeypatch.setattr(fasttext, "train_supervised", always_nan)
+    X, y = small_data(["shirt", "jeans", "wallet", "shoes"])
+    with pytest.warns(UserWarning, match="diverged"), \
+            pytest.raises(RuntimeError, match=r"every learning rate from 0.5 down to 0.03125: give a lower lr"):
+        FastTextClassifier(lr=0.5, epoch=5, n_threads=1).fit(X, y)
+
+
+def record_train_options(monkeypatch) -> dict:
+    import fasttext
+
+    real_train = fasttext.train_supervised
+    seen: dict = {}
+
+    def record(**options):
+        seen.update(options)
+        return real_train(**{**options, "epoch": 1})
+
+    monkeypatch.setattr(fasttext, "train_supervised", record)
+    return seen
+
+
+def test_n_threads_reaches_fasttext_and_minus_one_means_every_core(monkeypatch):
+    seen = record_train_options(monkeypatch)
+    X, y = small_data(["shirt", "jeans", "wallet", "shoes"])
+    FastTextClassifier(n_threads=2).fit(X, y)
+    assert seen["thread"] == 2
+    for every_core in (None, -1):
+        FastTextClassifier(n_threads=every_core).fit(X, y)
+        assert seen["thread"] == (os.cpu_count() or 1)
+
+
+def test_deprecated_thread_warns_and_is_used(monkeypatch):
+    seen = record_train_options(monkeypatch)
+    X, y = small_data(["shirt", "jeans", "wallet", "shoes"])
+    with pytest.warns(DeprecationWarning, match=r"thread=\.\.\.\) is deprecated: use n_threads"):
+        FastTextClassifier(thread=3, n_threads=2).fit(X, y)
+    assert seen["thread"] == 3
+
+
+# A large block freed on the heap, full of 0x7f bytes (floats of 3.4e38), as a long-lived
+# process leaves behind: fastText's input matrix used to reuse it (it initializes only a tenth
+# of its rows with one thread) and diverged at every learning rate ("Encountered NaN").
+DIRTY_HEAP_FIT = """
+import ctypes, sys
+sys.path.insert(0, {tests!r})
+import numpy as np
+from stackcat.models.fasttext import FastTextClassifier
+from test_fasttext import small_data
+
+X, y = small_data(["a shirt", "jeans & co", "wallet", "shoes"])
+model = FastTextClassifier(epoch=30, n_threads=1, dim=16)
+clean = model.fit(X, y).predict_proba(X)
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype = ctypes.c_void_p
+libc.malloc.argtypes = [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+assert libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD at its maximum: 20 MB blocks come from the heap
+block = libc.malloc(20 << 20)
+ctypes.memset(block, 0x7F, 20 << 20)
+libc.malloc(20 << 20)  # cut from the heap's top after the block: it keeps the block from merging back
+libc.free(block)
+np.testing.assert_array_equal(model.fit(X, y).predict_proba(X), clean)
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the dirty heap is built with glibc's mallopt")
+def test_a_dirty_heap_changes_nothing():
+    script = DIRTY_HEAP_FIT.format(tests=str(Path(__file__).parent))
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
 
 
 def test_repeated_fits_in_one_process_are_identical():
     # before the malloc fix, the 5th+ fit of a tiny model in one process drifted
     X, y = small_data(["shirt", "jeans", "wallet", "shoes"])
-    probas = [FastTextClassifier(thread=1, dim=16).fit(X, y).predict_proba(X) for _ in range(8)]
+    probas = [FastTextClassifier(n_threads=1, dim=16).fit(X, y).predict_proba(X) for _ in range(8)]
     for proba in probas[1:]:
         np.testing.assert_array_equal(proba, probas[0])
 
@@ -157,15 +239,15 @@ def test_long_texts_train_fewer_passes_at_a_higher_lr(monkeypatch):
 
     monkeypatch.setattr(fasttext, "train_supervised", record)
     short_X, y = small_data(["shirt", "jeans", "wallet", "shoes"])
-    FastTextClassifier(thread=1, title_repeat=0).fit(short_X, y)
+    FastTextClassifier(n_threads=1, title_repeat=0).fit(short_X, y)
     assert (seen["epoch"], seen["lr"]) == (150, 0.5)
 
     words_per_text = 4_000  # 32 rows x 4,000 words: 128k tokens
     long_X = [" ".join([text] * (words_per_text // len(text.split()))) for text in short_X]
-    clf = FastTextClassifier(thread=1, title_repeat=0).fit(long_X, y)
+    clf = FastTextClassifier(n_threads=1, title_repeat=0).fit(long_X, y)
     n_tokens = sum(len(text.split()) for text in long_X)
     assert clf.epoch_ == seen["epoch"] == -(-AUTO_EPOCH_TOKENS // n_tokens) < 150
     assert clf.lr_ == seen["lr"] == pytest.approx(0.5 * 150 / clf.epoch_)
     # an explicit epoch is used as given
-    FastTextClassifier(thread=1, title_repeat=0, epoch=7).fit(long_X, y)
+    FastTextClassifier(n_threads=1, title_repeat=0, epoch=7).fit(long_X, y)
     assert (seen["epoch"], seen["lr"]) == (7, 0.5)

@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import math
 import os
 import re
 import tempfile
+import threading
 import warnings
+from collections.abc import Iterator
 from numbers import Integral, Real
 from typing import Any
 
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin, _fit_context
-from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils._param_validation import Interval, Options, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
+from stackcat._deprecated import DEPRECATED, renamed_constraint, renamed_param
 from stackcat.data import upweight_title
 from stackcat.models._base import (
     ProbaClassifierMixin,
@@ -37,7 +41,7 @@ AUTO_EPOCH_TOKENS = 10_000_000
 MIN_AUTO_EPOCHS, MAX_AUTO_EPOCHS = 25, 150
 MAX_AUTO_LR_SCALE = 4.0
 MAX_LR_HALVINGS = 4
-_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+_M_PERTURB = -6  # glibc's mallopt parameter number
 
 
 def auto_epochs(n_samples: int, n_tokens: int | None = None) -> int:
@@ -128,13 +132,15 @@ class FastTextClassifier(ProbaClassifierMixin, ClassifierMixin, BaseEstimator):
     normalize : bool, default=True
         Lower-case and turn punctuation into spaces (fastText splits on spaces
         only, so "Blue," and "blue" would be different words).
-    thread : int or None, default=None
-        fastText threads; None uses every core. Training is exactly repeatable
-        only with ``thread=1`` (fastText's Hogwild updates race otherwise);
-        see docs/reliability.md.
+    n_threads : int or None, default=None
+        fastText threads; None or -1 uses every core. Training is exactly
+        repeatable only with ``n_threads=1`` (fastText's Hogwild updates race
+        otherwise); see docs/reliability.md.
     random_state : int, default=0
         fastText's seed.
     verbose : int, default=0
+
+    Deprecated parameters: ``thread`` (now ``n_threads``).
 
     Attributes
     ----------
@@ -151,14 +157,14 @@ class FastTextClassifier(ProbaClassifierMixin, ClassifierMixin, BaseEstimator):
 
     Examples
     --------
-    >>> clf = FastTextClassifier(epoch=10, thread=1)
+    >>> clf = FastTextClassifier(epoch=10, n_threads=1)
     >>> clf = clf.fit(["red cotton shirt", "blue denim jeans"] * 5, ["shirt", "jeans"] * 5)
     >>> clf.predict(["cotton shirt"]).tolist()
     ['shirt']
     """
 
     # params that change how fast, not what, it learns: left out of the run folder's job keys
-    # (`thread` is not one: FastText's lock-free threads change the result)
+    # (`n_threads` is not one: FastText's lock-free threads change the result)
     _runtime_params = ("verbose",)
 
     _parameter_constraints: dict = {
@@ -177,7 +183,8 @@ class FastTextClassifier(ProbaClassifierMixin, ClassifierMixin, BaseEstimator):
         "loss": [StrOptions({"softmax", "ns", "hs", "ova"})],
         "pretrained_vectors": [str, os.PathLike, None],
         "normalize": ["boolean"],
-        "thread": [Interval(Integral, 1, None, closed="left"), None],
+        "n_threads": [Interval(Integral, 1, None, closed="left"), Options(Integral, {-1}), None],
+        "thread": renamed_constraint([Interval(Integral, 1, None, closed="left"), None]),
         "random_state": [Interval(Integral, 0, None, closed="left")],
         "verbose": [Interval(Integral, 0, None, closed="left")],
     }
@@ -199,9 +206,10 @@ class FastTextClassifier(ProbaClassifierMixin, ClassifierMixin, BaseEstimator):
         loss: str = "softmax",
         pretrained_vectors: str | None = None,
         normalize: bool = True,
-        thread: int | None = None,
+        n_threads: int | None = None,
         random_state: int = 0,
         verbose: int = 0,
+        thread: int | None | str = DEPRECATED,
     ) -> None:
         self.text_column = text_column
         self.title_column = title_column
@@ -218,9 +226,10 @@ class FastTextClassifier(ProbaClassifierMixin, ClassifierMixin, BaseEstimator):
         self.loss = loss
         self.pretrained_vectors = pretrained_vectors
         self.normalize = normalize
-        self.thread = thread
+        self.n_threads = n_threads
         self.random_state = random_state
         self.verbose = verbose
+        self.thread = thread
 
     @_fit_context(prefer_skip_nested_validation=True)
     def fit(self, X: Any, y: Any) -> FastTextClassifier:
@@ -230,7 +239,6 @@ class FastTextClassifier(ProbaClassifierMixin, ClassifierMixin, BaseEstimator):
                 f"bucket=0 needs wordNgrams=1 and maxn=0 (got wordNgrams={self.wordNgrams}, "
                 f"maxn={self.maxn}): fastText hashes word and character n-grams into the buckets"
             )
-        _pin_malloc_mmap_threshold()
         texts = self._texts(X)
         self.classes_, y_index = encode_labels(y, len(texts))
         self.epoch_, lr = self._epochs_and_lr(texts)
@@ -292,12 +300,16 @@ class FastTextClassifier(ProbaClassifierMixin, ClassifierMixin, BaseEstimator):
         options = dict(
             epoch=self.epoch_, lr=self.lr, wordNgrams=self.wordNgrams, dim=self.dim,
             minn=self.minn, maxn=self.maxn, minCount=self.minCount, bucket=self.bucket,
-            loss=self.loss, thread=self.thread or os.cpu_count() or 1,
+            loss=self.loss, thread=self._threads(),
             seed=self.random_state, verbose=self.verbose,
         )
         if self.pretrained_vectors:
             options["pretrainedVectors"] = str(self.pretrained_vectors)
         return options
+
+    def _threads(self) -> int:
+        threads = renamed_param(self, "thread", "n_threads")
+        return threads if threads is not None and threads > 0 else os.cpu_count() or 1
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -318,21 +330,59 @@ class FastTextClassifier(ProbaClassifierMixin, ClassifierMixin, BaseEstimator):
 
 
 @functools.cache
-def _pin_malloc_mmap_threshold() -> None:
-    """Make fastText training repeatable within one process.
-
-    fastText reads some of its freshly allocated (never written) memory while
-    training. glibc serves a first large allocation from zeroed mmap pages,
-    but raises its mmap threshold after frees, so later fits in the same
-    process get recycled, dirty heap memory: results drift and tiny models
-    may diverge. Pinning the threshold (which also turns off its dynamic
-    growth) keeps large blocks on fresh zeroed pages. No-op off glibc.
-    """
+def _glibc() -> Any:
+    """The C library when it is glibc (its ``mallopt`` is called), else None."""
     try:
         libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(_M_MMAP_THRESHOLD, 128 * 1024)
+        libc.mallopt  # noqa: B018 - glibc has it, other C libraries may not
     except (OSError, AttributeError):
-        pass
+        return None
+    return libc
+
+
+_zeroing_lock = threading.Lock()
+_zeroing_fits = 0
+
+
+@contextlib.contextmanager
+def _zeroed_heap_memory() -> Iterator[None]:
+    """While fastText trains, glibc hands out zero-filled memory, as a fresh process does.
+
+    fastText's random initialization of its input matrix (``DenseMatrix::uniform``)
+    fills only ``min(thread, 10) / 10`` of the rows; the others keep whatever
+    ``posix_memalign`` returned. A fresh ``mmap`` gives zeros, but in a process
+    that has freed a large heap block (earlier fits, tokenizers, pandas...) the
+    matrix reuses that dirty block: the model changes with what ran before, and
+    garbage such as ``0x7f7f7f7f`` floats makes every learning rate diverge
+    ("Encountered NaN"). glibc's ``M_PERTURB`` set to ``0xff`` zero-fills the
+    blocks it hands out from its bins, large ones included (and fills freed
+    blocks with ``0xff``): the matrix starts as in a fresh process. Fits on
+    several threads share the setting; the last one to end puts back the
+    process's own (``MALLOC_PERTURB_``, else off). No-op off glibc.
+    """
+    global _zeroing_fits
+    libc = _glibc()
+    if libc is None:
+        yield
+        return
+    with _zeroing_lock:
+        if _zeroing_fits == 0:
+            libc.mallopt(_M_PERTURB, 0xFF)
+        _zeroing_fits += 1
+    try:
+        yield
+    finally:
+        with _zeroing_lock:
+            _zeroing_fits -= 1
+            if _zeroing_fits == 0:
+                libc.mallopt(_M_PERTURB, _process_perturb_byte())
+
+
+def _process_perturb_byte() -> int:
+    try:
+        return int(os.environ.get("MALLOC_PERTURB_", "0")) & 0xFF
+    except ValueError:
+        return 0
 
 
 def _train_halving_lr_on_nan(path: str, options: dict[str, Any]) -> tuple[Any, float]:
@@ -341,10 +391,16 @@ def _train_halving_lr_on_nan(path: str, options: dict[str, Any]) -> tuple[Any, f
     lr = options["lr"]
     for attempt in range(MAX_LR_HALVINGS + 1):
         try:
-            return fasttext.train_supervised(input=path, **{**options, "lr": lr}), lr
+            with _zeroed_heap_memory():
+                return fasttext.train_supervised(input=path, **{**options, "lr": lr}), lr
         except RuntimeError as exc:
-            if "NaN" not in str(exc) or attempt == MAX_LR_HALVINGS:
+            if "NaN" not in str(exc):
                 raise
+            if attempt == MAX_LR_HALVINGS:
+                raise RuntimeError(
+                    f"fastText diverged (Encountered NaN) at every learning rate from {options['lr']} "
+                    f"down to {lr}: give a lower lr (FastTextClassifier(lr=...)) or fewer epochs"
+                ) from exc
             warnings.warn(f"fastText diverged with lr={lr}; retrying with lr={lr / 2}", stacklevel=3)
             lr /= 2
     raise AssertionError("unreachable")
