@@ -508,7 +508,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
 DEMO_SETTINGS = {"max_length": 32, "batch_size": 32, "freeze_text_encoder": True}
 # One FastText thread: its multithreaded training is not repeatable, and the demo's
 # figures should be the same on every run (it costs about a second per fold).
-DEMO_MODEL_PARAMS = {"fasttext": {"thread": 1}}
+DEMO_MODEL_PARAMS = {"fasttext": {"n_threads": 1}}
 
 
 def run_demo(args: argparse.Namespace) -> int:

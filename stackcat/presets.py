@@ -144,7 +144,7 @@ def _bert(options: ModelOptions) -> Any:
 def _image(options: ModelOptions) -> Any:
     from stackcat.models.image import ImageEmbeddingClassifier
 
-    return ImageEmbeddingClassifier(encoder=options.image_encoder, cache_dir=options.cache_dir,
+    return ImageEmbeddingClassifier(encoder=options.image_encoder, image_cache_dir=options.cache_dir,
                                     device=options.device, random_state=options.random_state,
                                     progress=options.progress)
 
@@ -160,7 +160,7 @@ def _knn_text(options: ModelOptions) -> Any:
     from stackcat.models.neighbours import NeighboursClassifier
 
     return NeighboursClassifier(source="text", model_name=options.text_model, text_prefix=options.text_prefix,
-                                max_length=options.max_length, cache_dir=options.cache_dir,
+                                max_length=options.max_length, text_cache_dir=options.cache_dir,
                                 device=options.device, progress=options.progress)
 
 
@@ -168,8 +168,9 @@ def _knn_image(options: ModelOptions) -> Any:
     """Neighbours on the image encoder's vectors: the same cache entries as ``image``."""
     from stackcat.models.neighbours import NeighboursClassifier
 
-    return NeighboursClassifier(source="image", encoder=options.image_encoder, cache_dir=options.cache_dir,
-                                device=options.device, progress=options.progress)
+    return NeighboursClassifier(source="image", encoder=options.image_encoder,
+                                image_cache_dir=options.cache_dir, device=options.device,
+                                progress=options.progress)
 
 
 def _fusion(options: ModelOptions) -> Any:

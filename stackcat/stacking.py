@@ -395,7 +395,7 @@ class StackingCategorizer(ClassifierMixin, _BaseComposition, BaseEstimator):
     >>> from stackcat.models.fasttext import FastTextClassifier
     >>> texts = ["red shirt", "blue jeans", "black shoes"] * 10
     >>> labels = ["shirt", "jeans", "shoes"] * 10
-    >>> stack = StackingCategorizer([("ft", FastTextClassifier(thread=1, dim=8, epoch=5))],
+    >>> stack = StackingCategorizer([("ft", FastTextClassifier(n_threads=1, dim=8, epoch=5))],
     ...                             meta="average", n_splits=3, progress=False, verbose=0)
     >>> stack.fit(texts, labels).oof_["ft"].shape
     (30, 3)

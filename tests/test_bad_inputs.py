@@ -34,7 +34,7 @@ from toy_models import toy_table, write_toy_csv
 KE_CSV = Path(__file__).parent / "data" / "ke_products.csv"
 FAST = ["--models", "toy", "--folds", "3", "--meta", "average", "--no-progress"]
 FASTTEXT = ["--models", "fasttext", "--folds", "3", "--meta", "average", "--no-progress",
-            "--param", "fasttext__thread=1", "--param", "fasttext__dim=16"]
+            "--param", "fasttext__n_threads=1", "--param", "fasttext__dim=16"]
 GENERIC = ["--text-columns", "text", "--target", "label"]
 
 

@@ -11,7 +11,7 @@ import pytest
 from stackcat.cli import EXIT_OK, EXIT_RUN_ERROR, EXIT_USAGE, main
 
 FAST = ["--models", "fasttext", "--folds", "3", "--meta", "average", "--no-progress",
-        "--param", "fasttext__thread=1", "--param", "fasttext__dim=16"]
+        "--param", "fasttext__n_threads=1", "--param", "fasttext__dim=16"]
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +116,7 @@ def test_demo_pins_fasttext_to_one_thread_so_its_figures_repeat(tmp_path, monkey
     built = {}
     monkeypatch.setattr(cli, "_fit_and_report", lambda prepared, models, *args, **kwargs: built.update(models))
     main(["demo", "--models", "fasttext", "--rows", "200", "--run-dir", str(tmp_path / "demo")])
-    assert built["fasttext"].get_params()["thread"] == 1
+    assert built["fasttext"].get_params()["n_threads"] == 1
 
 
 @pytest.mark.slow

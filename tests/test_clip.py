@@ -150,8 +150,8 @@ def test_each_image_encoded_once_across_folds_and_models(toy, tmp_path):
     encoder = CountingEncoder()
     cache = tmp_path / "cache"
     X, y = np.array(paths, dtype=object), np.array(y)
-    for model in (stub_classifier(encoder=encoder, cache_dir=cache),
-                  stub_classifier(encoder=encoder, cache_dir=cache, normalize="l2", C=3.0)):
+    for model in (stub_classifier(encoder=encoder, image_cache_dir=cache),
+                  stub_classifier(encoder=encoder, image_cache_dir=cache, normalize="l2", C=3.0)):
         for train, test in StratifiedKFold(5, shuffle=True, random_state=0).split(X, y):
             clear_memory_cache()  # as if each fold ran in its own process
             fold_model = clone(model).fit(X[train], y[train])
@@ -160,7 +160,7 @@ def test_each_image_encoded_once_across_folds_and_models(toy, tmp_path):
     assert len(encoder.encoded) == len(paths)
 
 
-def test_n_jobs_limits_threads_and_restores_them(toy):
+def test_n_threads_limits_threads_and_restores_them(toy):
     import torch
 
     before = torch.get_num_threads()
@@ -171,15 +171,55 @@ def test_n_jobs_limits_threads_and_restores_them(toy):
             seen.append(torch.get_num_threads())
             return super().encode(images)
 
-    stub_classifier(encoder=ThreadSpy(), n_jobs=1).fit(*toy)
+    stub_classifier(encoder=ThreadSpy(), n_threads=1).fit(*toy)
     assert seen == [1]
     assert torch.get_num_threads() == before
+
+
+def test_encode_batch_size_is_the_images_per_encoder_call(toy):
+    paths, y = toy
+    encoder = CountingEncoder()
+    stub_classifier(encoder=encoder, encode_batch_size=5).fit(paths, y)
+    assert encoder.calls == -(-len(paths) // 5)
+
+
+def test_deprecated_n_jobs_warns_and_limits_threads(toy):
+    import torch
+
+    seen = []
+
+    class ThreadSpy(CountingEncoder):
+        def encode(self, images):
+            seen.append(torch.get_num_threads())
+            return super().encode(images)
+
+    with pytest.warns(DeprecationWarning, match=r"n_jobs=\.\.\.\) is deprecated: use n_threads"):
+        stub_classifier(encoder=ThreadSpy(), n_jobs=1, n_threads=2).fit(*toy)
+    assert seen == [1]
+
+
+def test_deprecated_batch_size_warns_and_is_used(toy):
+    paths, y = toy
+    encoder = CountingEncoder()
+    with pytest.warns(DeprecationWarning, match=r"batch_size=\.\.\.\) is deprecated: use encode_batch_size"):
+        stub_classifier(encoder=encoder, batch_size=5).fit(paths, y)
+    assert encoder.calls == -(-len(paths) // 5)
+
+
+def test_deprecated_cache_dir_warns_and_is_the_image_cache(toy, tmp_path):
+    from stackcat.features.store import count_entries
+
+    paths, y = toy
+    with pytest.warns(DeprecationWarning, match=r"cache_dir=\.\.\.\) is deprecated: use image_cache_dir"):
+        stub_classifier(cache_dir=tmp_path / "old", image_cache_dir=tmp_path / "new").fit(paths, y)
+    assert count_entries(tmp_path / "old") == len(paths)
+    assert not (tmp_path / "new").exists()
 
 
 def test_warm_cache_encodes_every_image_once_for_later_folds(toy, tmp_path):
     paths, y = toy
     encoder = CountingEncoder()
-    clf = stub_classifier(encoder=encoder, cache_dir=tmp_path / "cache")
+    clf = stub_classifier(encoder=encoder, image_cache_dir=tmp_path / "cache")
     clf.warm_cache(paths)
     assert len(encoder.encoded) == len(paths) and encoder.max_encodings_per_image == 1
     calls = encoder.calls

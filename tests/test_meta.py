@@ -20,7 +20,7 @@ from stackcat.meta import (
 
 from contract import check_sklearn_contract
 
-FAST = {"iterations": 30, "thread_count": 1}
+FAST = {"iterations": 30, "n_threads": 1}
 
 
 def softmax(logits):
@@ -154,6 +154,21 @@ def test_invalid_params_rejected_at_fit(few_classes):
         MulticlassMeta(eval_fraction=1.5).fit(probas, y)
 
 
+@pytest.mark.parametrize(("cls", "data"), [(MulticlassMeta, "few_classes"), (RerankMeta, "many_classes")])
+def test_n_threads_reaches_catboost_and_none_is_every_core(cls, data, request):
+    probas, y, _ = request.getfixturevalue(data)
+    assert cls(iterations=5, n_threads=2).fit(probas, y).model_.get_params()["thread_count"] == 2
+    assert cls()._catboost_params(5)["thread_count"] == cls(n_threads=-1)._catboost_params(5)["thread_count"] == -1
+
+
+@pytest.mark.parametrize(("cls", "data"), [(MulticlassMeta, "few_classes"), (RerankMeta, "many_classes")])
+def test_deprecated_thread_count_warns_and_is_used(cls, data, request):
+    probas, y, _ = request.getfixturevalue(data)
+    with pytest.warns(DeprecationWarning, match=r"thread_count=\.\.\.\) is deprecated: use n_threads"):
+        meta = cls(iterations=5, thread_count=1, n_threads=2).fit(probas, y)
+    assert meta.model_.get_params()["thread_count"] == 1
+
+
 # -- AverageBlend ---------------------------------------------------------------
 
 def test_average_blend_is_the_weighted_mean():
@@ -195,7 +210,7 @@ def test_multiclass_one_class_in_y_predicts_it():
 def test_multiclass_learns_beyond_the_worst_model(few_classes):
     probas, y, _ = few_classes
     train, y_train, test, y_test = split(probas, y, 220)
-    meta = MulticlassMeta(iterations=60, thread_count=1).fit(train, y_train)
+    meta = MulticlassMeta(iterations=60, n_threads=1).fit(train, y_train)
     worst = min(accuracy(p, y_test) for p in test.values())
     assert accuracy(meta.predict_proba(test), y_test) > worst
 
@@ -245,7 +260,7 @@ def test_rerank_probabilities_live_on_candidates_and_recall_is_exact():
 def test_rerank_beats_the_worst_model_and_reports_inner_scores(many_classes):
     probas, y, _ = many_classes
     train, y_train, test, y_test = split(probas, y, 380)
-    meta = RerankMeta(iterations=80, thread_count=1).fit(train, y_train)
+    meta = RerankMeta(iterations=80, n_threads=1).fit(train, y_train)
     worst = min(accuracy(p, y_test) for p in test.values())
     assert accuracy(meta.predict_proba(test), y_test) > worst
     scores = meta.inner_scores_
@@ -285,7 +300,7 @@ def test_rerank_absent_and_single_member_classes_and_float16(many_classes):
 
 def test_rerank_without_early_stopping_trains_all_iterations(many_classes):
     probas, y, _ = many_classes
-    meta = RerankMeta(iterations=15, thread_count=1, early_stopping_rounds=None).fit(probas, y)
+    meta = RerankMeta(iterations=15, n_threads=1, early_stopping_rounds=None).fit(probas, y)
     assert meta.best_iteration_ == 15
     assert meta.inner_scores_ == {} and meta.temperature_ == 1.0
 
@@ -301,7 +316,7 @@ def test_rerank_refit_uses_the_early_stopped_iterations(many_classes):
 def test_rerank_boosting_starts_from_the_average_blend(loss, many_classes):
     probas, y, _ = many_classes
     # one tree with a negligible learning rate: the scores are the starting point
-    barely = {"iterations": 1, "learning_rate": 1e-6, "early_stopping_rounds": None, "thread_count": 1}
+    barely = {"iterations": 1, "learning_rate": 1e-6, "early_stopping_rounds": None, "n_threads": 1}
     mean = np.mean(list(probas.values()), axis=0)
     from_average = RerankMeta(loss=loss, **barely).fit(probas, y).predict_proba(probas)
     np.testing.assert_array_equal(from_average.argmax(axis=1), mean.argmax(axis=1))

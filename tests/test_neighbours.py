@@ -83,7 +83,9 @@ def test_exact_search_matches_a_full_sort_whatever_the_chunks(chunk_size, k):
     full = queries @ index.T
     expected = np.argsort(-full, axis=1)[:, :k]
     np.testing.assert_array_equal(positions, expected)
-    np.testing.assert_allclose(similarities, np.take_along_axis(full, expected, axis=1), rtol=1e-6)
+    # float32 products summed in another order (BLAS kernels differ by shape and alignment): an
+    # absolute tolerance too, for cosines near 0
+    np.testing.assert_allclose(similarities, np.take_along_axis(full, expected, axis=1), rtol=1e-6, atol=1e-6)
     assert similarities.dtype == np.float32 and positions.shape == (23, k)
 
 
@@ -170,13 +172,37 @@ def test_rows_without_an_image_are_left_out_of_the_index(toy_images):
 def test_reuses_the_image_embeddings_of_the_clip_member(toy_images, tmp_path):
     paths, y = toy_images
     encoder = CountingEncoder()
-    ImageEmbeddingClassifier(encoder=encoder, cache_dir=tmp_path, progress=False).fit(paths, y)
+    ImageEmbeddingClassifier(encoder=encoder, image_cache_dir=tmp_path, progress=False).fit(paths, y)
     calls = encoder.calls
     clear_image_cache()  # only the disk cache is shared now
-    knn = image_knn(encoder=FailingEncoder(name=encoder.name), cache_dir=tmp_path).fit(paths, y)
+    knn = image_knn(encoder=FailingEncoder(name=encoder.name), image_cache_dir=tmp_path).fit(paths, y)
     knn.predict_proba(paths)
     assert knn.embed(paths).shape == (len(paths), encoder.dim)
     assert encoder.calls == calls and encoder.max_encodings_per_image == 1
+
+
+def test_each_source_reads_its_own_cache_folder(toy_images, tmp_path):
+    paths, y = toy_images
+    image_knn(image_cache_dir=tmp_path / "images", text_cache_dir=tmp_path / "texts").fit(paths, y)
+    assert count_entries(tmp_path / "images") == len(paths) and not (tmp_path / "texts").exists()
+
+
+def test_deprecated_cache_dir_warns_and_is_the_image_cache_for_images(toy_images, tmp_path):
+    paths, y = toy_images
+    with pytest.warns(DeprecationWarning, match=r"cache_dir=\.\.\.\) is deprecated: use image_cache_dir"):
+        image_knn(cache_dir=tmp_path / "old", image_cache_dir=tmp_path / "new").fit(paths, y)
+    assert count_entries(tmp_path / "old") == len(paths) and not (tmp_path / "new").exists()
+
+
+def test_deprecated_batch_size_warns_and_is_used(toy_images):
+    paths, y = toy_images
+    encoder = CountingEncoder()
+    with pytest.warns(DeprecationWarning, match=r"batch_size=\.\.\.\) is deprecated: use encode_batch_size"):
+        image_knn(encoder=encoder, batch_size=5).fit(paths, y)
+    assert encoder.calls == -(-len(paths) // 5)
+    clear_image_cache()
+    image_knn(encoder=(fresh := CountingEncoder()), encode_batch_size=7).fit(paths, y)
+    assert fresh.calls == -(-len(paths) // 7)
 
 
 # --- the estimator on texts -------------------------------------------------------------
@@ -198,12 +224,19 @@ def test_reuses_the_text_states_of_the_frozen_bert_member(tiny_model, tmp_path, 
                    cache_dir=tmp_path, progress=False, num_threads=1).fit(texts, y)
     encoded = sum(counting.encoded.values())
     clear_text_cache()
-    knn = text_knn(tiny_model, text_prefix="passage: ", cache_dir=tmp_path)
+    knn = text_knn(tiny_model, text_prefix="passage: ", text_cache_dir=tmp_path)
     unfitted_vectors = knn.embed(texts)
     knn.fit(texts, y).predict_proba(texts)
     assert sum(counting.encoded.values()) == encoded == len(set(texts))
     np.testing.assert_allclose(np.linalg.norm(unfitted_vectors, axis=1), 1.0, atol=1e-5)
     assert unfitted_vectors.dtype == np.float32
+
+
+def test_deprecated_cache_dir_warns_and_is_the_text_cache_for_texts(tiny_model, tmp_path):
+    texts, y = toy_texts()
+    with pytest.warns(DeprecationWarning, match=r"cache_dir=\.\.\.\) is deprecated: use text_cache_dir"):
+        text_knn(tiny_model, cache_dir=tmp_path / "old", text_cache_dir=tmp_path / "new").fit(texts, y)
+    assert count_entries(tmp_path / "old") == len(set(texts)) and not (tmp_path / "new").exists()
 
 
 def test_embed_texts_prefix_defaults_to_text_prefix(tiny_model):
@@ -233,8 +266,8 @@ def test_text_encoding_on_a_cluster_equals_a_local_run(tiny_model, tmp_path):
     X = pd.DataFrame({"id": range(len(texts)), "text": texts})
 
     def stack(cache_dir, **params):
-        knn = NeighboursClassifier(source="text", model_name=tiny_model, max_length=32, cache_dir=str(cache_dir),
-                                   progress=False)
+        knn = NeighboursClassifier(source="text", model_name=tiny_model, max_length=32,
+                                   text_cache_dir=str(cache_dir), progress=False)
         return StackingCategorizer([("knn", knn)], meta="average", n_splits=3, progress=False, verbose=0,
                                    retrieval=False, **params)
 

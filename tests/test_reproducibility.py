@@ -93,7 +93,7 @@ def test_fasttext_single_thread_is_repeatable_in_fresh_processes(tmp_path):
         from stackcat.models.fasttext import FastTextClassifier
         from stackcat.stacking import StackingCategorizer
         X, y = toy_table(n_per_class=20)
-        stack = StackingCategorizer([("fasttext", FastTextClassifier(thread=1, dim=16, random_state=7))],
+        stack = StackingCategorizer([("fasttext", FastTextClassifier(n_threads=1, dim=16, random_state=7))],
                                     meta="average", n_splits=3, progress=False, verbose=0).fit(X, y)
         np.savez(sys.argv[1], oof=stack.oof_["fasttext"], proba=stack.predict_proba(X))
     """)

@@ -20,7 +20,7 @@ from stackcat.taxonomy import CategoryTree
 
 from toy_models import BagOfWordsEmbedder, LookupProba, NaiveBayesText, toy_table
 
-FAST_RERANK = dict(iterations=40, thread_count=1, early_stopping_rounds=None)
+FAST_RERANK = dict(iterations=40, n_threads=1, early_stopping_rounds=None)
 
 
 def test_neighbour_index_matches_brute_force():

@@ -360,7 +360,7 @@ def test_kill_during_a_fasttext_fold_leaves_nothing_in_tmpdir(table, tmp_path):
     driver = tmp_path / "driver.py"
     driver.write_text(FASTTEXT_DRIVER)
     options = [o if o != "toy" else "fasttext" for o in FIT_OPTIONS]
-    options += ["--param", "fasttext__dim=8", "--param", "fasttext__thread=1", "--param", "fasttext__epoch=2"]
+    options += ["--param", "fasttext__dim=8", "--param", "fasttext__n_threads=1", "--param", "fasttext__epoch=2"]
     env = {**os.environ, "TMPDIR": str(tmpdir), "EVENT_FILE": str(event)}
     child = subprocess.Popen([sys.executable, str(driver), "fit", str(table), "--run-dir", str(run_dir), *options],
                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -504,7 +504,7 @@ def test_a_fit_logs_a_line_per_job_without_a_terminal(table, tmp_path):
     """No TTY, bars on: no bar characters in the captured output, and a time-stamped line per job."""
     options = [o for o in FIT_OPTIONS if o != "--no-progress"]
     options = [o if o != "toy" else "fasttext" for o in options]
-    options += ["--param", "fasttext__dim=8", "--param", "fasttext__thread=1"]
+    options += ["--param", "fasttext__dim=8", "--param", "fasttext__n_threads=1"]
     done = subprocess.run([sys.executable, "-m", "stackcat.cli", "fit", str(table), "--run-dir",
                            str(tmp_path / "run"), *options], capture_output=True, text=True, timeout=300)
     assert done.returncode == EXIT_OK, done.stderr

@@ -32,10 +32,14 @@ def test_declared_runtime_params_are_params_and_keep_the_old_ones(cls):
 
 
 @pytest.mark.parametrize(("cls", "changes"), [
-    (ImageEmbeddingClassifier, {"batch_size": 7, "n_jobs": 2, "cache_dir": "/x", "progress": False}),
+    (ImageEmbeddingClassifier, {"encode_batch_size": 7, "n_threads": 2, "image_cache_dir": "/x", "progress": False}),
+    (ImageEmbeddingClassifier, {"batch_size": 7, "n_jobs": 2, "cache_dir": "/x"}),  # deprecated names
     (FusionClassifier, {"image_batch_size": 7, "device": "cpu", "num_threads": 2, "predict_batch_size": 9}),
-    (NeighboursClassifier, {"cache_dir": "/x", "progress": False}),
-    (RerankMeta, {"thread_count": 2, "verbose": 1}),
+    (NeighboursClassifier, {"text_cache_dir": "/x", "image_cache_dir": "/y", "encode_batch_size": 9,
+                            "progress": False}),
+    (NeighboursClassifier, {"cache_dir": "/x", "batch_size": 9}),  # deprecated names
+    (RerankMeta, {"n_threads": 2, "verbose": 1}),
+    (MulticlassMeta, {"n_threads": 2, "thread_count": 3}),
 ])
 def test_runtime_params_leave_the_fingerprint_alone(cls, changes):
     assert model_fingerprint(cls().set_params(**changes)) == model_fingerprint(cls())
@@ -44,7 +48,8 @@ def test_runtime_params_leave_the_fingerprint_alone(cls, changes):
 @pytest.mark.parametrize(("cls", "param", "value"), [
     (ImageEmbeddingClassifier, "C", 3.0),
     (FusionClassifier, "image_epochs", 9),
-    (FastTextClassifier, "thread", 3),  # lock-free threads change what FastText learns
+    (FastTextClassifier, "n_threads", 3),  # lock-free threads change what FastText learns
+    (FastTextClassifier, "thread", 3),
     (BertClassifier, "device", "cpu"),  # CUDA trains in bf16 / fp16
     (TfidfClassifier, "max_iter", 7),
 ])

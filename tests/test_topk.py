@@ -60,7 +60,7 @@ def test_full_top_k_scores_like_dense(proba):
 
 
 @pytest.mark.parametrize("meta", [AverageBlend(), EnsembleSelection(n_iterations=5),
-                                  RerankMeta(iterations=20, thread_count=1, early_stopping_rounds=None)])
+                                  RerankMeta(iterations=20, n_threads=1, early_stopping_rounds=None)])
 def test_meta_learners_take_and_give_top_k(proba, meta):
     y = proba.argmax(axis=1)
     probas = {"a": top_k_rows(proba, 3), "b": top_k_rows(proba[::-1].copy(), 3)}
@@ -105,7 +105,7 @@ def test_cli_fit_predict_evaluate_on_top_k(tmp_path):
     train = tmp_path / "ke.csv"
     shutil.copy(Path(__file__).parent / "data" / "ke_products.csv", train)
     run_dir = tmp_path / "run"
-    fast = ["--models", "fasttext", "--folds", "3", "--no-progress", "--param", "fasttext__thread=1",
+    fast = ["--models", "fasttext", "--folds", "3", "--no-progress", "--param", "fasttext__n_threads=1",
             "--param", "fasttext__dim=16"]
     assert main(["fit", str(train), "--run-dir", str(run_dir), "--oof-top-k", "2", *fast]) == EXIT_OK
     assert (run_dir / "report.md").exists()

@@ -16,9 +16,10 @@ from typing import Any
 
 import numpy as np
 from sklearn.base import BaseEstimator
-from sklearn.utils._param_validation import Interval
+from sklearn.utils._param_validation import Interval, Options
 from sklearn.utils.validation import check_is_fitted
 
+from stackcat._deprecated import renamed_constraint, renamed_param
 from stackcat.topk import is_top_k, row_argmax, take_rows, weighted_sum
 
 LOG_FLOOR = 1e-7  # float16 probabilities underflow below ~6e-8
@@ -187,7 +188,7 @@ class _BoostedMeta(_MetaBase):
     :meth:`_inner_split_scores`.
     """
 
-    _runtime_params = ("thread_count", "verbose")
+    _runtime_params = ("n_threads", "verbose", "thread_count")
     _parameter_constraints: dict = {
         "iterations": [Interval(Integral, 1, None, closed="left")],
         "learning_rate": [Interval(Real, 0, None, closed="neither"), None],
@@ -196,9 +197,10 @@ class _BoostedMeta(_MetaBase):
         "early_stopping_rounds": [Interval(Integral, 1, None, closed="left"), None],
         "eval_fraction": [Interval(Real, 0, 1, closed="left")],
         "refit": ["boolean"],
-        "thread_count": [Interval(Integral, -1, None, closed="left")],
+        "n_threads": [Interval(Integral, 1, None, closed="left"), Options(Integral, {-1}), None],
         "random_state": [Interval(Integral, 0, None, closed="left")],
         "verbose": ["boolean", Interval(Integral, 0, None, closed="left")],
+        "thread_count": renamed_constraint([Interval(Integral, -1, None, closed="left")]),
     }
 
     def _early_stopping(self) -> bool:
@@ -211,7 +213,7 @@ class _BoostedMeta(_MetaBase):
             "iterations": iterations,
             "depth": self.depth,
             "l2_leaf_reg": self.l2_leaf_reg,
-            "thread_count": self.thread_count,
+            "thread_count": self._thread_count(),
             "random_seed": self.random_state,
             "verbose": self.verbose,
             "allow_writing_files": False,  # no catboost_info/ in the caller's directory
@@ -219,6 +221,11 @@ class _BoostedMeta(_MetaBase):
         if self.learning_rate is not None:
             params["learning_rate"] = self.learning_rate
         return params
+
+    def _thread_count(self) -> int:
+        """CatBoost's ``thread_count`` for ``n_threads``: None (and -1) is every core."""
+        threads = renamed_param(self, "thread_count", "n_threads")
+        return -1 if threads is None else threads
 
     @staticmethod
     def _inner_split_scores(chosen_right: np.ndarray, logloss: float, matrices: Sequence[Any],

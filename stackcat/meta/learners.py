@@ -17,6 +17,7 @@ from scipy.optimize import minimize_scalar
 from sklearn.base import _fit_context
 from sklearn.utils._param_validation import Interval
 
+from stackcat._deprecated import DEPRECATED
 from stackcat.core import normalize_rows
 from stackcat.meta.base import LOG_FLOOR, _BoostedMeta, _MetaBase, inner_eval_mask
 from stackcat.meta.rerank import RerankMeta
@@ -261,11 +262,13 @@ class MulticlassMeta(_BoostedMeta):
         Share of rows in the inner early-stopping split.
     refit : bool, default=True
         Retrain on all rows with the early-stopped number of iterations.
-    thread_count : int, default=-1
-        CatBoost threads; -1 uses every core.
+    n_threads : int or None, default=None
+        CatBoost threads; None or -1 uses every core.
     random_state : int, default=0
     verbose : bool or int, default=False
         CatBoost's progress output (an int logs every that many iterations).
+
+    Deprecated parameters: ``thread_count`` (now ``n_threads``).
 
     Attributes
     ----------
@@ -289,7 +292,7 @@ class MulticlassMeta(_BoostedMeta):
     >>> noisy = lambda s: np.eye(3)[y] * s + rng.random((200, 3))
     >>> probas = {"a": noisy(1.0), "b": noisy(0.5)}
     >>> probas = {k: v / v.sum(1, keepdims=True) for k, v in probas.items()}
-    >>> meta = MulticlassMeta(iterations=30, thread_count=1).fit(probas, y)
+    >>> meta = MulticlassMeta(iterations=30, n_threads=1).fit(probas, y)
     >>> meta.predict_proba(probas).shape
     (200, 3)
     """
@@ -305,9 +308,10 @@ class MulticlassMeta(_BoostedMeta):
         early_stopping_rounds: int | None = 50,
         eval_fraction: float = 0.15,
         refit: bool = True,
-        thread_count: int = -1,
+        n_threads: int | None = None,
         random_state: int = 0,
         verbose: bool | int = False,
+        thread_count: int | str = DEPRECATED,
     ) -> None:
         self.iterations = iterations
         self.learning_rate = learning_rate
@@ -316,9 +320,10 @@ class MulticlassMeta(_BoostedMeta):
         self.early_stopping_rounds = early_stopping_rounds
         self.eval_fraction = eval_fraction
         self.refit = refit
-        self.thread_count = thread_count
+        self.n_threads = n_threads
         self.random_state = random_state
         self.verbose = verbose
+        self.thread_count = thread_count
 
     @_fit_context(prefer_skip_nested_validation=True)
     def fit(self, probas: Mapping[str, np.ndarray], y: Any, **context: Any) -> MulticlassMeta:

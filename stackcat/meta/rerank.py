@@ -13,6 +13,7 @@ from scipy.optimize import minimize_scalar
 from sklearn.base import _fit_context
 from sklearn.utils._param_validation import Interval, StrOptions
 
+from stackcat._deprecated import DEPRECATED
 from stackcat.meta.base import LOG_FLOOR, _BoostedMeta, check_signals, signal_group
 from stackcat.meta.candidates import CandidateSet, build_candidates, candidate_feature_names
 from stackcat.topk import is_top_k, take_rows
@@ -143,10 +144,13 @@ class RerankMeta(_BoostedMeta):
     refit : bool, default=False
         Retrain on all products with the early-stopped number of iterations
         (about doubles the fit time).
-    thread_count : int, default=-1
+    n_threads : int or None, default=None
+        CatBoost threads; None or -1 uses every core.
     random_state : int, default=0
     verbose : bool or int, default=False
         CatBoost's log and a progress bar over candidate building.
+
+    Deprecated parameters: ``thread_count`` (now ``n_threads``).
 
     Attributes
     ----------
@@ -181,7 +185,7 @@ class RerankMeta(_BoostedMeta):
     ...     p = np.exp(logits)
     ...     return p / p.sum(1, keepdims=True)
     >>> probas = {"text": model(1.0), "image": model(1.5)}
-    >>> meta = RerankMeta(iterations=50, thread_count=1).fit(probas, y)
+    >>> meta = RerankMeta(iterations=50, n_threads=1).fit(probas, y)
     >>> proba = meta.predict_proba(probas)
     >>> proba.shape, bool(np.allclose(proba.sum(1), 1)), bool((proba > 0).sum(1).max() <= 15)
     ((600, 60), True, True)
@@ -216,9 +220,10 @@ class RerankMeta(_BoostedMeta):
         early_stopping_rounds: int | None = 50,
         eval_fraction: float = 0.15,
         refit: bool = False,
-        thread_count: int = -1,
+        n_threads: int | None = None,
         random_state: int = 0,
         verbose: bool | int = False,
+        thread_count: int | str = DEPRECATED,
     ) -> None:
         self.top_k = top_k
         self.loss = loss
@@ -235,9 +240,10 @@ class RerankMeta(_BoostedMeta):
         self.early_stopping_rounds = early_stopping_rounds
         self.eval_fraction = eval_fraction
         self.refit = refit
-        self.thread_count = thread_count
+        self.n_threads = n_threads
         self.random_state = random_state
         self.verbose = verbose
+        self.thread_count = thread_count
 
     @_fit_context(prefer_skip_nested_validation=True)
     def fit(self, probas: Mapping[str, np.ndarray], y: Any, *, signals: Mapping[str, np.ndarray] | None = None,

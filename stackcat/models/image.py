@@ -6,9 +6,7 @@ alias): the head is the same whatever the encoder (open_clip, EfficientNet...).
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Iterator
 from numbers import Integral, Real
 from typing import Any
 
@@ -20,6 +18,8 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.utils._param_validation import HasMethods, Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
+from stackcat._deprecated import DEPRECATED, renamed_constraint, renamed_param
+from stackcat.core import limit_threads
 from stackcat.features.image_encoders import get_encoder
 from stackcat.features.images import ImageEmbeddings, image_embeddings
 from stackcat.models._base import (
@@ -37,7 +37,7 @@ class ImageEmbeddingClassifier(ProbaClassifierMixin, ClassifierMixin, BaseEstima
     """Frozen image embeddings (open_clip by default, any encoder pluggable) + logistic regression.
 
     Each image is embedded once by a frozen encoder (see
-    :func:`stackcat.features.images.image_embeddings`; with ``cache_dir`` the embeddings are
+    :func:`stackcat.features.images.image_embeddings`; with ``image_cache_dir`` the embeddings are
     shared by every fold and model that asks for the same images), the vectors are
     normalized, and a scikit-learn ``LogisticRegression`` head is trained on them.
 
@@ -56,7 +56,7 @@ class ImageEmbeddingClassifier(ProbaClassifierMixin, ClassifierMixin, BaseEstima
         ``"efficientnet-lite0"``, ...), or any object with a ``name`` and an
         ``encode(images) -> (n, dim)`` method: the plug-in point for other encoders.
         It must pickle for the fitted model to pickle.
-    cache_dir : str, path-like or None, default=None
+    image_cache_dir : str, path-like or None, default=None
         On-disk embedding cache shared by all models and processes.
     normalize : {"l2", "standard"} or None, default="l2"
         Scaling of the embeddings before the head: unit length (the usual for CLIP
@@ -75,16 +75,19 @@ class ImageEmbeddingClassifier(ProbaClassifierMixin, ClassifierMixin, BaseEstima
         uniform distribution, or an error naming the rows.
     device : str, default="auto"
         Device of an encoder built from a string (CUDA when available, else CPU).
-    batch_size : int, default=64
+    encode_batch_size : int, default=64
         Images decoded and encoded at a time.
     random_state : int or None, default=0
         Seed of the head.
-    n_jobs : int or None, default=None
+    n_threads : int or None, default=None
         CPU threads for encoding (torch) and for the head (BLAS) while this model
         works; -1 = all cores; None leaves the libraries' settings alone. Give 1 to
         each of several models running in parallel processes.
     progress : bool, default=True
         Show a progress bar while images are encoded (cached images are not).
+
+    Deprecated parameters: ``cache_dir`` (now ``image_cache_dir``), ``batch_size``
+    (now ``encode_batch_size``), ``n_jobs`` (now ``n_threads``).
 
     Attributes
     ----------
@@ -124,53 +127,63 @@ class ImageEmbeddingClassifier(ProbaClassifierMixin, ClassifierMixin, BaseEstima
     """
 
     # params that change how fast, not what, it learns: left out of the run folder's job keys
-    _runtime_params = ("batch_size", "cache_dir", "n_jobs", "progress")
+    _runtime_params = ("encode_batch_size", "image_cache_dir", "n_threads", "progress",
+                       "batch_size", "cache_dir", "n_jobs")
 
     _parameter_constraints: dict = {
         "image_column": [str],
         "encoder": [str, HasMethods(["encode"])],
-        "cache_dir": [str, os.PathLike, None],
+        "image_cache_dir": [str, os.PathLike, None],
         "normalize": [StrOptions({"l2", "standard"}), None],
         "C": [Interval(Real, 0, None, closed="neither")],
         "max_iter": [Interval(Integral, 1, None, closed="left")],
         "class_weight": [dict, StrOptions({"balanced"}), None],
         "missing_image": [StrOptions({"prior", "uniform", "error"})],
         "device": [str],
-        "batch_size": [Interval(Integral, 1, None, closed="left")],
+        "encode_batch_size": [Interval(Integral, 1, None, closed="left")],
         "random_state": [Interval(Integral, 0, None, closed="left"), None],
-        "n_jobs": [Integral, None],
+        "n_threads": [Integral, None],
         "progress": ["boolean"],
+        "cache_dir": renamed_constraint([str, os.PathLike, None]),
+        "batch_size": renamed_constraint([Interval(Integral, 1, None, closed="left")]),
+        "n_jobs": renamed_constraint([Integral, None]),
     }
 
     def __init__(
         self,
         image_column: str = "image_path",
         encoder: Any = "ViT-L-14/openai",
-        cache_dir: str | os.PathLike | None = None,
+        image_cache_dir: str | os.PathLike | None = None,
         normalize: str | None = "l2",
         C: float = 100.0,
         max_iter: int = 1000,
         class_weight: dict | str | None = None,
         missing_image: str = "prior",
         device: str = "auto",
-        batch_size: int = 64,
+        encode_batch_size: int = 64,
         random_state: int | None = 0,
-        n_jobs: int | None = None,
+        n_threads: int | None = None,
         progress: bool = True,
+        cache_dir: str | os.PathLike | None = DEPRECATED,
+        batch_size: int | str = DEPRECATED,
+        n_jobs: int | None | str = DEPRECATED,
     ) -> None:
         self.image_column = image_column
         self.encoder = encoder
-        self.cache_dir = cache_dir
+        self.image_cache_dir = image_cache_dir
         self.normalize = normalize
         self.C = C
         self.max_iter = max_iter
         self.class_weight = class_weight
         self.missing_image = missing_image
         self.device = device
-        self.batch_size = batch_size
+        self.encode_batch_size = encode_batch_size
         self.random_state = random_state
-        self.n_jobs = n_jobs
+        self.n_threads = n_threads
         self.progress = progress
+        self.cache_dir = cache_dir
+        self.batch_size = batch_size
+        self.n_jobs = n_jobs
 
     @_fit_context(prefer_skip_nested_validation=True)
     def fit(self, X: Any, y: Any) -> ImageEmbeddingClassifier:
@@ -178,7 +191,7 @@ class ImageEmbeddingClassifier(ProbaClassifierMixin, ClassifierMixin, BaseEstima
         paths = column_values(X, self.image_column, what="image")
         self.classes_, y_index = encode_labels(y, len(paths))
         self.encoder_ = get_encoder(self.encoder, device=self.device)
-        with _thread_limit(self.n_jobs):
+        with limit_threads(renamed_param(self, "n_jobs", "n_threads")):
             embedded = self._embed(paths)
             self._record_image_status(embedded)
             usable = embedded.ok
@@ -203,7 +216,7 @@ class ImageEmbeddingClassifier(ProbaClassifierMixin, ClassifierMixin, BaseEstima
         """
         check_is_fitted(self, "head_")
         paths = column_values(X, self.image_column, what="image")
-        with _thread_limit(self.n_jobs):
+        with limit_threads(renamed_param(self, "n_jobs", "n_threads")):
             embedded = self._embed(paths)
             if self.missing_image == "error":
                 self._raise_for_failed(embedded, paths)
@@ -216,22 +229,29 @@ class ImageEmbeddingClassifier(ProbaClassifierMixin, ClassifierMixin, BaseEstima
         return normalize_rows(proba)
 
     def warm_cache(self, X: Any) -> None:
-        """Encode every image of ``X`` into ``cache_dir`` once, before fold jobs start in parallel.
+        """Encode every image of ``X`` into ``image_cache_dir`` once, before fold jobs start in parallel.
 
         The stacking engine calls this in the main process, so that parallel
         fold jobs read the cache instead of each encoding the same images.
         """
-        if self.cache_dir is None:
+        cache_dir = self._cache_dir()
+        if cache_dir is None:
             return
         paths = column_values(X, self.image_column, what="image")
-        with _thread_limit(self.n_jobs):
+        with limit_threads(renamed_param(self, "n_jobs", "n_threads")):
             image_embeddings(list(paths), get_encoder(self.encoder, device=self.device),
-                             cache_dir=self.cache_dir, batch_size=self.batch_size, progress=self.progress)
+                             cache_dir=cache_dir, batch_size=self._encode_batch_size(), progress=self.progress)
 
     def _embed(self, paths: np.ndarray) -> ImageEmbeddings:
-        return image_embeddings(list(paths), self.encoder_, cache_dir=self.cache_dir,
-                                batch_size=self.batch_size, device=self.device,
+        return image_embeddings(list(paths), self.encoder_, cache_dir=self._cache_dir(),
+                                batch_size=self._encode_batch_size(), device=self.device,
                                 progress=self.progress)
+
+    def _cache_dir(self) -> str | os.PathLike | None:
+        return renamed_param(self, "cache_dir", "image_cache_dir")
+
+    def _encode_batch_size(self) -> int:
+        return renamed_param(self, "batch_size", "encode_batch_size")
 
     def _record_image_status(self, embedded: ImageEmbeddings) -> None:
         self.image_status_counts_ = embedded.status_counts
@@ -281,21 +301,3 @@ class ImageEmbeddingClassifier(ProbaClassifierMixin, ClassifierMixin, BaseEstima
         tags.input_tags.string = True
         return tags
 
-
-@contextlib.contextmanager
-def _thread_limit(n_jobs: int | None) -> Iterator[None]:
-    """Cap torch and BLAS threads at ``n_jobs`` for the duration (None: leave them alone)."""
-    if n_jobs is None:
-        yield
-        return
-    import torch
-    from threadpoolctl import threadpool_limits
-
-    threads = (os.cpu_count() or 1) if n_jobs < 0 else max(1, int(n_jobs))
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        with threadpool_limits(limits=threads):
-            yield
-    finally:
-        torch.set_num_threads(before)

@@ -25,6 +25,7 @@ from sklearn.base import BaseEstimator, ClassifierMixin, _fit_context
 from sklearn.utils._param_validation import HasMethods, Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
+from stackcat._deprecated import DEPRECATED, renamed_constraint, renamed_param
 from stackcat.models._base import ProbaClassifierMixin, as_texts, column_values, encode_labels
 
 DEFAULT_TEXT_MODEL = "cointegrated/rubert-tiny2"
@@ -137,8 +138,12 @@ class NeighboursClassifier(ProbaClassifierMixin, ClassifierMixin, BaseEstimator)
         Tokens kept per text; the cache is per ``max_length``, like BertClassifier's.
     encoder : str or object, default="ViT-L-14/openai"
         Image encoder spec for :func:`stackcat.features.image_encoders.get_encoder`, or an encoder object.
-    cache_dir : str, path-like or None, default=None
-        The run's embedding cache folder (None: this process's memory only).
+    text_cache_dir : str, path-like or None, default=None
+        The run's token-state cache folder, read when ``source="text"``
+        (None: this process's memory only).
+    image_cache_dir : str, path-like or None, default=None
+        The run's image-embedding cache folder, read when ``source="image"``
+        (None: this process's memory only).
     n_neighbors : int, default=20
         Neighbours that vote (fewer when there are fewer training rows).
     temperature : float, default=0.02
@@ -156,10 +161,13 @@ class NeighboursClassifier(ProbaClassifierMixin, ClassifierMixin, BaseEstimator)
         Exact search through numpy matrix products, or through faiss (``stackcat[faiss]``).
     device : str, default="auto"
         Where an encoder runs when something is not cached.
-    batch_size : int, default=64
+    encode_batch_size : int, default=64
         Texts or images per encoder pass.
     progress : bool, default=True
         Progress bar while encoding what is not cached.
+
+    Deprecated parameters: ``cache_dir`` (now ``text_cache_dir`` or ``image_cache_dir``,
+    by ``source``), ``batch_size`` (now ``encode_batch_size``).
 
     Attributes
     ----------
@@ -193,7 +201,8 @@ class NeighboursClassifier(ProbaClassifierMixin, ClassifierMixin, BaseEstimator)
     """
 
     # params that change how fast, not what, it learns: left out of the run folder's job keys
-    _runtime_params = ("cache_dir", "progress")
+    _runtime_params = ("text_cache_dir", "image_cache_dir", "encode_batch_size", "progress",
+                       "cache_dir", "batch_size")
 
     _parameter_constraints: dict = {
         "source": [StrOptions({"text", "image"})],
@@ -203,15 +212,18 @@ class NeighboursClassifier(ProbaClassifierMixin, ClassifierMixin, BaseEstimator)
         "text_prefix": [str],
         "max_length": [Interval(Integral, 1, None, closed="left")],
         "encoder": [str, HasMethods(["encode"])],
-        "cache_dir": [str, os.PathLike, None],
+        "text_cache_dir": [str, os.PathLike, None],
+        "image_cache_dir": [str, os.PathLike, None],
         "n_neighbors": [Interval(Integral, 1, None, closed="left")],
         "temperature": [Interval(Real, 0, None, closed="neither")],
         "smoothing": [Interval(Real, 0, 1, closed="both")],
         "chunk_size": [Interval(Integral, 1, None, closed="left")],
         "backend": [StrOptions({"numpy", "faiss"})],
         "device": [str],
-        "batch_size": [Interval(Integral, 1, None, closed="left")],
+        "encode_batch_size": [Interval(Integral, 1, None, closed="left")],
         "progress": ["boolean"],
+        "cache_dir": renamed_constraint([str, os.PathLike, None]),
+        "batch_size": renamed_constraint([Interval(Integral, 1, None, closed="left")]),
     }
 
     def __init__(
@@ -223,15 +235,18 @@ class NeighboursClassifier(ProbaClassifierMixin, ClassifierMixin, BaseEstimator)
         text_prefix: str = "",
         max_length: int = 128,
         encoder: Any = DEFAULT_IMAGE_ENCODER,
-        cache_dir: str | os.PathLike | None = None,
+        text_cache_dir: str | os.PathLike | None = None,
+        image_cache_dir: str | os.PathLike | None = None,
         n_neighbors: int = 20,
         temperature: float = 0.02,
         smoothing: float = 0.01,
         chunk_size: int = 1024,
         backend: str = "numpy",
         device: str = "auto",
-        batch_size: int = 64,
+        encode_batch_size: int = 64,
         progress: bool = True,
+        cache_dir: str | os.PathLike | None = DEPRECATED,
+        batch_size: int | str = DEPRECATED,
     ) -> None:
         self.source = source
         self.text_column = text_column
@@ -240,15 +255,18 @@ class NeighboursClassifier(ProbaClassifierMixin, ClassifierMixin, BaseEstimator)
         self.text_prefix = text_prefix
         self.max_length = max_length
         self.encoder = encoder
-        self.cache_dir = cache_dir
+        self.text_cache_dir = text_cache_dir
+        self.image_cache_dir = image_cache_dir
         self.n_neighbors = n_neighbors
         self.temperature = temperature
         self.smoothing = smoothing
         self.chunk_size = chunk_size
         self.backend = backend
         self.device = device
-        self.batch_size = batch_size
+        self.encode_batch_size = encode_batch_size
         self.progress = progress
+        self.cache_dir = cache_dir
+        self.batch_size = batch_size
 
     @_fit_context(prefer_skip_nested_validation=True)
     def fit(self, X: Any, y: Any) -> NeighboursClassifier:
@@ -318,16 +336,22 @@ class NeighboursClassifier(ProbaClassifierMixin, ClassifierMixin, BaseEstimator)
 
         prefix = self.text_prefix if prefix is None else prefix
         states = token_states([prefix + text for text in as_texts(np.asarray(texts, dtype=object))],
-                              self.model_name, int(self.max_length), cache_dir=self.cache_dir,
-                              device=self.device, batch_size=self.batch_size, progress=self.progress)
+                              self.model_name, int(self.max_length), cache_dir=self._cache_dir("text"),
+                              device=self.device, batch_size=self._encode_batch_size(), progress=self.progress)
         if not states:
             return np.zeros((0, 0), dtype=np.float32)
         return l2_normalized(mean_pooled(states))
 
     def warm_cache(self, X: Any) -> None:
-        """Encode every row of ``X`` into ``cache_dir`` once, before parallel fold jobs start."""
-        if self.cache_dir is not None:
+        """Encode every row of ``X`` into the ``source``'s cache folder once, before parallel fold jobs start."""
+        if self._cache_dir(self.source) is not None:
             self.embed(X)
+
+    def _cache_dir(self, source: str) -> str | os.PathLike | None:
+        return renamed_param(self, "cache_dir", f"{source}_cache_dir")
+
+    def _encode_batch_size(self) -> int:
+        return renamed_param(self, "batch_size", "encode_batch_size")
 
     def _values(self, X: Any) -> np.ndarray:
         if self.source == "text":
@@ -341,7 +365,7 @@ class NeighboursClassifier(ProbaClassifierMixin, ClassifierMixin, BaseEstimator)
         from stackcat.features.images import image_embeddings
 
         embedded = image_embeddings(list(values), get_encoder(self.encoder, device=self.device),
-                                    cache_dir=self.cache_dir, batch_size=self.batch_size,
+                                    cache_dir=self._cache_dir("image"), batch_size=self._encode_batch_size(),
                                     device=self.device, progress=self.progress)
         return l2_normalized(embedded.embeddings)
 
