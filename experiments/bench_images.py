@@ -160,7 +160,8 @@ def out_of_fold(models: dict, X: np.ndarray, y: np.ndarray, n_splits: int, seed:
 def run_oof(label: str, X: np.ndarray, y: np.ndarray, heads: dict, seed: int, cache_dir: str) -> dict:
     encoder = CountingEncoder(get_encoder("efficientnet-lite0"))
     _ENCODED.clear()
-    models = {name: ImageEmbeddingClassifier(encoder=encoder, cache_dir=cache_dir, progress=False, **params)
+    models = {name: ImageEmbeddingClassifier(encoder=encoder, image_cache_dir=cache_dir, progress=False,
+                                               **params)
               for name, params in heads.items()}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # StratifiedKFold: classes with < 5 rows

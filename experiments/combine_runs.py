@@ -51,7 +51,7 @@ def main() -> None:
     oof, y, folds = load_oof(args.runs)
     results = dict(oof)
     results["average"] = np.mean(list(oof.values()), axis=0)
-    results["meta:RerankMeta"] = nested_meta_oof(RerankMeta(thread_count=args.threads), oof, y, folds)
+    results["meta:RerankMeta"] = nested_meta_oof(RerankMeta(n_threads=args.threads), oof, y, folds)
     print(comparison_table(results, y).round(4).to_string())
 
 

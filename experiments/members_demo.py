@@ -61,7 +61,7 @@ def main() -> None:
         warnings.filterwarnings("ignore", message="The least populated class")
         folds = list(StratifiedKFold(5, shuffle=True, random_state=42).split(frame, y))
     text_model, image_encoder = offline_weights()
-    common = {"cache_dir": str(args.cache_dir), "progress": False}
+    common = {"text_cache_dir": str(args.cache_dir), "image_cache_dir": str(args.cache_dir), "progress": False}
     text = {"source": "text", "model_name": text_model, "text_prefix": OFFLINE_TEXT_PREFIX, "max_length": 32}
     image = {"source": "image", "encoder": image_encoder}
     rows = []

@@ -456,7 +456,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         },
     }
     print(json.dumps(report["data"], indent=2), flush=True)
-    params = {"iterations": args.iterations, "thread_count": args.threads, "loss": args.loss,
+    params = {"iterations": args.iterations, "n_threads": args.threads, "loss": args.loss,
               "top_k": args.top_k, "learning_rate": args.learning_rate or None,
               "class_feature": args.class_feature, "refit": args.refit, "random_state": args.seed}
     report["rerank_params"] = params

@@ -52,7 +52,7 @@ def fit_one(raw, size: int, run_dir: Path, data_dir: Path) -> dict:
     options = ModelOptions(text_model=text_model, text_prefix=OFFLINE_TEXT_PREFIX, image_encoder=image_encoder,
                            cache_dir=str(run_dir / "embeddings"), max_length=48, freeze_text_encoder=True,
                            progress=False)
-    models = build_models(MEMBERS, options, {"fasttext": {"thread": 1}})
+    models = build_models(MEMBERS, options, {"fasttext": {"n_threads": 1}})
     named = dict(models)
     # load (and export) the encoders outside the timed stages, with nothing cached in this process
     clear_caches()

@@ -105,7 +105,7 @@ def main() -> None:
     scores["ensemble"] = step("ensemble_score", lambda: score(y, selection.predict_proba(probas)))
     average_meta = step("average_meta_fit", lambda: AverageBlend().fit(probas, y))
     scores["average_meta"] = step("average_meta_score", lambda: score(y, average_meta.predict_proba(probas)))
-    rerank = RerankMeta(iterations=args.iterations, thread_count=args.threads, class_feature=False,
+    rerank = RerankMeta(iterations=args.iterations, n_threads=args.threads, class_feature=False,
                         max_train_products=args.max_train_products, early_stopping_rounds=None)
     step("rerank_fit", lambda: rerank.fit(probas, y))
     proba = step("rerank_predict", lambda: rerank.predict_proba(probas))
