@@ -38,8 +38,6 @@ PRIVATE_TOP_LEVEL_LAYER = "ground floor"
 
 # Upward imports known and accepted, each with its reason; keep this list short.
 ALLOWED_UPWARD = {
-    # deprecated names of the report, still served by metrics for one release (issue 14)
-    ("stackcat.metrics", "stackcat.report"): "deprecation shim",
     # run folders fingerprint image files with the images module's content hash (one hasher,
     # remembered per path, size and mtime); a function-level import
     ("stackcat.runs", "stackcat.features.images"): "content hash of image files",
