@@ -83,7 +83,8 @@ def test_exact_search_matches_a_full_sort_whatever_the_chunks(chunk_size, k):
     full = queries @ index.T
     expected = np.argsort(-full, axis=1)[:, :k]
     np.testing.assert_array_equal(positions, expected)
-    np.testing.assert_allclose(similarities, np.take_along_axis(full, expected, axis=1), rtol=1e-6)
+    # float32 cosines: a one-row chunk (matrix-vector) rounds differently from the full product
+    np.testing.assert_allclose(similarities, np.take_along_axis(full, expected, axis=1), rtol=0, atol=1e-6)
     assert similarities.dtype == np.float32 and positions.shape == (23, k)
 
 
