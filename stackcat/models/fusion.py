@@ -348,7 +348,7 @@ class FusionClassifier(TorchClassifier):
         self.predict_batch_size = predict_batch_size
 
     def _check_params(self) -> None:
-        last_stage = 0 if self._freeze_text_encoder() else self.epochs
+        last_stage = 0 if self.freeze_encoder else self.epochs  # epochs=0 (the old way to freeze) counts as 0
         if self.image_epochs + self.frozen_epochs + last_stage == 0:
             raise ValueError("image_epochs, frozen_epochs and epochs are all 0: nothing to train")
 
