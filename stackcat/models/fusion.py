@@ -29,13 +29,14 @@ Training runs three stages (0 epochs skips one), as in the reference:
 2. ``frozen_epochs``: BERT frozen, everything else trains.
 3. ``epochs``: everything trains (BERT at ``lr``, the rest at ``head_lr``).
 
-With ``freeze_encoder=True`` (formerly ``epochs=0``) BERT never trains, so it never runs during training either: each
-distinct text's token states are computed once and cached
-(:mod:`stackcat.features.text_states`, shared with ``BertClassifier(freeze_encoder=True)``),
-and batches are padded cached states. Such a model holds no BERT weights (it
-pickles and saves small and loads the encoder again only for texts that are not
-cached); on the demo data, ``image_epochs=2, frozen_epochs=8, head_lr=1e-2`` suit
-it (experiments/results/frozen_text.md). A fine-tuned BERT's stages 1-2 run BERT
+With ``freeze_encoder=True`` (formerly ``epochs=0``) BERT never trains, so it never
+runs during training either: each distinct text's token states are computed once
+and cached (:mod:`stackcat.features.text_states`, shared with
+``BertClassifier(freeze_encoder=True)``), and batches are padded cached states;
+stage 3 does not run. Such a model holds no BERT weights (it pickles and saves
+small and loads the encoder again only for texts that are not cached); on the demo
+data, ``image_epochs=2, frozen_epochs=8, head_lr=1e-2`` suit it
+(experiments/results/frozen_text.md). When BERT is fine-tuned, stages 1-2 run BERT
 forwards as before: the fine-tuned encoder has to be loaded, trained and saved
 anyway, and stage 2 is one or two forward-only epochs next to stage 3's forward +
 backward ones.
