@@ -356,26 +356,32 @@ class TorchClassifier(SavableTorchMixin, ProbaClassifierMixin, ClassifierMixin, 
         inputs = self._text_inputs(fitting=True)
         n_threads = self._n_threads()
         with limit_threads(n_threads):
-            arrays = self._fit_row_arrays(X, len(texts))
-            eval_texts = None if eval_set is None else self._texts(eval_set[0])
-            rows, eval_rows, encoder = inputs.fit_rows(texts, eval_texts,
-                                                       seed=lambda: seed_everything(self.random_state))
-            vars(self).update(inputs.fitted)
-            device = resolve_device(self.device)
-            self.module_ = self._build_module(encoder)
-            train = self._loader(inputs, rows, arrays, y_index, shuffle=True)
-            valid = None
-            if eval_set is not None:
-                labels = self._eval_labels(eval_set[1], len(eval_texts))
-                valid = self._loader(inputs, eval_rows, self._row_arrays(eval_set[0], len(eval_texts)),
-                                     labels, shuffle=False)
+            train, valid = self._training_batches(inputs, X, texts, y_index, eval_set)
             loop = training.TrainingLoop(
-                self.module_, nn.CrossEntropyLoss(label_smoothing=self.label_smoothing), device,
+                self.module_, nn.CrossEntropyLoss(label_smoothing=self.label_smoothing),
+                resolve_device(self.device),
                 training.training_callbacks(self.progress, valid is not None, self.early_stopping_patience))
             with limit_threads(inputs.module_threads(n_threads)):
                 loop.fit(self._stages(), train, valid)
         self.history_, self.best_epoch_ = training.history_records(loop)
         return self
+
+    def _training_batches(self, inputs: TextInputs, X: Any, texts: list[str], y_index: np.ndarray,
+                          eval_set: tuple[Any, Any] | None) -> tuple[Any, Any]:
+        """Build ``module_`` (seeded) and return the ``(train, valid or None)`` loaders."""
+        arrays = self._fit_row_arrays(X, len(texts))
+        eval_texts = eval_labels = None
+        if eval_set is not None:
+            eval_texts = self._texts(eval_set[0])
+            eval_labels = self._eval_labels(eval_set[1], len(eval_texts))
+        rows, eval_rows, encoder = inputs.fit_rows(texts, eval_texts, seed=lambda: seed_everything(self.random_state))
+        vars(self).update(inputs.fitted)
+        self.module_ = self._build_module(encoder)
+        train = self._loader(inputs, rows, arrays, y_index, shuffle=True)
+        if eval_set is None:
+            return train, None
+        eval_arrays = self._row_arrays(eval_set[0], len(eval_texts))
+        return train, self._loader(inputs, eval_rows, eval_arrays, eval_labels, shuffle=False)
 
     def predict_proba(self, X: Any) -> np.ndarray:
         """Probabilities ``(n_samples, n_classes)`` in ``classes_`` order; rows sum to 1."""
