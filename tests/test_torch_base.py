@@ -83,6 +83,18 @@ def test_fusion_freeze_encoder_trains_without_bert(tiny_model, frame):
     assert [h["stage"] for h in clf.history_] == ["image", "frozen"]
 
 
+@pytest.mark.parametrize(("n_threads", "valid"), [(None, True), (2, True), (-1, True), (0, False), (-2, False)])
+def test_n_threads_accepts_none_a_count_or_all_cores(n_threads, valid):
+    from sklearn.utils._param_validation import InvalidParameterError
+
+    for clf in (BertClassifier(n_threads=n_threads), FusionClassifier(n_threads=n_threads)):
+        if valid:
+            clf._validate_params()
+        else:
+            with pytest.raises(InvalidParameterError, match="n_threads"):
+                clf._validate_params()
+
+
 # --- deprecated names: a warning, and the old behaviour ------------------------------------------------
 
 

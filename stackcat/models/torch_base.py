@@ -70,6 +70,12 @@ class TextInputs:
     rows at predict time; ``collator`` batches rows; ``save`` / ``load`` write and
     read the strategy's part of the weights. ``fitted`` holds the fitted
     attributes the strategy gives its estimator (e.g. ``tokenizer_``).
+
+    Examples
+    --------
+    >>> inputs = estimator._text_inputs(fitting=False)  # doctest: +SKIP
+    >>> rows = inputs.rows(["red cotton shirt"])  # doctest: +SKIP
+    >>> collate = inputs.collator(rows, arrays={}, labels=None, with_rows=True)  # doctest: +SKIP
     """
 
     torch_attributes: tuple[str, ...] = ("module_",)
@@ -337,7 +343,7 @@ class TorchClassifier(SavableTorchMixin, ProbaClassifierMixin, ClassifierMixin, 
 
     @property
     def _torch_attributes(self) -> tuple[str, ...]:
-        return ("module_",) if self._fitted_on_cached_text() else TokenInputs.torch_attributes
+        return (CachedStateInputs if self._fitted_on_cached_text() else TokenInputs).torch_attributes
 
     # ---------------------------------------------------------------- fit and predict
 
