@@ -32,7 +32,9 @@ MOVED = {
     "stackcat.models._text_features": ("token_states", "stackcat.features.text_states"),
 }
 MOVED_NAMES = [  # (old module, name, new module)
-    ("stackcat.models._text_features", "FrozenTextMixin", "stackcat.models._frozen_text"),
+    ("stackcat.models._torch", "Stage", "stackcat.models.training"),
+    ("stackcat.models._torch", "pad_batch", "stackcat.models.batching"),
+    ("stackcat.models._torch", "SavableTorchMixin", "stackcat.models.persistence"),
     ("stackcat.models._torch", "load_text_encoder", "stackcat.features.hub"),
     ("stackcat.models._torch", "PretrainedModelNotFoundError", "stackcat.features.hub"),
     ("stackcat.models._torch", "tokenize", "stackcat.features.hub"),
