@@ -62,6 +62,7 @@ import joblib
 import numpy as np
 import pandas as pd
 
+from stackcat.core import current_umask  # noqa: F401 - re-exported: its old home
 from stackcat.files import (
     TEMP_SUFFIX,
     atomic_path,
