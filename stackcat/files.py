@@ -28,8 +28,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import joblib
-
 from stackcat.core import current_umask
 
 __all__ = [
@@ -265,4 +263,6 @@ def digest(*parts: Any) -> str:
     >>> digest("model", 1) == digest("model", 1) != digest(1, "model")
     True
     """
+    import joblib  # here: reading and writing files needs none of it
+
     return joblib.hash(parts, hash_name="sha1")
