@@ -24,15 +24,24 @@ from typing import Any
 from stackcat import __version__
 
 EXIT_OK, EXIT_RUN_ERROR, EXIT_USAGE = 0, 1, 2
-TABLE_SETTINGS = "table.json"
-DATA_PROBLEMS = "data_problems.csv"
-IMAGE_PROBLEMS = "image_problems.csv"
 MAX_PRINTED_PROBLEMS = 10
 DEFAULT_MODELS = "fasttext,lexical,bert,image,fusion,knn_text"
 # `stackcat fit` without --models: the members that need no pretrained weights, plus the
 # neighbours of the frozen text encoder where one is named.
 FIT_DEFAULT_MODELS = "fasttext,lexical"
 ALL_MODELS = "fasttext,lexical,bert,image,fusion,knn_text,knn_image"
+
+
+_RUN_FOLDER_NAMES = ("TABLE_SETTINGS", "DATA_PROBLEMS", "IMAGE_PROBLEMS")
+
+
+def __getattr__(name: str) -> Any:
+    """The run folder's file names (:mod:`stackcat.runs` owns them), without importing it at start-up."""
+    if name in _RUN_FOLDER_NAMES:
+        from stackcat import runs
+
+        return getattr(runs, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class UsageError(Exception):
@@ -187,19 +196,12 @@ def _check_stack_numbers(args: argparse.Namespace) -> None:
 
 
 def _check_run_folder(run_dir: Path, resume: bool) -> None:
-    from stackcat.runs import MANIFEST
+    from stackcat.runs import RunFolder, RunFolderConflict
 
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UsageError(f"--run-dir {run_dir} is a file, not a folder: choose another --run-dir")
-    if (run_dir / MANIFEST).exists() and not resume:
-        raise UsageError(f"run folder {run_dir} already holds a run: pass --resume to continue it "
-                         "(finished jobs are reused), or choose another --run-dir")
-    if run_dir.is_dir() and not (run_dir / MANIFEST).exists() and not (run_dir / TABLE_SETTINGS).exists():
-        others = sorted(p.name for p in run_dir.iterdir())
-        if others:
-            raise UsageError(f"--run-dir {run_dir} is not a stackcat run folder and is not empty "
-                             f"({', '.join(others[:5])}{' ...' if len(others) > 5 else ''}): "
-                             "choose a new or empty folder, so that no file of yours is mixed with the run")
+    try:
+        RunFolder(run_dir).check_new_run(resume)
+    except RunFolderConflict as exc:
+        raise UsageError(str(exc)) from exc
 
 
 def _spec_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -287,12 +289,12 @@ def _literal(text: str) -> Any:
 
 def _fit_and_report(prepared: Any, models: list[tuple[str, Any]], run_dir: Path,
                     args: argparse.Namespace, source: str) -> int:
-    from stackcat.runs import RunFolder, write_json
+    from stackcat.report import write_run_report
+    from stackcat.runs import RunFolder
     from stackcat.stacking import StackingCategorizer
 
-    with RunFolder(run_dir).locked():  # another fit working on this folder: refused before any write
-        write_json({"spec": prepared.spec.to_dict(), "source": source}, run_dir / TABLE_SETTINGS)
-        _write_data_problems(prepared, run_dir)
+    # another fit working on this folder: refused before any write
+    RunFolder(run_dir).record_table(prepared.spec.to_dict(), source, prepared.problems())
     frame = prepared.frame
     stack = StackingCategorizer(
         models, meta=args.meta, n_splits=args.folds, random_state=getattr(args, "seed", 0),
@@ -304,71 +306,19 @@ def _fit_and_report(prepared: Any, models: list[tuple[str, Any]], run_dir: Path,
     start = time.perf_counter()
     stack.fit(frame, frame["label"].to_numpy(dtype=object))
     seconds = time.perf_counter() - start
-    report = _write_report(stack, prepared, RunFolder(run_dir).path, fit_seconds=seconds)
+    report = write_run_report(stack, prepared, run_dir, fit_seconds=seconds)
+    _print_image_problems(report.image_problems)
     print(stack.oof_scores_.round(4).to_string())
-    print(f"fit finished in {seconds:.1f} s; report: {report}")
+    print(f"fit finished in {seconds:.1f} s; report: {report.path}")
     return EXIT_OK
 
 
-def _write_data_problems(prepared: Any, run_dir: Path) -> None:
-    import pandas as pd
-
-    from stackcat.runs import write_text
-
-    rows = [{"row": e.row, "id": e.row_id, "column": e.column, "reason": e.reason} for e in prepared.errors]
-    write_text(pd.DataFrame(rows, columns=["row", "id", "column", "reason"]).to_csv(index=False),
-               run_dir / DATA_PROBLEMS)
-
-
-def _write_report(stack: Any, prepared: Any, out_dir: Path, fit_seconds: float | None = None,
-                  results: dict | None = None, y_index: Any = None, extra_notes: Sequence[str] = ()) -> Path:
-    from stackcat.report import write_report
-
-    timings = stack.jobs_.groupby("model")[["fit_seconds", "predict_seconds"]].sum()
-    notes = [f"Data: {prepared.summary().splitlines()[0]}; problems listed in {DATA_PROBLEMS}.",
-             f"{stack.n_splits} stratified folds (seed {stack.random_state}); "
-             f"{len(stack.rare_classes_)} classes with fewer than {stack.n_splits} rows "
-             "(spread one member per fold, see the stacking docs).",
-             "Job time per model: " + ", ".join(f"{m} fit {r.fit_seconds:.0f} s / predict {r.predict_seconds:.0f} s"
-                                                for m, r in timings.iterrows()) + "."]
-    if fit_seconds is not None:
-        notes.append(f"Wall time of this fit: {fit_seconds:.0f} s (jobs found in the run folder are not re-run).")
-    notes += _image_notes(prepared, out_dir)
-    notes += stack.report_notes(results, stack.oof_target_ if y_index is None else y_index)
-    notes += list(extra_notes)
-    return write_report(out_dir, results if results is not None else stack.oof_results(),
-                        stack.oof_target_ if y_index is None else y_index, stack.classes_, y_kind="indices",
-                        train_counts=stack.class_counts_, notes=notes)
-
-
-def _image_notes(prepared: Any, out_dir: Path) -> list[str]:
-    from collections import Counter
-
-    import pandas as pd
-
-    from stackcat.features.images import load_image
-    from stackcat.runs import write_text
-
-    frame = prepared.frame
-    if frame["image_path"].isna().all():
-        return []
-    # a reduced-size decode is enough to tell ok / missing / corrupt / too large
-    statuses = [load_image(path, draft_size=64)[1] for path in frame["image_path"]]
-    counts = Counter(statuses)
-    note = "Images: " + ", ".join(f"{status} {n}" for status, n in sorted(counts.items())) + "."
-    problems = pd.DataFrame({"row": frame.index, "id": frame["id"], "image_path": frame["image_path"],
-                             "status": statuses})
-    problems = problems[~problems["status"].isin(["ok", "no_path"])]
-    if not problems.empty:
-        write_text(problems.to_csv(index=False), out_dir / IMAGE_PROBLEMS)
-        for problem in problems.head(MAX_PRINTED_PROBLEMS).itertuples():
-            print(f"warning: row {problem.row} (id {problem.id!r}), image {problem.image_path}: {problem.status}",
-                  file=sys.stderr)
-        note += f" Unusable images are listed in {IMAGE_PROBLEMS}."
-    if counts.keys() - {"ok"}:
-        note += (" Rows without a usable image get a zero embedding and a missing-image flag: "
-                 "the image model predicts the class prior there, the fusion net uses the text.")
-    return [note]
+def _print_image_problems(problems: Any) -> None:
+    if problems is None:
+        return
+    for problem in problems.head(MAX_PRINTED_PROBLEMS).itertuples():
+        print(f"warning: row {problem.row} (id {problem.id!r}), image {problem.image_path}: {problem.status}",
+              file=sys.stderr)
 
 
 # --------------------------------------------------------------------------- predict / evaluate
@@ -376,12 +326,10 @@ def _image_notes(prepared: Any, out_dir: Path) -> list[str]:
 
 def _load_run(run_dir: Path, trusted: bool = False) -> tuple[Any, Any]:
     from stackcat.data import TableSpec
+    from stackcat.runs import RunFolder
     from stackcat.stacking import StackingCategorizer
 
-    settings_path = run_dir / TABLE_SETTINGS
-    if not settings_path.exists():
-        raise FileNotFoundError(f"{run_dir}: not a stackcat run folder (no {TABLE_SETTINGS})")
-    settings = json.loads(settings_path.read_text(encoding="utf-8"))
+    settings = RunFolder(run_dir).read_table_settings()
     return StackingCategorizer.load(run_dir, trusted=trusted), TableSpec.from_dict(settings["spec"])
 
 
@@ -393,8 +341,8 @@ def _spec_for_table(spec: Any, image_dir: str | None, table: Path) -> Any:
 
 def run_predict(args: argparse.Namespace) -> int:
     from stackcat.data import prepare_table, read_table_chunks
+    from stackcat.files import atomic_path
     from stackcat.review import AUTO, review_threshold
-    from stackcat.runs import atomic_path
 
     _refuse_out_over_input(args.out, args.table)
     if not 0 < args.precision <= 1:
@@ -462,10 +410,9 @@ def _plain(value: Any) -> Any:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    import numpy as np
-
-    from stackcat.data import DataError, PreparedTable, prepare_table, read_table
+    from stackcat.data import DataError, prepare_table, read_table
     from stackcat.metrics import comparison_table
+    from stackcat.report import unseen_labels_note, write_run_report
 
     stack, spec = _load_run(args.run_dir, trusted=args.trust_run_dir)
     if args.table is None:
@@ -474,29 +421,18 @@ def run_evaluate(args: argparse.Namespace) -> int:
     spec = _spec_for_table(spec, args.image_dir, args.table)
     prepared = prepare_table(read_table(args.table), spec, base_dir=args.table.parent)
     print(prepared.summary())
-    known = {c: i for i, c in enumerate(stack.classes_)}
-    labels = prepared.frame["label"].to_numpy(dtype=object)
-    seen = np.array([label in known for label in labels], dtype=bool)
-    notes = []
-    if not seen.all():
-        unseen = sorted({str(v) for v in labels[~seen]})
-        notes.append(f"{(~seen).sum()} rows of {len(unseen)} categories unseen in training "
-                     f"({', '.join(unseen[:10])}{' ...' if len(unseen) > 10 else ''}) are left out of the "
-                     "scores below; every one of them is necessarily mispredicted.")
-        print("warning: " + notes[-1], file=sys.stderr)
-    if not seen.any():
+    evaluation = stack.evaluation_results(prepared.frame, prepared.frame["label"])
+    unseen = unseen_labels_note(evaluation)
+    if unseen:
+        print("warning: " + unseen, file=sys.stderr)
+    if not evaluation.scored.any():
         raise DataError(f"{args.table}: no row has a category seen in training "
-                        f"(the run knows {len(known)}, e.g. {[_plain(c) for c in stack.classes_[:5]]}): "
+                        f"(the run knows {len(stack.classes_)}, e.g. {[_plain(c) for c in stack.classes_[:5]]}): "
                         "nothing to score. Is it the right run folder and target column?")
-    frame = prepared.frame[seen]
-    results = stack.predict_results(frame)
-    y_index = np.array([known[label] for label in labels[seen]], dtype=np.int64)
-    out_dir = args.run_dir / f"evaluation-{args.table.stem}"
-    kept = PreparedTable(frame=frame, errors=prepared.errors, spec=prepared.spec,
-                         n_input_rows=prepared.n_input_rows)
-    report = _write_report(stack, kept, out_dir, results=results, y_index=y_index, extra_notes=notes)
-    print(comparison_table(results, y_index).round(4).to_string())
-    print(f"report: {report}")
+    report = write_run_report(stack, prepared, args.run_dir / f"evaluation-{args.table.stem}", evaluation=evaluation)
+    _print_image_problems(report.image_problems)
+    print(comparison_table(evaluation.results, evaluation.y_index).round(4).to_string())
+    print(f"report: {report.path}")
     return EXIT_OK
 
 

@@ -23,6 +23,7 @@ __all__ = [
     "current_umask",
     "limit_threads",
     "encode_labels",
+    "label_positions",
     "normalize_rows",
     "proba_for_classes",
     "resolve_device",
@@ -60,6 +61,25 @@ def encode_labels(y: Any, n_samples: int) -> tuple[np.ndarray, np.ndarray]:
 # ---------------------------------------------------------------- probability columns
 
 
+def label_positions(classes: Sequence[Any], labels: Any, *, what: str = "labels") -> np.ndarray:
+    """Index of each of ``labels`` in ``classes``; a label absent from ``classes`` is an error.
+
+    ``what`` names the labels in the error (e.g. ``"eval_set"``).
+
+    Examples
+    --------
+    >>> label_positions(np.array(["hats", "shoes"]), ["shoes", "hats"]).tolist()
+    [1, 0]
+    """
+    values = labels.to_numpy(dtype=object) if hasattr(labels, "to_numpy") else labels
+    values = np.asarray(values, dtype=object)
+    position = {c: i for i, c in enumerate(np.asarray(classes).tolist())}
+    unknown = sorted({repr(v) for v in values if v not in position})
+    if unknown:
+        raise ValueError(f"{what} has labels absent from the training labels: {', '.join(unknown[:10])}")
+    return np.array([position[v] for v in values], dtype=np.int64)
+
+
 def proba_for_classes(proba: np.ndarray, model_classes: Sequence[Any], classes: Sequence[Any]) -> np.ndarray:
     """Re-order/pad the columns of ``proba`` (``model_classes`` order) into ``classes`` order.
 
@@ -70,10 +90,8 @@ def proba_for_classes(proba: np.ndarray, model_classes: Sequence[Any], classes: 
     >>> proba_for_classes(np.array([[0.25, 0.75]]), ["b", "c"], ["a", "b", "c"]).tolist()
     [[0.0, 0.25, 0.75]]
     """
-    position = {c: i for i, c in enumerate(classes)}
     out = np.zeros((proba.shape[0], len(classes)), dtype=proba.dtype)
-    for j, c in enumerate(model_classes):
-        out[:, position[c]] = proba[:, j]
+    out[:, label_positions(classes, list(model_classes), what="model_classes")] = proba
     return out
 
 
@@ -118,6 +136,9 @@ def resolve_device(device: str = "auto") -> Any:
 class Precision:
     """Mixed precision on CUDA (bf16 when supported, else fp16 with a GradScaler); fp32 on CPU.
 
+    ``precision`` other than ``"auto"`` fixes the autocast dtype (``"fp32"``: none,
+    ``"fp16"``, ``"bf16"``) on any device, as the image encoders' ``precision`` option asks.
+
     Examples
     --------
     >>> precision = Precision(resolve_device("cpu"))  # doctest: +SKIP
@@ -125,14 +146,21 @@ class Precision:
     ...     logits = module(batch)
     """
 
-    def __init__(self, device: torch.device):
+    OPTIONS = ("auto", "fp32", "fp16", "bf16")
+
+    def __init__(self, device: torch.device, precision: str = "auto"):
         import torch
 
+        if precision not in self.OPTIONS:
+            raise ValueError(f"precision must be one of {self.OPTIONS}, got {precision!r}")
         self.device = device
         self.dtype: torch.dtype | None = None
-        if device.type == "cuda":
+        if precision == "auto" and device.type == "cuda":
             self.dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        self.scaler = torch.amp.GradScaler("cuda") if self.dtype == torch.float16 else None
+        elif precision != "auto":
+            self.dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+        use_scaler = self.dtype == torch.float16 and device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
 
     def autocast(self) -> contextlib.AbstractContextManager:
         import torch

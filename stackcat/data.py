@@ -47,6 +47,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from stackcat.runs import DATA_PROBLEM_COLUMNS
+
 SALE_WORD = "Распродажа"
 KE_JSON_COLUMN = "text_fields"
 CSV_SUFFIXES = {".csv", ".tsv", ".txt"}
@@ -216,6 +218,34 @@ class PreparedTable:
         if len(self.errors) > MAX_LISTED_ERRORS:
             lines.append(f"  ... and {len(self.errors) - MAX_LISTED_ERRORS} more")
         return "\n".join(lines)
+
+    def problems(self) -> pd.DataFrame:
+        """One line per row problem: ``row, id, column, reason`` (the run folder's ``data_problems.csv``).
+
+        Examples
+        --------
+        >>> prepared = prepare_table(pd.DataFrame({"title": ["a shirt", ""], "category": ["x", "x"]}),
+        ...                          TableSpec(text_columns=["title"], target="category"))
+        >>> prepared.problems()[["row", "column"]].values.tolist()
+        [[1, 'title']]
+        """
+        rows = [{"row": e.row, "id": e.row_id, "column": e.column, "reason": e.reason} for e in self.errors]
+        return pd.DataFrame(rows, columns=list(DATA_PROBLEM_COLUMNS))
+
+    def image_statuses(self) -> pd.DataFrame | None:
+        """Each kept row's image status: ``row, id, image_path, status``; None when no row names an image.
+
+        The status is :func:`stackcat.features.images.load_image`'s (``ok``,
+        ``no_path``, ``missing``, ``too_large``, ``corrupt``), from a reduced-size
+        decode of each file (:func:`~stackcat.features.images.image_statuses`).
+        """
+        from stackcat.features.images import image_statuses
+
+        frame = self.frame
+        if frame["image_path"].isna().all():
+            return None
+        return pd.DataFrame({"row": frame.index, "id": frame["id"], "image_path": frame["image_path"],
+                             "status": image_statuses(frame["image_path"].tolist())})
 
 
 # --------------------------------------------------------------------------- reading

@@ -13,13 +13,13 @@ and is vectorized: a 90k x 900 matrix scores in about a second.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from stackcat._deprecated import moved_names
 from stackcat.topk import is_top_k, rank_of, row_argmax, row_max
 
 ECE_BINS = 15
@@ -327,11 +327,5 @@ def error_reduction(error_reference: float, error_model: float) -> float:
     return (error_reference - error_model) / error_reference if error_reference > 0 else float("nan")
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _MOVED_TO_REPORT:
-        raise AttributeError(f"module 'stackcat.metrics' has no attribute {name!r}")
-    warnings.warn(f"stackcat.metrics.{name} moved to stackcat.report.{name}; import it from there",
-                  DeprecationWarning, stacklevel=2)
-    from stackcat import report  # deprecated path only: report imports this module
-
-    return getattr(report, name)
+# The old names resolve through importlib (no import of the report layer from here).
+__getattr__ = moved_names(__name__, None, elsewhere=dict.fromkeys(_MOVED_TO_REPORT, "stackcat.report"))[0]

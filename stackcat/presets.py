@@ -26,7 +26,7 @@ OFFLINE_TEXT_PREFIX = "passage: "  # e5 was trained with it (stackcat.features.n
 # Frozen text encoder: measured on the demo data (experiments/results/frozen_text.md); a head on
 # frozen features wants a far higher learning rate and more epochs than fine-tuning.
 FROZEN_BERT = {"freeze_encoder": True, "lr": 0.1, "epochs": 20}
-FROZEN_FUSION = {"epochs": 0, "image_epochs": 2, "frozen_epochs": 8, "head_lr": 1e-2}
+FROZEN_FUSION = {"freeze_encoder": True, "image_epochs": 2, "frozen_epochs": 8, "head_lr": 1e-2}
 
 
 @dataclass(frozen=True)
@@ -136,7 +136,7 @@ def _bert(options: ModelOptions) -> Any:
     model = BertClassifier(model_name=options.text_model, text_prefix=options.text_prefix,
                            max_length=options.max_length,
                            epochs=options.epochs, batch_size=options.batch_size, device=options.device,
-                           cache_dir=options.cache_dir, random_state=options.random_state,
+                           text_cache_dir=options.cache_dir, random_state=options.random_state,
                            progress=options.progress)
     return model.set_params(**FROZEN_BERT) if options.freeze_text_encoder else model
 

@@ -2,20 +2,27 @@
 
 :func:`write_report` turns the probabilities of every model, the average blend
 and the meta-learner into one markdown page with its figures; the numbers come
-from :mod:`stackcat.metrics`. Plots are matplotlib ``Figure`` objects (no
-pyplot state, Agg rendering); every file is written atomically.
+from :mod:`stackcat.metrics`. :func:`write_run_report` writes that report for a
+fitted :class:`~stackcat.stacking.StackingCategorizer` (its out-of-fold results,
+or a labelled table), with the notes ``stackcat fit`` and ``evaluate`` give it:
+data, folds, job times, images, the meta-learner's choice. Plots are matplotlib
+``Figure`` objects (no pyplot state, Agg rendering); every file is written
+atomically.
 """
 
 from __future__ import annotations
 
 import os
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
+from stackcat.files import atomic_path, write_text_atomic
 from stackcat.metrics import (
     COVERAGE_TARGETS,
     ECE_BINS,
@@ -33,10 +40,15 @@ from stackcat.metrics import (
     reliability_bins,
     y_as_indices,
 )
-from stackcat.runs import atomic_path
+from stackcat.runs import DATA_PROBLEMS, IMAGE_PROBLEMS, RunFolder
 from stackcat.topk import row_argmax, row_max
 
+if TYPE_CHECKING:
+    from stackcat.data import PreparedTable
+    from stackcat.stacking import Evaluation, StackingCategorizer
+
 MAX_LABEL_CHARS = 40
+MAX_LISTED_UNSEEN = 10
 PLOTS = {
     "model_comparison": "model_comparison.png",
     "f1_vs_frequency": "f1_vs_frequency.png",
@@ -152,7 +164,7 @@ def write_report(
     per_class = per_class_report(y, probas[headline], classes, train_counts, y_kind="indices")
     for name in names:
         per_class[f"f1[{name}]"] = _per_class_f1(y, probas[name], len(classes))[_class_positions(per_class, classes)]
-    _atomic_write_text(run_dir / "per_class_f1.csv", per_class.to_csv(index=False))
+    write_text_atomic(run_dir / "per_class_f1.csv", per_class.to_csv(index=False))
 
     best_single = max(singles, key=lambda n: table.loc[n, "weighted_f1"]) if singles else None
     figures: dict[str, Callable[[], Any]] = {
@@ -172,8 +184,104 @@ def write_report(
 
     text = _report_markdown(title, notes, table, headline, best_single, average, per_class, classes, y, probas)
     path = run_dir / "report.md"
-    _atomic_write_text(path, text)
+    write_text_atomic(path, text)
     return path
+
+
+@dataclass
+class RunReport:
+    """What :func:`write_run_report` wrote."""
+
+    path: Path  # report.md
+    image_problems: pd.DataFrame | None  # rows with an unusable image (row, id, image_path, status); None: no images
+
+
+def write_run_report(stack: StackingCategorizer, prepared: PreparedTable, out_dir: str | os.PathLike, *,
+                     fit_seconds: float | None = None, evaluation: Evaluation | None = None) -> RunReport:
+    """The report of a fitted stack: :func:`write_report` with the run's notes, into ``out_dir``.
+
+    Parameters
+    ----------
+    stack : StackingCategorizer
+        Fitted.
+    prepared : PreparedTable
+        The table it was fitted on, or the labelled table of ``evaluation``.
+    out_dir : path
+        The run folder (for the out-of-fold report), or a folder of its own.
+    fit_seconds : float, optional
+        Wall time of the fit, for the notes.
+    evaluation : Evaluation, optional
+        ``stack.evaluation_results(prepared.frame, labels)``: report on that
+        table's scored rows instead of the out-of-fold results.
+
+    Returns
+    -------
+    RunReport
+        The path of ``report.md``, and the rows whose image is unusable (also
+        written to ``image_problems.csv`` in ``out_dir``).
+
+    Examples
+    --------
+    >>> report = write_run_report(stack, prepared, "artifacts/run")  # doctest: +SKIP
+    >>> report.path.name  # doctest: +SKIP
+    'report.md'
+    """
+    out_dir = Path(out_dir)
+    if evaluation is None:
+        results, y_index = stack.oof_results(), stack.oof_target_
+    else:
+        results, y_index = evaluation.results, evaluation.y_index
+        prepared = replace(prepared, frame=prepared.frame[evaluation.scored])
+    notes = _run_notes(stack, prepared, fit_seconds)
+    image_notes, image_problems = _image_notes(prepared, out_dir)
+    notes += image_notes
+    notes += stack.report_notes(results, y_index)
+    unseen = unseen_labels_note(evaluation) if evaluation is not None else None
+    if unseen:
+        notes.append(unseen)
+    path = write_report(out_dir, results, y_index, stack.classes_, y_kind="indices",
+                        train_counts=stack.class_counts_, notes=notes)
+    return RunReport(path, image_problems)
+
+
+def unseen_labels_note(evaluation: Evaluation) -> str | None:
+    """What an evaluation left out: rows of categories unseen in training; None when there are none."""
+    unseen = evaluation.unseen_labels
+    if not unseen:
+        return None
+    listed = ", ".join(unseen[:MAX_LISTED_UNSEEN]) + (" ..." if len(unseen) > MAX_LISTED_UNSEEN else "")
+    return (f"{evaluation.n_unseen_rows} rows of {len(unseen)} categories unseen in training ({listed}) are "
+            "left out of the scores below; every one of them is necessarily mispredicted.")
+
+
+def _run_notes(stack: StackingCategorizer, prepared: PreparedTable, fit_seconds: float | None) -> list[str]:
+    timings = stack.jobs_.groupby("model")[["fit_seconds", "predict_seconds"]].sum()
+    notes = [f"Data: {prepared.summary().splitlines()[0]}; problems listed in {DATA_PROBLEMS}.",
+             f"{stack.n_splits} stratified folds (seed {stack.random_state}); "
+             f"{len(stack.rare_classes_)} classes with fewer than {stack.n_splits} rows "
+             "(spread one member per fold, see the stacking docs).",
+             "Job time per model: " + ", ".join(f"{m} fit {r.fit_seconds:.0f} s / predict {r.predict_seconds:.0f} s"
+                                                for m, r in timings.iterrows()) + "."]
+    if fit_seconds is not None:
+        notes.append(f"Wall time of this fit: {fit_seconds:.0f} s (jobs found in the run folder are not re-run).")
+    return notes
+
+
+def _image_notes(prepared: PreparedTable, out_dir: Path) -> tuple[list[str], pd.DataFrame | None]:
+    """The images' note, and the rows whose image is unusable (written to ``image_problems.csv``)."""
+    statuses = prepared.image_statuses()
+    if statuses is None:
+        return [], None
+    counts = Counter(statuses["status"])
+    note = "Images: " + ", ".join(f"{status} {n}" for status, n in sorted(counts.items())) + "."
+    problems = statuses[~statuses["status"].isin(["ok", "no_path"])]
+    if not problems.empty:
+        RunFolder(out_dir).write_image_problems(problems)
+        note += f" Unusable images are listed in {IMAGE_PROBLEMS}."
+    if counts.keys() - {"ok"}:
+        note += (" Rows without a usable image get a zero embedding and a missing-image flag: "
+                 "the image model predicts the class prior there, the fusion net uses the text.")
+    return [note], problems
 
 
 def _per_class_f1(y: np.ndarray, proba: np.ndarray, n_classes: int) -> np.ndarray:
@@ -338,14 +446,6 @@ def plot_reliability(probas: Mapping[str, np.ndarray], y: np.ndarray) -> Any:
 # atomic writes
 # ---------------------------------------------------------------------------
 
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    with atomic_path(path) as temp:
-        write(str(temp))
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    _atomic_write(path, lambda temp: Path(temp).write_text(text, encoding="utf-8"))
-
-
 def _atomic_save_figure(figure: Any, path: Path) -> None:
-    _atomic_write(path, lambda temp: figure.savefig(temp, format="png", dpi=110))
+    with atomic_path(path) as temp:
+        figure.savefig(str(temp), format="png", dpi=110)

@@ -1,21 +1,28 @@
-"""The run folder: atomic files, a lock, the manifest and the fingerprints that key every result.
+"""The run folder: its files, a lock, the manifest and the fingerprints that key every result.
 
 A run folder holds everything one ``fit`` produced::
 
     manifest.json                 versions, data fingerprint, classes, folds, models
     .lock                         held (flock) by the process working on the folder
+    table.json                    the table's column settings (TableSpec) and source, for predict
+    data_problems.csv             rows left out or repaired, and why (row, id, column, reason)
+    image_problems.csv            rows whose image is unusable (row, id, image_path, status), if any
     jobs/<model>/<job>.<key>.oof.npz      out-of-fold part of one (model, fold) job
     jobs/<model>/<job>.<key>.model.joblib the fitted fold model (for test-time prediction)
     meta/<key>.joblib             fitted meta-learners
     stacker.joblib                the fitted StackingCategorizer (refers to the files above)
     <any>.joblib.sig              HMAC-SHA256 signature of the pickle beside it (see below)
     tmp/                          scratch files of running jobs (a fastText training text...)
+    report.md, *.png, per_class_f1.csv    the report (:func:`stackcat.report.write_run_report`)
 
-Every file is written to a temporary name in the same folder, flushed to disk
-and renamed over its final name, so a reader never sees half a file, whatever
-happens to the writer (``kill -9`` included). A job counts as done when its
-``.oof.npz`` exists: it is written last. Files get the permissions the
-process's umask gives a new file (``mkstemp`` alone would make them 0600).
+:class:`RunFolder` names these files and reads and writes the ones that are
+not the stacker's own (the table settings and the problem lists).
+
+Every file is written with :func:`stackcat.files.atomic_path`: to a temporary
+name in the same folder, flushed to disk and renamed over its final name, so a
+reader never sees half a file, whatever happens to the writer (``kill -9``
+included). A job counts as done when its ``.oof.npz`` exists: it is written
+last.
 
 Trust model of the pickles
 --------------------------
@@ -44,10 +51,9 @@ import hmac
 import json
 import os
 import platform
-import tempfile
 import time
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -56,10 +62,23 @@ import joblib
 import numpy as np
 import pandas as pd
 
-from stackcat.core import current_umask
+from stackcat.core import current_umask  # noqa: F401 - re-exported: its old home
+from stackcat.files import (
+    TEMP_SUFFIX,
+    atomic_path,
+    digest,
+    file_content_hash,
+    folder_files,
+    write_text_atomic,
+)
 
 MANIFEST = "manifest.json"
 LOCK = ".lock"
+TABLE_SETTINGS = "table.json"
+DATA_PROBLEMS = "data_problems.csv"
+IMAGE_PROBLEMS = "image_problems.csv"
+DATA_PROBLEM_COLUMNS = ("row", "id", "column", "reason")
+IMAGE_PROBLEM_COLUMNS = ("row", "id", "image_path", "status")
 TRACKED_PACKAGES = ("stackcat", "numpy", "pandas", "scikit-learn", "catboost", "fasttext-numpy2",
                     "torch", "transformers", "open_clip_torch", "joblib")
 # Params that change how a model runs, never what it learns: left out of its fingerprint. An
@@ -77,34 +96,15 @@ class RunFolderError(RuntimeError):
     """The run folder cannot be used (locked by another process, unreadable manifest...)."""
 
 
+class RunFolderConflict(RunFolderError):
+    """A new run cannot start in the folder: it is a file, holds a run, or holds files of another kind."""
+
+
 class UntrustedFileError(RunFolderError):
     """A pickle without a valid signature of this user's key: it is not unpickled."""
 
 
-# --------------------------------------------------------------------------- atomic files
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; on success it is fsynced and renamed onto ``path``.
-
-    On any error (a full disk included) the temporary file is removed and
-    ``path`` keeps its previous content, if it had one.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        yield tmp
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-            os.fchmod(handle.fileno(), 0o666 & ~current_umask())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+# --------------------------------------------------------------------------- files written whole
 
 
 def write_joblib(obj: Any, path: str | Path, *, sign: bool = True) -> Path:
@@ -135,9 +135,7 @@ def write_npz(path: str | Path, **arrays: np.ndarray) -> Path:
 
 
 def write_text(text: str, path: str | Path) -> Path:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-    return Path(path)
+    return write_text_atomic(path, text)
 
 
 # --------------------------------------------------------------------------- scratch files
@@ -290,11 +288,6 @@ def load_pickle(path: str | Path, *, trusted: bool = False, what: str = "file") 
 # --------------------------------------------------------------------------- fingerprints
 
 
-def digest(*parts: Any) -> str:
-    """A stable hex digest of picklable values (joblib's hasher: numpy-aware, order-sensitive)."""
-    return joblib.hash(parts, hash_name="sha1")
-
-
 def frame_fingerprint(X: Any, y: Any = None, file_columns: Sequence[str] = ()) -> str:
     """Fingerprint of the data a model sees: every cell of X (and y), in order.
 
@@ -321,11 +314,9 @@ def files_fingerprint(X: Any, file_columns: Sequence[str]) -> str:
 
     Each file is hashed once per process and remembered by (path, size,
     mtime): the same hasher as the image embedding cache
-    (:func:`stackcat.features.images.file_content_hash`), so a fit reads each image once
+    (:func:`stackcat.files.file_content_hash`), so a fit reads each image once
     for both. Missing files and empty cells count as such.
     """
-    from stackcat.features.images import file_content_hash
-
     parts = []
     for column in sorted(set(file_columns)):
         if isinstance(X, pd.DataFrame):
@@ -404,8 +395,6 @@ def param_files_fingerprint(estimator: Any) -> str | None:
     fingerprint has it already). Files are hashed like :func:`files_fingerprint`
     (once per process); hidden files of a folder are left out.
     """
-    from stackcat.features.images import file_content_hash
-
     parts = []
     for name, value in sorted(estimator.get_params(deep=True).items()):
         leaf = name.split("__")[-1]
@@ -415,8 +404,7 @@ def param_files_fingerprint(estimator: Any) -> str | None:
         if path.is_file():
             parts.append((name, file_content_hash(path)))
         elif path.is_dir():
-            files = sorted(f for f in path.rglob("*") if f.is_file()
-                           and not any(part.startswith(".") for part in f.relative_to(path).parts))
+            files = folder_files(path)
             parts.append((name, [(f.relative_to(path).as_posix(), file_content_hash(f)) for f in files]))
     return digest(parts) if parts else None
 
@@ -510,6 +498,85 @@ class RunFolder:
             )
         return changed
 
+    # a new run ---------------------------------------------------------------
+    def check_new_run(self, resume: bool = False) -> None:
+        """Refuse a folder that a new run must not write into.
+
+        That is a file; a folder that holds a run, unless ``resume`` (its
+        finished jobs are then reused); a folder that is neither a run folder nor
+        empty (no file of the user's is mixed with the run).
+
+        Raises
+        ------
+        RunFolderConflict
+            Saying why, and what to do instead.
+        """
+        path, manifest = self.path, self.manifest_path
+        if path.exists() and not path.is_dir():
+            raise RunFolderConflict(f"--run-dir {path} is a file, not a folder: choose another --run-dir")
+        if manifest.exists() and not resume:
+            raise RunFolderConflict(f"run folder {path} already holds a run: pass --resume to continue it "
+                                    "(finished jobs are reused), or choose another --run-dir")
+        if path.is_dir() and not manifest.exists() and not self.table_settings_path.exists():
+            others = sorted(p.name for p in path.iterdir())
+            if others:
+                raise RunFolderConflict(
+                    f"--run-dir {path} is not a stackcat run folder and is not empty "
+                    f"({', '.join(others[:5])}{' ...' if len(others) > 5 else ''}): "
+                    "choose a new or empty folder, so that no file of yours is mixed with the run")
+
+    # the table ---------------------------------------------------------------
+    @property
+    def table_settings_path(self) -> Path:
+        return self.path / TABLE_SETTINGS
+
+    def record_table(self, spec: Mapping[str, Any], source: str,
+                     data_problems: pd.DataFrame | Iterable[Mapping[str, Any]] = ()) -> None:
+        """Keep the table's settings and its data problems, under the folder's lock.
+
+        Parameters
+        ----------
+        spec : mapping
+            The table's column settings (``TableSpec.to_dict()``): predict reads the
+            next tables with them.
+        source : str
+            Where the table came from (a path, "stackcat demo").
+        data_problems : DataFrame or iterable of mappings
+            One row per problem, with the columns :data:`DATA_PROBLEM_COLUMNS`
+            (``PreparedTable.problems()``).
+
+        Raises
+        ------
+        RunFolderError
+            Another process holds the folder (nothing is written then).
+        """
+        with self.locked():
+            self.write_table_settings(spec, source)
+            self.write_data_problems(data_problems)
+
+    def write_table_settings(self, spec: Mapping[str, Any], source: str) -> Path:
+        return write_json({"spec": dict(spec), "source": source}, self.table_settings_path)
+
+    def read_table_settings(self) -> dict[str, Any]:
+        """``{"spec": <TableSpec dict>, "source": str}`` as :meth:`record_table` wrote it.
+
+        Raises
+        ------
+        FileNotFoundError
+            The folder has no table settings: it is not a run folder.
+        """
+        if not self.table_settings_path.exists():
+            raise FileNotFoundError(f"{self.path}: not a stackcat run folder (no {TABLE_SETTINGS})")
+        return json.loads(self.table_settings_path.read_text(encoding="utf-8"))
+
+    def write_data_problems(self, problems: pd.DataFrame | Iterable[Mapping[str, Any]]) -> Path:
+        """``data_problems.csv``: the columns :data:`DATA_PROBLEM_COLUMNS`, a header alone when none."""
+        return _write_rows(self.path / DATA_PROBLEMS, problems, DATA_PROBLEM_COLUMNS)
+
+    def write_image_problems(self, problems: pd.DataFrame | Iterable[Mapping[str, Any]]) -> Path:
+        """``image_problems.csv``: the columns :data:`IMAGE_PROBLEM_COLUMNS`."""
+        return _write_rows(self.path / IMAGE_PROBLEMS, problems, IMAGE_PROBLEM_COLUMNS)
+
     # job files -------------------------------------------------------------
     def job_stem(self, model: str, job: str, key: str) -> Path:
         return self.path / "jobs" / _safe_name(model) / f"{job}.{key[:16]}"
@@ -539,7 +606,7 @@ class RunFolder:
         removed = []
         for folder in folders:
             if folder.is_dir():
-                for file in folder.glob(".*.tmp"):
+                for file in folder.glob(f".*{TEMP_SUFFIX}"):
                     file.unlink(missing_ok=True)
                     removed.append(file)
         if self.temp_folder.is_dir():
@@ -564,6 +631,11 @@ class RunFolder:
                 file.unlink()
                 removed.append(file)
         return removed
+
+
+def _write_rows(path: Path, rows: pd.DataFrame | Iterable[Mapping[str, Any]], columns: Sequence[str]) -> Path:
+    table = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(list(rows), columns=list(columns))
+    return write_text(table[list(columns)].to_csv(index=False), path)
 
 
 def _safe_name(name: str) -> str:

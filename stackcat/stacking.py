@@ -96,6 +96,20 @@ class JobResult:
     extra: dict = field(default_factory=dict)
 
 
+@dataclass
+class Evaluation:
+    """A labelled table scored by a fitted stack (:meth:`StackingCategorizer.evaluation_results`)."""
+
+    results: dict[str, Any]  # name -> probabilities of the scored rows; the meta-learner last
+    y_index: np.ndarray  # the scored rows' classes, as indices into classes_
+    scored: np.ndarray  # per input row: its category was seen in training
+    unseen_labels: list[str]  # the categories left out, sorted
+
+    @property
+    def n_unseen_rows(self) -> int:
+        return int((~self.scored).sum())
+
+
 # --------------------------------------------------------------------------- folds
 
 
@@ -860,6 +874,42 @@ class StackingCategorizer(ClassifierMixin, _BaseComposition, BaseEstimator):
         results[f"meta:{type(self.meta_).__name__}"] = self.predict_proba(X, base)
         return results
 
+    def label_indices(self, y: Any) -> np.ndarray:
+        """Each label's index into ``classes_``; -1 for a label not seen in training.
+
+        Examples
+        --------
+        >>> stack = StackingCategorizer([])
+        >>> stack.classes_ = np.array(["jeans", "shirt"], dtype=object)
+        >>> stack.label_indices(["shirt", "hat"]).tolist()
+        [1, -1]
+        """
+        check_is_fitted(self, "classes_")
+        known = {label: index for index, label in enumerate(self.classes_)}
+        return np.array([known.get(label, -1) for label in _label_array(y)], dtype=np.int64)
+
+    def evaluation_results(self, X: Any, y: Any) -> Evaluation:
+        """Test-time results on a labelled table, for its rows whose category was seen in training.
+
+        A row of a category unseen in training is necessarily mispredicted and
+        has no column to be scored in: it is left out (``Evaluation.scored``),
+        and its category listed in ``Evaluation.unseen_labels``.
+
+        Returns
+        -------
+        Evaluation
+            ``results`` (:meth:`predict_results` of the scored rows; empty when no
+            row's category is known), ``y_index`` (their classes), ``scored`` and
+            ``unseen_labels``.
+        """
+        y_all = self.label_indices(y)
+        if len(y_all) != len(X):
+            raise ValueError(f"X has {len(X)} rows but y has {len(y_all)}")
+        scored = y_all >= 0
+        unseen = sorted({str(label) for label in _label_array(y)[~scored]})
+        results = self.predict_results(take_rows(X, np.flatnonzero(scored))) if scored.any() else {}
+        return Evaluation(results=results, y_index=y_all[scored], scored=scored, unseen_labels=unseen)
+
     def _predict_context(self, X: Any) -> dict[str, Any]:
         if not accepted(self.meta_.predict_proba, {"signals": None}):
             return {}
@@ -961,6 +1011,10 @@ class StackingCategorizer(ClassifierMixin, _BaseComposition, BaseEstimator):
         stack.run_dir_ = str(Path(run_dir).resolve())
         stack._trusted_run = trusted
         return stack
+
+
+def _label_array(y: Any) -> np.ndarray:
+    return np.asarray(y.to_numpy(dtype=object) if isinstance(y, pd.Series) else y, dtype=object)
 
 
 def _n_workers() -> int:

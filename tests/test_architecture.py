@@ -20,9 +20,10 @@ PACKAGE_DIR = Path(__file__).resolve().parents[1] / "stackcat"
 
 # Lowest first. A module may import its own layer and the layers below it.
 LAYERS: dict[str, tuple[str, ...]] = {
-    # helpers everything may use: probability matrices, progress, run-folder files, labels
-    "ground floor": ("stackcat", "stackcat.core", "stackcat.topk", "stackcat.progress", "stackcat.runs",
-                     "stackcat.models._base"),
+    # helpers everything may use: probability matrices, progress, atomic files and digests,
+    # run-folder files, labels
+    "ground floor": ("stackcat", "stackcat.core", "stackcat.topk", "stackcat.progress", "stackcat.files",
+                     "stackcat.runs", "stackcat.models._base"),
     # tables in, frozen features out
     "data and features": ("stackcat.data", "stackcat.columns", "stackcat.demo", "stackcat.features",
                           "stackcat.cache", "stackcat.encoders", "stackcat.images", "stackcat.pretrained",
@@ -36,14 +37,8 @@ LAYERS: dict[str, tuple[str, ...]] = {
 # A private top-level module (``stackcat/_name.py``) not listed above is a ground-floor helper.
 PRIVATE_TOP_LEVEL_LAYER = "ground floor"
 
-# Upward imports known and accepted, each with its reason; keep this list short.
-ALLOWED_UPWARD = {
-    # deprecated names of the report, still served by metrics for one release (issue 14)
-    ("stackcat.metrics", "stackcat.report"): "deprecation shim",
-    # run folders fingerprint image files with the images module's content hash (one hasher,
-    # remembered per path, size and mtime); a function-level import
-    ("stackcat.runs", "stackcat.features.images"): "content hash of image files",
-}
+# Upward imports known and accepted, each with its reason: none today; keep it so.
+ALLOWED_UPWARD: dict[tuple[str, str], str] = {}
 
 
 @dataclass(frozen=True)

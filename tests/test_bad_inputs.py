@@ -23,9 +23,9 @@ import pandas as pd
 import pytest
 
 from stackcat import __version__
-from stackcat.cli import DATA_PROBLEMS, EXIT_OK, EXIT_RUN_ERROR, EXIT_USAGE, IMAGE_PROBLEMS, main
+from stackcat.cli import EXIT_OK, EXIT_RUN_ERROR, EXIT_USAGE, main
 from stackcat.data import TableSpec, prepare_table, read_table
-from stackcat.runs import MANIFEST, RunFolder
+from stackcat.runs import DATA_PROBLEMS, IMAGE_PROBLEMS, MANIFEST, RunFolder
 from stackcat.stacking import StackingCategorizer
 
 from tiny_images import write_huge_png, write_image, write_truncated_jpeg

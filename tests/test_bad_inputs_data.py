@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from stackcat.cli import DATA_PROBLEMS, EXIT_OK, EXIT_RUN_ERROR, EXIT_USAGE, main
+from stackcat.cli import EXIT_OK, EXIT_RUN_ERROR, EXIT_USAGE, main
 from stackcat.data import (
     DataError,
     TableSpec,
@@ -25,7 +25,7 @@ from stackcat.data import (
     text_encoding,
 )
 from stackcat.review import review_marks, review_threshold
-from stackcat.runs import MANIFEST
+from stackcat.runs import DATA_PROBLEMS, MANIFEST
 from stackcat.stacking import StackingCategorizer
 
 from toy_models import toy_table

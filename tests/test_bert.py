@@ -11,7 +11,7 @@ from sklearn.base import clone
 from sklearn.metrics import log_loss
 
 from stackcat.features.hub import PretrainedModelNotFoundError
-from stackcat.models._torch import LengthBucketBatchSampler, pad_batch
+from stackcat.models.batching import LengthBucketBatchSampler, pad_batch
 from stackcat.models.bert import BertClassifier
 
 from contract import check_fitted_contract, check_sklearn_contract
@@ -47,7 +47,7 @@ def tiny_model(tmp_path_factory):
 
 def tiny_clf(model_name, **params) -> BertClassifier:
     defaults = dict(model_name=model_name, epochs=3, batch_size=8, lr=3e-3, max_length=32,
-                    warmup_ratio=0.0, dropout=0.0, progress=False, random_state=0, num_threads=1)
+                    warmup_ratio=0.0, dropout=0.0, progress=False, random_state=0, n_threads=1)
     return BertClassifier(**{**defaults, **params})
 
 
@@ -134,7 +134,7 @@ def test_frozen_encoder_trains_a_head_on_cached_features(tiny_model):
 
 def test_contract_frozen_encoder(tiny_model, tmp_path):
     X, y = toy_data(["a shirt", "jeans & co", "wallet", "running shoes"])
-    clf = tiny_clf(tiny_model, freeze_encoder=True, epochs=10, lr=3e-2, cache_dir=str(tmp_path))
+    clf = tiny_clf(tiny_model, freeze_encoder=True, epochs=10, lr=3e-2, text_cache_dir=str(tmp_path))
     proba = check_fitted_contract(clf, X, y, ["red cotton shirt", "denim", "new\nline text", ""])
     assert clf.classes_[proba[0].argmax()] == "a shirt"
 
@@ -201,7 +201,7 @@ def test_eval_set_with_unknown_label_is_named(tiny_model):
 
 def test_batches_are_padded_to_their_own_longest_text_and_order_is_restored(tiny_model):
     X, y = toy_data()
-    clf = tiny_clf(tiny_model, epochs=1, predict_batch_size=4).fit(X, y)
+    clf = tiny_clf(tiny_model, epochs=1, encode_batch_size=4).fit(X, y)
     widths = []
     forward = clf.module_.forward
 
@@ -256,11 +256,11 @@ def test_missing_local_folder_is_named(tmp_path):
         BertClassifier(model_name=missing, progress=False).fit(["a"], ["x"])
 
 
-def test_num_threads_restored_and_progress_shown(tiny_model, caplog):
+def test_n_threads_restored_and_progress_shown(tiny_model, caplog):
     X, y = toy_data()
     before = torch.get_num_threads()
     with caplog.at_level("DEBUG", logger="stackcat"):  # bars need a terminal; the epoch line is logged
-        clf = tiny_clf(tiny_model, epochs=1, num_threads=1, progress=True).fit(X, y)
+        clf = tiny_clf(tiny_model, epochs=1, n_threads=1, progress=True).fit(X, y)
     clf.predict_proba(X[:3])
     assert torch.get_num_threads() == before
     assert any("full epoch 1/1: " in m and "batches in" in m and "loss " in m for m in caplog.messages)

@@ -32,7 +32,9 @@ MOVED = {
     "stackcat.models._text_features": ("token_states", "stackcat.features.text_states"),
 }
 MOVED_NAMES = [  # (old module, name, new module)
-    ("stackcat.models._text_features", "FrozenTextMixin", "stackcat.models._frozen_text"),
+    ("stackcat.models._torch", "Stage", "stackcat.models.training"),
+    ("stackcat.models._torch", "pad_batch", "stackcat.models.batching"),
+    ("stackcat.models._torch", "SavableTorchMixin", "stackcat.models.persistence"),
     ("stackcat.models._torch", "load_text_encoder", "stackcat.features.hub"),
     ("stackcat.models._torch", "PretrainedModelNotFoundError", "stackcat.features.hub"),
     ("stackcat.models._torch", "tokenize", "stackcat.features.hub"),
@@ -42,6 +44,11 @@ RE_EXPORTED = [
     ("stackcat.models._base", "encode_labels", "stackcat.core"),
     ("stackcat.models._base", "resolve_device", "stackcat.core"),
     ("stackcat.runs", "current_umask", "stackcat.core"),
+    # the one atomic writer and content hasher (issue 14)
+    ("stackcat.runs", "atomic_path", "stackcat.files"),
+    ("stackcat.runs", "digest", "stackcat.files"),
+    ("stackcat.features.images", "file_content_hash", "stackcat.files"),
+    ("stackcat.features.onnx_backend", "file_digest", "stackcat.files"),
 ]
 
 
@@ -62,7 +69,7 @@ def stackcat_imports(path: Path) -> set[str]:
 
 
 def test_features_import_only_the_ground_floor_and_each_other():
-    allowed = ("stackcat.core", "stackcat.progress", "stackcat.features")
+    allowed = ("stackcat.core", "stackcat.files", "stackcat.progress", "stackcat.features")
     for path in sorted((PACKAGE / "features").glob("*.py")):
         outside = {m for m in stackcat_imports(path) if not m.startswith(allowed)}
         assert outside == set(), f"{path.name} imports {sorted(outside)}"

@@ -5,9 +5,9 @@ import pandas as pd
 import pytest
 import torch
 
-from stackcat.models import _torch
-from stackcat.models._torch import Callback
+from stackcat.models import training
 from stackcat.models.fusion import FusionClassifier
+from stackcat.models.training import Callback
 
 from contract import check_fitted_contract, check_sklearn_contract
 from tiny_bert import build_tiny_bert
@@ -63,7 +63,7 @@ def tiny_fusion(model_name, **params) -> FusionClassifier:
     defaults = dict(model_name=model_name, image_encoder=MeanColourEncoder(), max_length=16,
                     fusion_dim=16, image_dim=8, image_tokens=2, batch_size=8, lr=3e-3, head_lr=1e-2,
                     image_epochs=1, frozen_epochs=1, epochs=1, warmup_ratio=0.0, dropout=0.0,
-                    progress=False, random_state=0, num_threads=1)
+                    progress=False, random_state=0, n_threads=1)
     return FusionClassifier(**{**defaults, **params})
 
 
@@ -79,11 +79,11 @@ def test_contract(tiny_model, image_files):
 
 
 def test_contract_without_bert(tiny_model, image_files, tmp_path):
-    """epochs=0: BERT never trains, the fusion layers learn from cached token states."""
+    """freeze_encoder=True: BERT never trains, the fusion layers learn from cached token states."""
     frame = products(image_files, labels=["a shirt", "jeans & co", "wallet", "running shoes"])
     new = pd.DataFrame({"text": ["cotton shirt", "", "new\nline"],
                         "image_path": [image_files["red"], None, image_files["broken"]]})
-    clf = tiny_fusion(tiny_model, epochs=0, frozen_epochs=2, text_cache_dir=str(tmp_path))
+    clf = tiny_fusion(tiny_model, freeze_encoder=True, frozen_epochs=2, text_cache_dir=str(tmp_path))
     check_fitted_contract(clf, frame, frame["label"], new)
     assert clf.module_.encoder is None
 
@@ -91,7 +91,7 @@ def test_contract_without_bert(tiny_model, image_files, tmp_path):
 def test_int_labels_and_image_only_signal_is_learned(tiny_model, image_files):
     """The text says nothing: the model must learn the class from the image."""
     frame = products(image_files, text_says_class=False, labels=[10, 20, 30, 40], repeat=10)
-    clf = tiny_fusion(tiny_model, image_epochs=4, frozen_epochs=2, epochs=0, head_lr=3e-2)
+    clf = tiny_fusion(tiny_model, image_epochs=4, frozen_epochs=2, freeze_encoder=True, head_lr=3e-2)
     clf.fit(frame, frame["label"])
     assert (clf.predict(frame) == frame["label"].to_numpy()).mean() == 1.0
     assert clf.classes_.tolist() == [10, 20, 30, 40]
@@ -129,7 +129,7 @@ class StageChanges(Callback):
 
 def test_each_stage_trains_its_own_parameters(tiny_model, image_files, monkeypatch):
     recorder = StageChanges()
-    monkeypatch.setattr(_torch, "training_callbacks", lambda *args: [recorder])
+    monkeypatch.setattr(training, "training_callbacks", lambda *args: [recorder])
     frame = products(image_files)
     clf = tiny_fusion(tiny_model, image_epochs=1, frozen_epochs=1, epochs=1).fit(frame, frame["label"])
     assert [h["stage"] for h in clf.history_] == ["image", "frozen", "full"]
@@ -164,7 +164,7 @@ def test_save_load_round_trip(tiny_model, image_files, tmp_path):
 
 def test_predict_refuses_another_image_encoder(tiny_model, image_files):
     frame = products(image_files)
-    clf = tiny_fusion(tiny_model, image_epochs=0, frozen_epochs=1, epochs=0).fit(frame, frame["label"])
+    clf = tiny_fusion(tiny_model, image_epochs=0, frozen_epochs=1, freeze_encoder=True).fit(frame, frame["label"])
     other = MeanColourEncoder()
     other.name = "another-encoder"
     clf.set_params(image_encoder=other)
@@ -175,7 +175,7 @@ def test_predict_refuses_another_image_encoder(tiny_model, image_files):
 def test_no_stage_at_all_is_an_error(tiny_model, image_files):
     frame = products(image_files)
     with pytest.raises(ValueError, match="nothing to train"):
-        tiny_fusion(tiny_model, image_epochs=0, frozen_epochs=0, epochs=0).fit(frame, frame["label"])
+        tiny_fusion(tiny_model, image_epochs=0, frozen_epochs=0, freeze_encoder=True).fit(frame, frame["label"])
 
 
 def test_early_stopping_keeps_best_of_monitored_stages(tiny_model, image_files):

@@ -18,8 +18,8 @@ def test_frozen_text_options_reach_bert_and_fusion(tmp_path):
     models = dict(build_models(["fasttext", "bert", "clip", "fusion"], options, {"bert": {"epochs": 7}}))
     bert, fusion, clip = models["bert"], models["fusion"], models["clip"]
     assert bert.freeze_encoder and bert.lr == FROZEN_BERT["lr"] and bert.epochs == 7  # explicit params win
-    assert bert.cache_dir == fusion.text_cache_dir == fusion.image_cache_dir == clip.image_cache_dir == str(tmp_path)
-    assert fusion.epochs == FROZEN_FUSION["epochs"] == 0
+    assert bert.text_cache_dir == fusion.text_cache_dir == fusion.image_cache_dir == clip.image_cache_dir == str(tmp_path)
+    assert fusion.freeze_encoder and FROZEN_FUSION["freeze_encoder"]
     assert bert.model_name == fusion.model_name == "/models/e5"
 
 
@@ -47,7 +47,7 @@ def test_neighbours_share_the_text_and_image_settings_of_bert_and_clip(tmp_path)
     knn_text, knn_image, bert, clip = models["knn_text"], models["knn_image"], models["bert"], models["clip"]
     assert knn_text.source == "text" and knn_image.source == "image"
     assert (knn_text.model_name, knn_text.text_prefix, knn_text.max_length, knn_text.text_cache_dir) == \
-        (bert.model_name, bert.text_prefix, bert.max_length, bert.cache_dir)
+        (bert.model_name, bert.text_prefix, bert.max_length, bert.text_cache_dir)
     assert (knn_image.encoder, knn_image.image_cache_dir) == (clip.encoder, clip.image_cache_dir)
     assert type(models["lexical"]).__name__ == "TfidfClassifier"
 

@@ -117,7 +117,7 @@ def test_bert_through_the_stacker(products, tiny_text_model):
         return stack_of([("bert", BertClassifier(model_name=tiny_text_model, epochs=1, batch_size=4, lr=3e-3,
                                                  max_length=16, warmup_ratio=0.0, dropout=0.2,
                                                  early_stopping_patience=None, progress=False,
-                                                 random_state=3, num_threads=1))])
+                                                 random_state=3, n_threads=1))])
 
     assert_same_numbers(*fit_twice(make, X, y), X)
 
@@ -132,7 +132,7 @@ def test_fusion_through_the_stacker(products, tiny_text_model):
         return stack_of([("fusion", FusionClassifier(
             model_name=tiny_text_model, image_encoder=encoder, max_length=16, fusion_dim=16, image_dim=8,
             image_tokens=2, batch_size=4, lr=3e-3, head_lr=1e-2, image_epochs=1, frozen_epochs=1, epochs=1,
-            warmup_ratio=0.0, dropout=0.2, progress=False, random_state=3, num_threads=1))])
+            warmup_ratio=0.0, dropout=0.2, progress=False, random_state=3, n_threads=1))])
 
     assert_same_numbers(*fit_twice(make, X, y), X)
 

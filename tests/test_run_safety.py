@@ -31,7 +31,7 @@ from PIL import Image
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import FunctionTransformer
 
-from stackcat import runs
+from stackcat import files, runs
 from stackcat.cli import EXIT_OK, EXIT_RUN_ERROR, EXIT_USAGE, main
 from stackcat.features import images
 from stackcat.models.image import ImageEmbeddingClassifier
@@ -114,8 +114,8 @@ def test_images_replaced_under_the_same_names_recompute_the_image_jobs_only(tmp_
     assert first.oof_scores_.loc["image", "accuracy"] == 1.0
 
     hashed = []
-    file_hash = images._file_hash
-    monkeypatch.setattr(images, "_file_hash", lambda path: hashed.append(path) or file_hash(path))
+    hash_into = files._hash_into
+    monkeypatch.setattr(files, "_hash_into", lambda hasher, path: hashed.append(path) or hash_into(hasher, path))
     again = image_stack(tmp_path / "run", encoder).fit(X, y)
     assert again.jobs_["from_run_folder"].all()
     assert hashed == [], "unchanged files were read again (the hash is remembered by path, size, mtime)"

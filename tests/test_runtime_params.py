@@ -34,7 +34,10 @@ def test_declared_runtime_params_are_params_and_keep_the_old_ones(cls):
 @pytest.mark.parametrize(("cls", "changes"), [
     (ImageEmbeddingClassifier, {"encode_batch_size": 7, "n_threads": 2, "image_cache_dir": "/x", "progress": False}),
     (ImageEmbeddingClassifier, {"batch_size": 7, "n_jobs": 2, "cache_dir": "/x"}),  # deprecated names
-    (FusionClassifier, {"image_batch_size": 7, "device": "cpu", "num_threads": 2, "predict_batch_size": 9}),
+    (FusionClassifier, {"encode_batch_size": 7, "device": "cpu", "n_threads": 2, "text_cache_dir": "/x"}),
+    (FusionClassifier, {"image_batch_size": 7, "num_threads": 2, "predict_batch_size": 9}),
+    (BertClassifier, {"encode_batch_size": 7, "n_threads": 2, "text_cache_dir": "/x", "progress": False}),
+    (BertClassifier, {"predict_batch_size": 7, "num_threads": 2, "cache_dir": "/x"}),
     (NeighboursClassifier, {"text_cache_dir": "/x", "image_cache_dir": "/y", "encode_batch_size": 9,
                             "progress": False}),
     (NeighboursClassifier, {"cache_dir": "/x", "batch_size": 9}),  # deprecated names

@@ -1,4 +1,4 @@
-"""Cached token states of frozen text encoders, and the frozen BertClassifier / epochs=0 Fusion."""
+"""Cached token states of frozen text encoders, and the frozen BertClassifier / FusionClassifier."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from stackcat.features.text_states import (
     text_model_identity,
     token_states,
 )
-from stackcat.models._torch import mean_pool, pad_batch
+from stackcat.models.batching import mean_pool, pad_batch
 from stackcat.models.bert import BertClassifier
 from stackcat.models.fusion import DualAttentionFusion, FusionClassifier
 
@@ -76,15 +76,15 @@ def counting(monkeypatch):
 def frozen_bert(model_name, **params) -> BertClassifier:
     defaults = dict(model_name=model_name, freeze_encoder=True, epochs=20, batch_size=8, lr=3e-2,
                     max_length=32, warmup_ratio=0.0, dropout=0.0, progress=False, random_state=0,
-                    num_threads=1)
+                    n_threads=1)
     return BertClassifier(**{**defaults, **params})
 
 
 def frozen_fusion(model_name, **params) -> FusionClassifier:
     defaults = dict(model_name=model_name, image_encoder=MeanColour(), max_length=32, fusion_dim=16,
                     image_dim=8, image_tokens=2, batch_size=8, head_lr=1e-2, image_epochs=1,
-                    frozen_epochs=2, epochs=0, warmup_ratio=0.0, dropout=0.0, progress=False,
-                    random_state=0, num_threads=1)
+                    frozen_epochs=2, freeze_encoder=True, warmup_ratio=0.0, dropout=0.0, progress=False,
+                    random_state=0, n_threads=1)
     return FusionClassifier(**{**defaults, **params})
 
 
@@ -215,7 +215,7 @@ def test_folds_and_models_share_one_encoding_per_text(tiny_model, image_paths, c
     half = len(frame) // 2
     folds = [(frame.iloc[:half], frame.iloc[half:]), (frame.iloc[half:], frame.iloc[:half])]
     for train, test in folds:
-        clf = frozen_bert(tiny_model, epochs=2, cache_dir=tmp_path).fit(train, train["label"])
+        clf = frozen_bert(tiny_model, epochs=2, text_cache_dir=tmp_path).fit(train, train["label"])
         clf.predict_proba(test)
     fusion = frozen_fusion(tiny_model, text_cache_dir=tmp_path).fit(frame, frame["label"])
     fusion.predict_proba(frame)
@@ -268,7 +268,7 @@ def test_refit_switches_between_frozen_and_fine_tuned(tiny_model):
     assert not hasattr(clf, "tokenizer_") and clf.text_model_identity_
 
 
-# --- FusionClassifier(epochs=0) -------------------------------------------------------------
+# --- FusionClassifier(freeze_encoder=True) ---------------------------------------------------------
 
 
 def test_fusion_without_bert_matches_the_module_running_bert(tiny_model, image_paths, tmp_path):
@@ -309,7 +309,7 @@ def test_warm_cache_encodes_texts_and_images_before_the_folds(tiny_model, image_
 
     clear_image_memory_cache()  # earlier tests encoded these images in this process
     frame = toy_frame(image_paths)
-    frozen_bert(tiny_model, cache_dir=tmp_path).warm_cache(frame)
+    frozen_bert(tiny_model, text_cache_dir=tmp_path).warm_cache(frame)
     assert len(counting.encoded) == frame["text"].nunique()
     image_encoder = MeanColour()
     fusion = frozen_fusion(tiny_model, text_cache_dir=tmp_path, image_encoder=image_encoder,
@@ -319,10 +319,10 @@ def test_warm_cache_encodes_texts_and_images_before_the_folds(tiny_model, image_
     clear_memory_cache()
     loads = counting.loads
     fusion.fit(frame, frame["label"]).predict_proba(frame)
-    frozen_bert(tiny_model, cache_dir=tmp_path, epochs=2).fit(frame, frame["label"])
+    frozen_bert(tiny_model, text_cache_dir=tmp_path, epochs=2).fit(frame, frame["label"])
     assert counting.loads == loads and counting.max_encodings_per_text == 1
 
 
 def test_fine_tuned_bert_has_nothing_to_warm(tiny_model, counting, tmp_path):
-    frozen_bert(tiny_model, freeze_encoder=False, cache_dir=tmp_path).warm_cache(toy_frame())
+    frozen_bert(tiny_model, freeze_encoder=False, text_cache_dir=tmp_path).warm_cache(toy_frame())
     assert counting.loads == 0

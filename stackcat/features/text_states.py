@@ -13,7 +13,8 @@ Keys: a BLAKE2b hash of (model identity, ``max_length``, text). The identity of 
 model (:func:`text_model_identity`) is a content hash of its checkpoint folder
 (weights, config and tokenizer files), so a folder whose weights change gets new
 keys and never meets stale states; copied to another folder or machine, it keeps
-them. The hash is computed once per process (remembered per file size and mtime):
+them. The hash (:func:`stackcat.files.folder_digest`) is computed once per process
+(remembered per file size and mtime):
 0.8 s for the 487 MB multilingual-e5-small folder on the development box.
 
 Parallel jobs (processes) that start together may each encode a text that
@@ -34,7 +35,6 @@ count), each padded to its own longest text.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import threading
 import time
@@ -58,6 +58,7 @@ from stackcat.features.hub import (
     usable_max_length,
 )
 from stackcat.features.store import EmbeddingStore, MemoryCache, content_key
+from stackcat.files import folder_digest, forget_digests
 from stackcat.progress import log_stage, progress_bar, rate
 
 __all__ = [
@@ -71,11 +72,8 @@ __all__ = [
 
 #: Budget of the in-process cache of token states (least recently used entries are dropped).
 TOKEN_STATES_MEMORY_BYTES = 512 * 2**20
-_READ_CHUNK = 1 << 20
 
 _memory = MemoryCache(TOKEN_STATES_MEMORY_BYTES)
-# (folder, ((file, size, mtime_ns), ...)) -> content hash, so a process hashes a checkpoint once.
-_identity_memo: dict[tuple[str, tuple], str] = {}
 # The last encoder loaded: {(identity, device, backend): _Runner}; one model at a time.
 _loaded: dict[tuple[str, str, str], _Runner] = {}
 _INT8_TAG = "+onnx-int8"
@@ -197,8 +195,8 @@ def check_text_model(model_name: str | os.PathLike, expected_identity: str) -> N
 def clear_memory_cache() -> None:
     """Forget the token states, checkpoint hashes and loaded encoder remembered by this process."""
     _memory.clear()
+    forget_digests()
     with _lock:
-        _identity_memo.clear()
         _loaded.clear()
 
 
@@ -354,26 +352,7 @@ def _cached_snapshot(name: str) -> Path | None:
 
 
 def _folder_digest(folder: Path) -> str:
-    files = sorted(
-        path for path in folder.rglob("*")
-        if path.is_file() and not any(part.startswith(".") for part in path.relative_to(folder).parts)
-    )
-    if not files:
-        raise PretrainedModelNotFoundError(f"the text model folder {str(folder)!r} holds no files")
-    stats = tuple((path.relative_to(folder).as_posix(), st.st_size, st.st_mtime_ns)
-                  for path, st in ((path, path.stat()) for path in files))
-    memo_key = (str(folder.resolve()), stats)
-    with _lock:
-        known = _identity_memo.get(memo_key)
-    if known is not None:
-        return known
-    hasher = hashlib.blake2b(digest_size=16)
-    for path, (relative, size, _) in zip(files, stats):
-        hasher.update(f"{relative}\0{size}\0".encode())
-        with open(path, "rb") as handle:
-            for chunk in iter(lambda: handle.read(_READ_CHUNK), b""):
-                hasher.update(chunk)
-    digest = hasher.hexdigest()
-    with _lock:
-        _identity_memo[memo_key] = digest
-    return digest
+    try:
+        return folder_digest(folder)
+    except FileNotFoundError as exc:
+        raise PretrainedModelNotFoundError(f"the text model folder {str(folder)!r} holds no files") from exc

@@ -9,43 +9,17 @@ from __future__ import annotations
 
 import os
 from numbers import Integral, Real
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from sklearn.base import BaseEstimator, ClassifierMixin, _fit_context
-from sklearn.utils._param_validation import Interval
-from sklearn.utils.validation import check_is_fitted
+from sklearn.utils._param_validation import Interval, Options
 from torch import nn
 
-from stackcat.core import encode_labels, resolve_device
-from stackcat.features.hub import load_text_encoder, tokenize, usable_max_length
-from stackcat.features.text_states import mean_pooled
-from stackcat.models._base import ProbaClassifierMixin, as_texts, column_values
-from stackcat.models._frozen_text import FrozenTextMixin
-from stackcat.models._torch import (
-    ArrayCollator,
-    Collator,
-    LengthBucketBatchSampler,
-    SavableTorchMixin,
-    SortedBatchSampler,
-    Stage,
-    batch_loader,
-    encoder_parameters,
-    fit_stages,
-    label_indices,
-    load_non_encoder_state,
-    load_saved_encoder,
-    mean_pool,
-    non_encoder_state,
-    predict_probabilities,
-    save_text_module,
-    shuffled_batches,
-    start_fit,
-    torch_threads,
-)
-from stackcat.progress import progress_bar
+from stackcat._deprecated import DEPRECATED, renamed_constraint
+from stackcat.models._base import as_texts, column_values
+from stackcat.models.batching import mean_pool
+from stackcat.models.torch_base import TorchClassifier
+from stackcat.models.training import Stage, encoder_parameters
 
 DEFAULT_MODEL = "cointegrated/rubert-tiny2"
 
@@ -79,8 +53,7 @@ class PooledFeaturesClassifier(nn.Module):
         return self.head(self.dropout(features))
 
 
-class BertClassifier(FrozenTextMixin, SavableTorchMixin, ProbaClassifierMixin, ClassifierMixin,
-                     BaseEstimator):
+class BertClassifier(TorchClassifier):
     """Fine-tune a Hugging Face encoder on product texts: mean pooling + linear head.
 
     The recipe of the reference work: AdamW, linear warmup then linear decay,
@@ -88,7 +61,7 @@ class BertClassifier(FrozenTextMixin, SavableTorchMixin, ProbaClassifierMixin, C
     own longest text (dynamic padding), so short product titles cost little.
 
     With ``freeze_encoder=True`` no encoder runs during training: each distinct
-    text is encoded once (per model, ``max_length`` and ``cache_dir``, whatever the
+    text is encoded once (per model, ``max_length`` and ``text_cache_dir``, whatever the
     number of folds and models that use it), and the head trains on the mean of its
     cached token states. Such a model pickles and saves without the encoder: it
     keeps ``model_name`` and a hash of that checkpoint, loads the encoder again only
@@ -141,19 +114,19 @@ class BertClassifier(FrozenTextMixin, SavableTorchMixin, ProbaClassifierMixin, C
         With ``fit(..., eval_set=...)``: a stage ends after this many epochs
         without a lower eval loss (None: never early). The weights of the best
         epoch are always the ones kept.
-    predict_batch_size : int, default=128
+    encode_batch_size : int, default=128
         Texts per batch at prediction time, and per encoder pass when a frozen
         encoder computes token states.
-    cache_dir : str, path-like or None, default=None
+    text_cache_dir : str, path-like or None, default=None
         With ``freeze_encoder=True``: folder of the token-state cache, shared by
         fits, folds, processes and models (FusionClassifier's ``text_cache_dir``
         included). None caches in this process's memory only.
     device : str, default="auto"
         ``"auto"``: CUDA when present (bf16 mixed precision, or fp16 with a
         GradScaler where bf16 is unsupported), else CPU (fp32).
-    num_threads : int or None, default=None
-        ``torch.set_num_threads`` during fit and predict (restored after);
-        None leaves torch's setting alone, except that a head on cached
+    n_threads : int or None, default=None
+        Threads of torch and BLAS during fit and predict (restored after; -1:
+        one per core); None leaves them alone, except that a head on cached
         features (``freeze_encoder=True``) trains and predicts on 1 thread.
     random_state : int or None, default=0
         Seeds head initialization, dropout and batch order: on CPU the same seed
@@ -161,6 +134,10 @@ class BertClassifier(FrozenTextMixin, SavableTorchMixin, ProbaClassifierMixin, C
     progress : bool, default=True
         Show a bar per epoch (running loss) and for prediction, on a terminal only; a
         line per epoch goes to the ``"stackcat"`` logger either way.
+
+    Deprecated parameters (one release, with a DeprecationWarning; the old name wins):
+    ``num_threads`` (use ``n_threads``), ``predict_batch_size`` (``encode_batch_size``),
+    ``cache_dir`` (``text_cache_dir``).
 
     Attributes
     ----------
@@ -193,11 +170,15 @@ class BertClassifier(FrozenTextMixin, SavableTorchMixin, ProbaClassifierMixin, C
     >>> clf.save("artifacts/bert")  # doctest: +SKIP
     >>> BertClassifier.load("artifacts/bert").predict(test)  # doctest: +SKIP
     >>> frozen = BertClassifier(model_name="/models/rubert-tiny2", freeze_encoder=True,
-    ...                         lr=0.1, epochs=20, cache_dir="artifacts/text-cache")  # doctest: +SKIP
+    ...                         lr=0.1, epochs=20, text_cache_dir="artifacts/text-cache")  # doctest: +SKIP
     """
 
     # params that change how fast, not what, it learns: left out of the run folder's job keys
-    _runtime_params = ("cache_dir", "num_threads", "predict_batch_size", "progress")
+    _runtime_params = ("encode_batch_size", "n_threads", "progress", "text_cache_dir",
+                       "cache_dir", "num_threads", "predict_batch_size")
+    _renamed_params = (("num_threads", "n_threads"), ("predict_batch_size", "encode_batch_size"),
+                       ("cache_dir", "text_cache_dir"))
+    _pooled_states = True
 
     _parameter_constraints: dict = {
         "model_name": [str, os.PathLike],
@@ -216,12 +197,16 @@ class BertClassifier(FrozenTextMixin, SavableTorchMixin, ProbaClassifierMixin, C
         "freeze_embeddings": ["boolean"],
         "train_encoder_after": [Interval(Integral, 0, None, closed="left")],
         "early_stopping_patience": [Interval(Integral, 1, None, closed="left"), None],
-        "predict_batch_size": [Interval(Integral, 1, None, closed="left")],
-        "cache_dir": [str, os.PathLike, None],
+        "encode_batch_size": [Interval(Integral, 1, None, closed="left")],
+        "text_cache_dir": [str, os.PathLike, None],
         "device": [str],
-        "num_threads": [Interval(Integral, 1, None, closed="left"), None],
+        "n_threads": [Interval(Integral, 1, None, closed="left"), Options(Integral, {-1}), None],
         "random_state": [Interval(Integral, 0, None, closed="left"), None],
         "progress": ["boolean"],
+        "num_threads": renamed_constraint([Interval(Integral, 1, None, closed="left"), Options(Integral, {-1}),
+                                           None]),
+        "predict_batch_size": renamed_constraint([Interval(Integral, 1, None, closed="left")]),
+        "cache_dir": renamed_constraint([str, os.PathLike, None]),
     }
 
     def __init__(
@@ -242,12 +227,15 @@ class BertClassifier(FrozenTextMixin, SavableTorchMixin, ProbaClassifierMixin, C
         freeze_embeddings: bool = False,
         train_encoder_after: int = 0,
         early_stopping_patience: int | None = 2,
-        predict_batch_size: int = 128,
-        cache_dir: str | os.PathLike | None = None,
+        encode_batch_size: int = 128,
+        text_cache_dir: str | os.PathLike | None = None,
         device: str = "auto",
-        num_threads: int | None = None,
+        n_threads: int | None = None,
         random_state: int | None = 0,
         progress: bool = True,
+        num_threads: Any = DEPRECATED,
+        predict_batch_size: Any = DEPRECATED,
+        cache_dir: Any = DEPRECATED,
     ) -> None:
         self.model_name = model_name
         self.text_column = text_column
@@ -265,118 +253,23 @@ class BertClassifier(FrozenTextMixin, SavableTorchMixin, ProbaClassifierMixin, C
         self.freeze_embeddings = freeze_embeddings
         self.train_encoder_after = train_encoder_after
         self.early_stopping_patience = early_stopping_patience
-        self.predict_batch_size = predict_batch_size
-        self.cache_dir = cache_dir
+        self.encode_batch_size = encode_batch_size
+        self.text_cache_dir = text_cache_dir
         self.device = device
-        self.num_threads = num_threads
+        self.n_threads = n_threads
         self.random_state = random_state
         self.progress = progress
-
-    @_fit_context(prefer_skip_nested_validation=True)
-    def fit(self, X: Any, y: Any, eval_set: tuple[Any, Any] | None = None) -> BertClassifier:
-        """Fine-tune on texts ``X`` and labels ``y``.
-
-        Parameters
-        ----------
-        X : DataFrame or list of str
-        y : array-like of labels
-        eval_set : (X_val, y_val), optional
-            Scored (cross-entropy) after every epoch; the best epoch's weights
-            are kept, and training stops early per ``early_stopping_patience``.
-            Its labels must all occur in ``y``.
-        """
-        texts = self._texts(X)
-        self.classes_, y_index = encode_labels(y, len(texts))
-        self._forget_text_model()
-        with torch_threads(self.num_threads):
-            if self.freeze_encoder:
-                device, train, valid = self._prepare_frozen(texts, y_index, eval_set)
-            else:
-                device, train, valid = self._prepare_fine_tuning(texts, y_index, eval_set)
-            self.history_, self.best_epoch_ = fit_stages(self, train, valid, device)
-        return self
-
-    def predict_proba(self, X: Any) -> np.ndarray:
-        """Probabilities ``(n_samples, n_classes)`` in ``classes_`` order; rows sum to 1."""
-        check_is_fitted(self, "module_")
-        texts = self._texts(X)
-        with torch_threads(self.num_threads):
-            if self._fitted_on_cached_text():
-                features = self._pooled_features(texts, fitting=False)
-                loader = batch_loader(len(texts), SortedBatchSampler(np.zeros(len(texts)), self.predict_batch_size),
-                                      ArrayCollator(arrays={"features": features}, with_rows=True))
-            else:
-                token_ids = tokenize(self.tokenizer_, texts, self.max_length_)
-                loader = batch_loader(
-                    len(texts),
-                    SortedBatchSampler([len(t) for t in token_ids], self.predict_batch_size),
-                    Collator(token_ids, self._pad_id(), with_rows=True),
-                )
-            batches = progress_bar(loader, desc="predict", unit="batch", enabled=self.progress)
-            with torch_threads(self._module_threads()):
-                return predict_probabilities(self.module_, batches, len(texts), len(self.classes_),
-                                             resolve_device(self.device))
-
-    def _prepare_fine_tuning(self, texts: list[str], labels: np.ndarray,
-                             eval_set: tuple[Any, Any] | None) -> tuple[torch.device, Any, Any]:
-        device = start_fit(self.random_state, self.device)
-        encoder, self.tokenizer_ = load_text_encoder(self.model_name)
-        self.max_length_ = usable_max_length(self.max_length, self.tokenizer_, encoder)
-        self.module_ = MeanPoolingClassifier(encoder, len(self.classes_), self.dropout)
-        return device, self._loader(texts, labels, shuffle=True), self._eval_loader(eval_set)
-
-    def _prepare_frozen(self, texts: list[str], labels: np.ndarray,
-                        eval_set: tuple[Any, Any] | None) -> tuple[torch.device, Any, Any]:
-        features = self._pooled_features(texts, fitting=True)
-        valid = None
-        if eval_set is not None:
-            X_val, y_val = eval_set
-            val_texts = self._texts(X_val)
-            val_labels = label_indices(self.classes_, y_val, len(val_texts))
-            valid = self._feature_loader(self._pooled_features(val_texts, fitting=False), val_labels,
-                                         shuffle=False)
-        # Seeded after the features: the head starts the same whether or not they were cached.
-        device = start_fit(self.random_state, self.device)
-        self.module_ = PooledFeaturesClassifier(self.hidden_size_, len(self.classes_), self.dropout)
-        return device, self._feature_loader(features, labels, shuffle=True), valid
-
-    def warm_cache(self, X: Any) -> None:
-        """With a frozen encoder and a ``cache_dir``: encode every text of ``X`` once, now.
-
-        The stacking engine calls this in the main process before fold jobs run
-        in parallel, so that they read the cache instead of each encoding the
-        same texts. Does nothing for a model that fine-tunes its encoder.
-        """
-        if self.freeze_encoder and self.cache_dir is not None:
-            self._warm_text_cache(self._texts(X), self.cache_dir)
-
-    def _pooled_features(self, texts: list[str], *, fitting: bool) -> np.ndarray:
-        return mean_pooled(self._cached_token_states(texts, self.cache_dir, fitting=fitting))
-
-    def _feature_loader(self, features: np.ndarray, labels: np.ndarray, *, shuffle: bool) -> Any:
-        sampler = (shuffled_batches(len(features), self.batch_size, seed=self.random_state) if shuffle
-                   else SortedBatchSampler(np.zeros(len(features)), self.predict_batch_size))
-        return batch_loader(len(features), sampler, ArrayCollator(arrays={"features": features}, labels=labels))
+        self.num_threads = num_threads
+        self.predict_batch_size = predict_batch_size
+        self.cache_dir = cache_dir
 
     def _texts(self, X: Any) -> list[str]:
         return [self.text_prefix + text for text in as_texts(column_values(X, self.text_column, what="text"))]
 
-    def _pad_id(self) -> int:
-        return self.tokenizer_.pad_token_id if self.tokenizer_.pad_token_id is not None else 0
-
-    def _loader(self, texts: list[str], labels: np.ndarray, *, shuffle: bool) -> Any:
-        token_ids = tokenize(self.tokenizer_, texts, self.max_length_)
-        lengths = [len(t) for t in token_ids]
-        sampler = (LengthBucketBatchSampler(lengths, self.batch_size, seed=self.random_state) if shuffle
-                   else SortedBatchSampler(lengths, self.predict_batch_size))
-        return batch_loader(len(texts), sampler, Collator(token_ids, self._pad_id(), labels=labels))
-
-    def _eval_loader(self, eval_set: tuple[Any, Any] | None) -> Any:
-        if eval_set is None:
-            return None
-        X_val, y_val = eval_set
-        texts = self._texts(X_val)
-        return self._loader(texts, label_indices(self.classes_, y_val, len(texts)), shuffle=False)
+    def _build_module(self, encoder: nn.Module | None) -> nn.Module:
+        if encoder is None:
+            return PooledFeaturesClassifier(self.hidden_size_, len(self.classes_), self.dropout)
+        return MeanPoolingClassifier(encoder, len(self.classes_), self.dropout)
 
     def _stages(self) -> list[Stage]:
         head = {"params": list(self.module_.head.parameters()),
@@ -390,24 +283,3 @@ class BertClassifier(FrozenTextMixin, SavableTorchMixin, ProbaClassifierMixin, C
             Stage("head", head_epochs, [head], self.warmup_ratio),
             Stage("full", self.epochs - head_epochs, [encoder, head], self.warmup_ratio),
         ]
-
-    def _save_weights(self, folder: Path) -> None:
-        if self._fitted_on_cached_text():
-            torch.save(non_encoder_state(self.module_), folder / "head.pt")
-        else:
-            save_text_module(folder, self.module_, self.tokenizer_)
-
-    def _load_weights(self, folder: Path) -> None:
-        if self._fitted_on_cached_text():
-            self.module_ = PooledFeaturesClassifier(self.hidden_size_, len(self.classes_), self.dropout)
-        else:
-            encoder, self.tokenizer_ = load_saved_encoder(folder)
-            self.module_ = MeanPoolingClassifier(encoder, len(self.classes_), self.dropout)
-        load_non_encoder_state(self.module_, folder)
-
-    def __sklearn_tags__(self):  # noqa: D105
-        tags = super().__sklearn_tags__()
-        tags.input_tags.two_d_array = False
-        tags.input_tags.string = True
-        tags.non_deterministic = self.random_state is None
-        return tags

@@ -29,13 +29,14 @@ Training runs three stages (0 epochs skips one), as in the reference:
 2. ``frozen_epochs``: BERT frozen, everything else trains.
 3. ``epochs``: everything trains (BERT at ``lr``, the rest at ``head_lr``).
 
-With ``epochs=0`` BERT never trains, so it never runs during training either: each
-distinct text's token states are computed once and cached
-(:mod:`stackcat.features.text_states`, shared with ``BertClassifier(freeze_encoder=True)``),
-and batches are padded cached states. Such a model holds no BERT weights (it
-pickles and saves small and loads the encoder again only for texts that are not
-cached); on the demo data, ``image_epochs=2, frozen_epochs=8, head_lr=1e-2`` suit
-it (experiments/results/frozen_text.md). With ``epochs > 0`` stages 1-2 run BERT
+With ``freeze_encoder=True`` (formerly ``epochs=0``) BERT never trains, so it never
+runs during training either: each distinct text's token states are computed once
+and cached (:mod:`stackcat.features.text_states`, shared with
+``BertClassifier(freeze_encoder=True)``), and batches are padded cached states;
+stage 3 does not run. Such a model holds no BERT weights (it pickles and saves
+small and loads the encoder again only for texts that are not cached); on the demo
+data, ``image_epochs=2, frozen_epochs=8, head_lr=1e-2`` suit it
+(experiments/results/frozen_text.md). When BERT is fine-tuned, stages 1-2 run BERT
 forwards as before: the fine-tuned encoder has to be loaded, trained and saved
 anyway, and stage 2 is one or two forward-only epochs next to stage 3's forward +
 backward ones.
@@ -45,44 +46,22 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from numbers import Integral, Real
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
-from sklearn.base import BaseEstimator, ClassifierMixin, _fit_context
-from sklearn.utils._param_validation import Interval
-from sklearn.utils.validation import check_is_fitted
+from sklearn.utils._param_validation import Interval, Options
 from torch import nn
 
-from stackcat.core import encode_labels, resolve_device
-from stackcat.features.hub import load_text_encoder, tokenize, usable_max_length
-from stackcat.models._base import ProbaClassifierMixin, as_texts, column_values
-from stackcat.models._frozen_text import FrozenTextMixin
-from stackcat.models._torch import (
-    Collator,
-    LengthBucketBatchSampler,
-    SavableTorchMixin,
-    SortedBatchSampler,
-    Stage,
-    StateCollator,
-    batch_loader,
-    encoder_parameters,
-    fit_stages,
-    label_indices,
-    load_non_encoder_state,
-    load_saved_encoder,
-    mean_pool,
-    non_encoder_state,
-    predict_probabilities,
-    save_text_module,
-    start_fit,
-    torch_threads,
-)
+from stackcat._deprecated import DEPRECATED, renamed_constraint, renamed_param
+from stackcat.models._base import as_texts, column_values
+from stackcat.models.batching import mean_pool
 from stackcat.models.bert import DEFAULT_MODEL
-from stackcat.progress import progress_bar
+from stackcat.models.torch_base import TorchClassifier
+from stackcat.models.training import Stage, encoder_parameters
 
 DEFAULT_IMAGE_ENCODER = "ViT-L-14/openai"
 
@@ -145,8 +124,7 @@ class DualAttentionFusion(nn.Module):
         return self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
 
-class FusionClassifier(FrozenTextMixin, SavableTorchMixin, ProbaClassifierMixin, ClassifierMixin,
-                       BaseEstimator):
+class FusionClassifier(TorchClassifier):
     """Text + image classifier: a fine-tuned BERT and a frozen image embedding, dual attention.
 
     See the module docstring for the architecture and the three training stages.
@@ -167,8 +145,6 @@ class FusionClassifier(FrozenTextMixin, SavableTorchMixin, ProbaClassifierMixin,
         The encoder stays frozen; its embeddings are computed once per call.
     image_cache_dir : str or None, default=None
         Folder caching image embeddings across fits and folds (see ``stackcat.features.images``).
-    image_batch_size : int, default=64
-        Images per batch of the image encoder.
     max_length : int, default=128
     text_prefix : str, default=""
         Put before every text: models trained with one want it (e5:
@@ -182,8 +158,10 @@ class FusionClassifier(FrozenTextMixin, SavableTorchMixin, ProbaClassifierMixin,
     dropout : float, default=0.1
     image_epochs, frozen_epochs, epochs : int, default=1, 1, 3
         Epochs of stage 1 (image branch, noise for text), stage 2 (BERT frozen)
-        and stage 3 (everything). 0 skips a stage; at least one must be > 0.
-        ``epochs=0`` trains on cached token states (BERT runs once per distinct text).
+        and stage 3 (everything). 0 skips a stage; at least one must run.
+    freeze_encoder : bool, default=False
+        BERT stays frozen: stage 3 does not run, and the fusion layers train on
+        cached token states (BERT runs once per distinct text).
     batch_size : int, default=32
     lr : float, default=5e-5
         Peak learning rate of BERT (stage 3).
@@ -200,39 +178,43 @@ class FusionClassifier(FrozenTextMixin, SavableTorchMixin, ProbaClassifierMixin,
     early_stopping_patience : int or None, default=2
         With ``fit(..., eval_set=...)``: a stage ends after this many epochs
         without a lower eval loss; the best epoch's weights (stages 2-3) are kept.
-    predict_batch_size : int, default=128
-        Rows per batch at prediction time, and texts per BERT pass when token
-        states are cached (``epochs=0``).
+    encode_batch_size : int, default=128
+        Rows per batch at prediction time, images per batch of the image encoder,
+        and texts per BERT pass when token states are cached (``freeze_encoder=True``).
     text_cache_dir : str, path-like or None, default=None
-        With ``epochs=0``: folder of the token-state cache, shared by fits, folds,
-        processes and models (``BertClassifier(freeze_encoder=True, cache_dir=...)``
+        With ``freeze_encoder=True``: folder of the token-state cache, shared by fits,
+        folds, processes and models (``BertClassifier(freeze_encoder=True, text_cache_dir=...)``
         with the same model and ``max_length`` reads the same entries). None caches
         in this process's memory only.
     device : str, default="auto"
         CUDA when present (mixed precision), else CPU; also used by the image encoder.
-    num_threads : int or None, default=None
-        ``torch.set_num_threads`` during fit and predict (restored after); None
-        leaves torch's setting alone, except that a model on cached token states
-        (``epochs=0``) trains and predicts on 1 thread (BERT, when it runs, uses
-        torch's setting).
+    n_threads : int or None, default=None
+        Threads of torch and BLAS during fit and predict (restored after; -1: one
+        per core); None leaves them alone, except that a model on cached token
+        states (``freeze_encoder=True``) trains and predicts on 1 thread (BERT, when
+        it runs, uses the setting around it).
     random_state : int or None, default=0
     progress : bool, default=True
+
+    Deprecated parameters (one release, with a DeprecationWarning; the old name wins):
+    ``num_threads`` (use ``n_threads``), ``predict_batch_size`` and ``image_batch_size``
+    (``encode_batch_size``); ``epochs=0`` without ``freeze_encoder`` means ``freeze_encoder=True``.
 
     Attributes
     ----------
     classes_ : ndarray
     module_ : DualAttentionFusion
-        Without BERT (``module_.encoder is None``) when ``epochs=0``.
+        Without BERT (``module_.encoder is None``) when the encoder is frozen.
     tokenizer_ : transformers tokenizer
-        Only when BERT was fine-tuned (``epochs > 0``).
+        Only when BERT was fine-tuned.
     max_length_ : int
-        ``max_length`` capped by the model (``epochs > 0``), or as given (``epochs=0``:
-        the cap is applied when encoding).
+        ``max_length`` capped by the model (fine-tuned), or as given (frozen
+        encoder: the cap is applied when encoding).
     text_model_identity_ : str
-        ``epochs=0`` only: content hash of the ``model_name`` checkpoint the token
+        Frozen encoder only: content hash of the ``model_name`` checkpoint the token
         states came from; prediction refuses a changed checkpoint.
     hidden_size_ : int
-        ``epochs=0`` only: width of BERT's token states.
+        Frozen encoder only: width of BERT's token states.
     image_embedding_dim_ : int
         Width of the image encoder's embeddings.
     image_encoder_name_ : str
@@ -252,8 +234,11 @@ class FusionClassifier(FrozenTextMixin, SavableTorchMixin, ProbaClassifierMixin,
 
     # params that change how fast, not what, it learns: left out of the run folder's job keys
     # (`device` too: a run resumed on other hardware keeps its finished folds; issue 14's review)
-    _runtime_params = ("device", "image_batch_size", "image_cache_dir", "num_threads", "predict_batch_size",
-                       "progress", "text_cache_dir")
+    _runtime_params = ("device", "encode_batch_size", "image_cache_dir", "n_threads", "progress", "text_cache_dir",
+                       "image_batch_size", "num_threads", "predict_batch_size")
+    # predict_batch_size first: the prediction batches follow it, the image batches image_batch_size
+    _renamed_params = (("num_threads", "n_threads"), ("predict_batch_size", "encode_batch_size"),
+                       ("image_batch_size", "encode_batch_size"))
 
     _parameter_constraints: dict = {
         "model_name": [str, os.PathLike],
@@ -261,7 +246,6 @@ class FusionClassifier(FrozenTextMixin, SavableTorchMixin, ProbaClassifierMixin,
         "image_column": [str],
         "image_encoder": "no_validation",  # a spec or an encoder object: get_encoder checks it
         "image_cache_dir": [str, os.PathLike, None],
-        "image_batch_size": [Interval(Integral, 1, None, closed="left")],
         "max_length": [Interval(Integral, 2, None, closed="left")],
         "text_prefix": [str],
         "image_dim": [Interval(Integral, 1, None, closed="left")],
@@ -276,16 +260,21 @@ class FusionClassifier(FrozenTextMixin, SavableTorchMixin, ProbaClassifierMixin,
         "head_lr": [Interval(Real, 0, None, closed="neither")],
         "weight_decay": [Interval(Real, 0, None, closed="left")],
         "image_weight_decay": [Interval(Real, 0, None, closed="left")],
+        "freeze_encoder": ["boolean"],
         "freeze_embeddings": ["boolean"],
         "warmup_ratio": [Interval(Real, 0, 1, closed="both")],
         "label_smoothing": [Interval(Real, 0, 1, closed="left")],
         "early_stopping_patience": [Interval(Integral, 1, None, closed="left"), None],
-        "predict_batch_size": [Interval(Integral, 1, None, closed="left")],
+        "encode_batch_size": [Interval(Integral, 1, None, closed="left")],
         "text_cache_dir": [str, os.PathLike, None],
         "device": [str],
-        "num_threads": [Interval(Integral, 1, None, closed="left"), None],
+        "n_threads": [Interval(Integral, 1, None, closed="left"), Options(Integral, {-1}), None],
         "random_state": [Interval(Integral, 0, None, closed="left"), None],
         "progress": ["boolean"],
+        "image_batch_size": renamed_constraint([Interval(Integral, 1, None, closed="left")]),
+        "num_threads": renamed_constraint([Interval(Integral, 1, None, closed="left"), Options(Integral, {-1}),
+                                           None]),
+        "predict_batch_size": renamed_constraint([Interval(Integral, 1, None, closed="left")]),
     }
     _transient_attributes = ("_encoder_cache",)
 
@@ -296,7 +285,6 @@ class FusionClassifier(FrozenTextMixin, SavableTorchMixin, ProbaClassifierMixin,
         image_column: str = "image_path",
         image_encoder: Any = DEFAULT_IMAGE_ENCODER,
         image_cache_dir: str | os.PathLike | None = None,
-        image_batch_size: int = 64,
         max_length: int = 128,
         text_prefix: str = "",
         image_dim: int = 32,
@@ -311,23 +299,26 @@ class FusionClassifier(FrozenTextMixin, SavableTorchMixin, ProbaClassifierMixin,
         head_lr: float = 1e-3,
         weight_decay: float = 1e-4,
         image_weight_decay: float = 0.5,
+        freeze_encoder: bool = False,
         freeze_embeddings: bool = False,
         warmup_ratio: float = 0.1,
         label_smoothing: float = 0.003,
         early_stopping_patience: int | None = 2,
-        predict_batch_size: int = 128,
+        encode_batch_size: int = 128,
         text_cache_dir: str | os.PathLike | None = None,
         device: str = "auto",
-        num_threads: int | None = None,
+        n_threads: int | None = None,
         random_state: int | None = 0,
         progress: bool = True,
+        image_batch_size: Any = DEPRECATED,
+        num_threads: Any = DEPRECATED,
+        predict_batch_size: Any = DEPRECATED,
     ) -> None:
         self.model_name = model_name
         self.text_column = text_column
         self.image_column = image_column
         self.image_encoder = image_encoder
         self.image_cache_dir = image_cache_dir
-        self.image_batch_size = image_batch_size
         self.max_length = max_length
         self.text_prefix = text_prefix
         self.image_dim = image_dim
@@ -342,76 +333,60 @@ class FusionClassifier(FrozenTextMixin, SavableTorchMixin, ProbaClassifierMixin,
         self.head_lr = head_lr
         self.weight_decay = weight_decay
         self.image_weight_decay = image_weight_decay
+        self.freeze_encoder = freeze_encoder
         self.freeze_embeddings = freeze_embeddings
         self.warmup_ratio = warmup_ratio
         self.label_smoothing = label_smoothing
         self.early_stopping_patience = early_stopping_patience
-        self.predict_batch_size = predict_batch_size
+        self.encode_batch_size = encode_batch_size
         self.text_cache_dir = text_cache_dir
         self.device = device
-        self.num_threads = num_threads
+        self.n_threads = n_threads
         self.random_state = random_state
         self.progress = progress
+        self.image_batch_size = image_batch_size
+        self.num_threads = num_threads
+        self.predict_batch_size = predict_batch_size
 
-    @_fit_context(prefer_skip_nested_validation=True)
-    def fit(self, X: Any, y: Any, eval_set: tuple[Any, Any] | None = None) -> FusionClassifier:
-        """Train on a DataFrame ``X`` (text and image-path columns) and labels ``y``.
-
-        Parameters
-        ----------
-        X : DataFrame
-        y : array-like of labels
-        eval_set : (X_val, y_val), optional
-            Scored after every epoch of stages 2 and 3; the best epoch's
-            weights are kept and stages end early per ``early_stopping_patience``.
-        """
-        if self.image_epochs + self.frozen_epochs + self.epochs == 0:
+    def _check_params(self) -> None:
+        last_stage = 0 if self.freeze_encoder else self.epochs  # epochs=0 (the old way to freeze) counts as 0
+        if self.image_epochs + self.frozen_epochs + last_stage == 0:
             raise ValueError("image_epochs, frozen_epochs and epochs are all 0: nothing to train")
-        texts = self._texts(X)
-        self.classes_, y_index = encode_labels(y, len(texts))
-        self._forget_text_model()
-        with torch_threads(self.num_threads):
-            self.image_encoder_name_ = self._image_encoder().name
-            self.__dict__.pop("image_embedding_dim_", None)  # from an earlier fit
-            images, image_ok = self._image_inputs(X, len(texts))
-            self.image_embedding_dim_ = int(images.shape[1])
-            self.n_missing_images_ = int((~image_ok).sum())
-            if self.epochs == 0:
-                text = self._cached_token_states(texts, self.text_cache_dir, fitting=True)
-                device = start_fit(self.random_state, self.device)  # after the states: cached or not
-                self.module_ = self._build_module(None)
-            else:
-                device = start_fit(self.random_state, self.device)
-                encoder, self.tokenizer_ = load_text_encoder(self.model_name)
-                self.max_length_ = usable_max_length(self.max_length, self.tokenizer_, encoder)
-                self.module_ = self._build_module(encoder)
-                text = tokenize(self.tokenizer_, texts, self.max_length_)
-            train = self._loader(text, images, image_ok, y_index, shuffle=True)
-            valid = self._eval_loader(eval_set)
-            self.history_, self.best_epoch_ = fit_stages(self, train, valid, device)
-        return self
 
-    def predict_proba(self, X: Any) -> np.ndarray:
-        """Probabilities ``(n_samples, n_classes)`` in ``classes_`` order; rows sum to 1."""
-        check_is_fitted(self, "module_")
-        texts = self._texts(X)
-        with torch_threads(self.num_threads):
-            images, image_ok = self._image_inputs(X, len(texts))
-            loader = self._loader(self._text_inputs(texts), images, image_ok, None, shuffle=False,
-                                  with_rows=True)
-            batches = progress_bar(loader, desc="predict", unit="batch", enabled=self.progress)
-            with torch_threads(self._module_threads()):
-                return predict_probabilities(self.module_, batches, len(texts), len(self.classes_),
-                                             resolve_device(self.device))
+    def _freeze_text_encoder(self) -> bool:
+        if self.freeze_encoder:
+            return True
+        if self.epochs == 0:
+            warnings.warn("FusionClassifier(epochs=0) as the way to freeze BERT is deprecated: use "
+                          "freeze_encoder=True (the old way goes in the next release)", DeprecationWarning,
+                          stacklevel=3)
+            return True
+        return False
+
+    @classmethod
+    def _upgrade_params(cls, params: dict[str, Any]) -> dict[str, Any]:
+        params = super()._upgrade_params(params)
+        if "freeze_encoder" not in params and params.get("epochs") == 0:  # saved before freeze_encoder
+            params["freeze_encoder"] = True
+        return params
+
+    def _fit_row_arrays(self, X: Any, n_rows: int) -> dict[str, np.ndarray]:
+        self.image_encoder_name_ = self._image_encoder().name
+        self.__dict__.pop("image_embedding_dim_", None)  # from an earlier fit
+        arrays = self._row_arrays(X, n_rows)
+        self.image_embedding_dim_ = int(arrays["image"].shape[1])
+        self.n_missing_images_ = int((~arrays["image_ok"]).sum())
+        return arrays
+
+    def _row_arrays(self, X: Any, n_rows: int) -> dict[str, np.ndarray]:
+        images, image_ok = self._image_inputs(X, n_rows)
+        return {"image": images, "image_ok": image_ok}
 
     def _texts(self, X: Any) -> list[str]:
         if not isinstance(X, pd.DataFrame):
             raise TypeError(f"FusionClassifier reads two columns ({self.text_column!r} and "
                             f"{self.image_column!r}): X must be a DataFrame, not {type(X).__name__}")
         return [self.text_prefix + text for text in as_texts(column_values(X, self.text_column, what="text"))]
-
-    def _pad_id(self) -> int:
-        return self.tokenizer_.pad_token_id if self.tokenizer_.pad_token_id is not None else 0
 
     def _image_encoder(self) -> Any:
         from stackcat.features.image_encoders import get_encoder
@@ -422,7 +397,7 @@ class FusionClassifier(FrozenTextMixin, SavableTorchMixin, ProbaClassifierMixin,
         return self._encoder_cache[1]
 
     def warm_cache(self, X: Any) -> None:
-        """Fill the image cache (and, with ``epochs=0``, the text cache) for every row of ``X`` now.
+        """Fill the image cache (and, with a frozen encoder, the text cache) for every row of ``X`` now.
 
         The stacking engine calls this in the main process before fold jobs run
         in parallel, so that each image and text is encoded once.
@@ -434,10 +409,12 @@ class FusionClassifier(FrozenTextMixin, SavableTorchMixin, ProbaClassifierMixin,
             paths = [None if _is_missing(p) else str(p)
                      for p in column_values(X, self.image_column, what="image")]
             image_embeddings(paths, get_encoder(self.image_encoder, device=self.device),
-                             cache_dir=self.image_cache_dir, batch_size=self.image_batch_size,
+                             cache_dir=self.image_cache_dir, batch_size=self._image_batch_size(),
                              device=self.device, progress=self.progress)
-        if self.epochs == 0 and self.text_cache_dir is not None:
-            self._warm_text_cache(self._texts(X), self.text_cache_dir)
+        super().warm_cache(X)
+
+    def _image_batch_size(self) -> int:
+        return renamed_param(self, "image_batch_size", "encode_batch_size")
 
     def _image_inputs(self, X: pd.DataFrame, n_rows: int) -> tuple[np.ndarray, np.ndarray]:
         """``(embeddings float32 (n, d), usable bool (n,))`` of the rows' images."""
@@ -450,7 +427,7 @@ class FusionClassifier(FrozenTextMixin, SavableTorchMixin, ProbaClassifierMixin,
                              f"embeddings, but image_encoder gives {encoder.name!r}")
         paths = [None if _is_missing(p) else str(p) for p in paths]
         embeddings, ok = image_embeddings(paths, encoder, cache_dir=self.image_cache_dir,
-                                          batch_size=self.image_batch_size, device=self.device,
+                                          batch_size=self._image_batch_size(), device=self.device,
                                           progress=self.progress)
         ok = np.asarray(ok, dtype=bool)
         expected = getattr(self, "image_embedding_dim_", None)
@@ -466,34 +443,6 @@ class FusionClassifier(FrozenTextMixin, SavableTorchMixin, ProbaClassifierMixin,
                                    hidden_size=getattr(self, "hidden_size_", None),
                                    image_dim=self.image_dim, fusion_dim=self.fusion_dim,
                                    image_tokens=self.image_tokens, dropout=self.dropout)
-
-    def _text_inputs(self, texts: list[str]) -> list[np.ndarray] | list[list[int]]:
-        """Cached token states (model fitted with ``epochs=0``), else token ids, of ``texts``."""
-        if self._fitted_on_cached_text():
-            return self._cached_token_states(texts, self.text_cache_dir, fitting=False)
-        return tokenize(self.tokenizer_, texts, self.max_length_)
-
-    def _loader(self, text: list[np.ndarray] | list[list[int]], images: np.ndarray, image_ok: np.ndarray,
-                labels: np.ndarray | None, *, shuffle: bool, with_rows: bool = False) -> Any:
-        """Batches of rows of similar token counts; ``text`` is token states or token ids per row."""
-        lengths = [len(t) for t in text]
-        sampler = (LengthBucketBatchSampler(lengths, self.batch_size, seed=self.random_state) if shuffle
-                   else SortedBatchSampler(lengths, self.predict_batch_size))
-        arrays = {"image": images, "image_ok": image_ok}
-        if self._fitted_on_cached_text():
-            collate = StateCollator(text, arrays=arrays, labels=labels, with_rows=with_rows)
-        else:
-            collate = Collator(text, self._pad_id(), arrays=arrays, labels=labels, with_rows=with_rows)
-        return batch_loader(len(text), sampler, collate)
-
-    def _eval_loader(self, eval_set: tuple[Any, Any] | None) -> Any:
-        if eval_set is None:
-            return None
-        X_val, y_val = eval_set
-        texts = self._texts(X_val)
-        images, image_ok = self._image_inputs(X_val, len(texts))
-        return self._loader(self._text_inputs(texts), images, image_ok,
-                            label_indices(self.classes_, y_val, len(texts)), shuffle=False)
 
     def _stages(self) -> list[Stage]:
         module = self.module_
@@ -518,27 +467,6 @@ class FusionClassifier(FrozenTextMixin, SavableTorchMixin, ProbaClassifierMixin,
                                  {"params": fusion, **head_group}],
                                 self.warmup_ratio))
         return stages
-
-    def _save_weights(self, folder: Path) -> None:
-        if self._fitted_on_cached_text():
-            torch.save(non_encoder_state(self.module_), folder / "head.pt")
-        else:
-            save_text_module(folder, self.module_, self.tokenizer_)
-
-    def _load_weights(self, folder: Path) -> None:
-        if self._fitted_on_cached_text():
-            self.module_ = self._build_module(None)
-        else:
-            encoder, self.tokenizer_ = load_saved_encoder(folder)
-            self.module_ = self._build_module(encoder)
-        load_non_encoder_state(self.module_, folder)
-
-    def __sklearn_tags__(self):  # noqa: D105
-        tags = super().__sklearn_tags__()
-        tags.input_tags.two_d_array = False
-        tags.input_tags.string = True
-        tags.non_deterministic = self.random_state is None
-        return tags
 
 
 def _is_missing(value: Any) -> bool:
