@@ -84,7 +84,7 @@ TRACKED_PACKAGES = ("stackcat", "numpy", "pandas", "scikit-learn", "catboost", "
 # Params that change how a model runs, never what it learns: left out of its fingerprint. An
 # estimator class names its own in ``_runtime_params``; this set is for those that do not.
 RUNTIME_PARAMS = frozenset({"verbose", "progress", "cache_dir", "image_cache_dir", "text_cache_dir", "n_jobs",
-                            "num_threads", "predict_batch_size", "thread_count"})
+                            "num_threads", "predict_batch_size", "encode_batch_size", "thread_count"})
 
 
 SIGNATURE_SUFFIX = ".sig"
