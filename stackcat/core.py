@@ -61,19 +61,25 @@ def encode_labels(y: Any, n_samples: int) -> tuple[np.ndarray, np.ndarray]:
 # ---------------------------------------------------------------- probability columns
 
 
-def label_positions(classes: Sequence[Any], labels: Any, *, what: str = "labels") -> np.ndarray:
-    """Index of each of ``labels`` in ``classes``; a label absent from ``classes`` is an error.
+def label_positions(classes: Sequence[Any], labels: Any, *, what: str = "labels",
+                    missing: int | None = None) -> np.ndarray:
+    """Index of each of ``labels`` in ``classes``: the one label-to-index mapper of stackcat.
 
-    ``what`` names the labels in the error (e.g. ``"eval_set"``).
+    A label absent from ``classes`` is an error naming ``what`` (e.g. ``"eval_set"``),
+    or gets the index ``missing`` when one is given (e.g. -1 for "unseen").
 
     Examples
     --------
     >>> label_positions(np.array(["hats", "shoes"]), ["shoes", "hats"]).tolist()
     [1, 0]
+    >>> label_positions(np.array(["hats", "shoes"]), ["shoes", "caps"], missing=-1).tolist()
+    [1, -1]
     """
     values = labels.to_numpy(dtype=object) if hasattr(labels, "to_numpy") else labels
     values = np.asarray(values, dtype=object)
     position = {c: i for i, c in enumerate(np.asarray(classes).tolist())}
+    if missing is not None:
+        return np.array([position.get(v, missing) for v in values], dtype=np.int64)
     unknown = sorted({repr(v) for v in values if v not in position})
     if unknown:
         raise ValueError(f"{what} has labels absent from the training labels: {', '.join(unknown[:10])}")

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from stackcat.core import label_positions
 from stackcat.files import atomic_path, write_text_atomic
 from stackcat.metrics import (
     COVERAGE_TARGETS,
@@ -163,7 +164,8 @@ def write_report(
     frequency = counts if train_counts is not None else np.bincount(y, minlength=len(classes)).astype(float)
     per_class = per_class_report(y, probas[headline], classes, train_counts, y_kind="indices")
     for name in names:
-        per_class[f"f1[{name}]"] = _per_class_f1(y, probas[name], len(classes))[_class_positions(per_class, classes)]
+        per_class[f"f1[{name}]"] = _per_class_f1(y, probas[name], len(classes))[
+            label_positions(classes, per_class["class"], what="the per-class table")]
     write_text_atomic(run_dir / "per_class_f1.csv", per_class.to_csv(index=False))
 
     best_single = max(singles, key=lambda n: table.loc[n, "weighted_f1"]) if singles else None
@@ -239,8 +241,10 @@ def write_run_report(stack: StackingCategorizer, prepared: PreparedTable, out_di
     unseen = unseen_labels_note(evaluation) if evaluation is not None else None
     if unseen:
         notes.append(unseen)
+    # the members, not the meta candidates, are the "single models" the stack is compared with
+    members = [name for name in stack.oof_ if name in results]
     path = write_report(out_dir, results, y_index, stack.classes_, y_kind="indices",
-                        train_counts=stack.class_counts_, notes=notes)
+                        train_counts=stack.class_counts_, notes=notes, base_models=members or None)
     return RunReport(path, image_problems)
 
 
@@ -286,11 +290,6 @@ def _image_notes(prepared: PreparedTable, out_dir: Path) -> tuple[list[str], pd.
 
 def _per_class_f1(y: np.ndarray, proba: np.ndarray, n_classes: int) -> np.ndarray:
     return f1_per_class(*class_counts(y, row_argmax(proba), n_classes))
-
-
-def _class_positions(per_class: pd.DataFrame, classes: Sequence[Any]) -> np.ndarray:
-    position = {label: i for i, label in enumerate(classes)}
-    return np.array([position[c] for c in per_class["class"]], dtype=np.int64)
 
 
 def _report_markdown(title: str, notes: Sequence[str], table: pd.DataFrame, headline: str,

@@ -44,7 +44,7 @@ from sklearn.utils.metaestimators import _BaseComposition
 from sklearn.utils.validation import check_is_fitted
 
 from stackcat import __version__, topk
-from stackcat.core import encode_labels, proba_for_classes
+from stackcat.core import encode_labels, label_positions, proba_for_classes
 from stackcat.progress import log_stage, progress_bar
 from stackcat.runs import (
     RunFolder,
@@ -885,8 +885,7 @@ class StackingCategorizer(ClassifierMixin, _BaseComposition, BaseEstimator):
         [1, -1]
         """
         check_is_fitted(self, "classes_")
-        known = {label: index for index, label in enumerate(self.classes_)}
-        return np.array([known.get(label, -1) for label in _label_array(y)], dtype=np.int64)
+        return label_positions(self.classes_, _label_array(y), missing=-1)
 
     def evaluation_results(self, X: Any, y: Any) -> Evaluation:
         """Test-time results on a labelled table, for its rows whose category was seen in training.

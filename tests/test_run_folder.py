@@ -129,3 +129,18 @@ def test_evaluation_leaves_out_the_rows_of_unseen_categories(tmp_path):
     assert nothing.results == {} and not nothing.scored.any()
     with pytest.raises(ValueError, match="X has 6 rows but y has 2"):
         stack.evaluation_results(frame, ["a", "b"])
+
+
+def test_the_report_compares_the_stack_with_its_best_member_not_a_meta_candidate(tmp_path, monkeypatch):
+    X, y = toy_table(n_per_class=8, n_classes=3, seed=2)
+    prepared = prepare_table(X.assign(label=y), TableSpec(text_columns=["text"], target="label"))
+    stack = fitted(tmp_path / "run", prepared)
+    results = stack.oof_results()
+    headline = list(results)[-1]
+    # an unchosen meta candidate that beats every member (perfect out of fold)
+    perfect = np.eye(len(stack.classes_))[stack.oof_target_]
+    candidates = {**{k: v for k, v in results.items() if k != headline}, "meta:Perfect": perfect,
+                  headline: results[headline]}
+    monkeypatch.setattr(stack, "oof_results", lambda: candidates)
+    text = write_run_report(stack, prepared, tmp_path / "run").path.read_text()
+    assert "vs the best single model (nb)" in text and "(meta:Perfect)" not in text
