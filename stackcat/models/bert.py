@@ -16,12 +16,13 @@ from sklearn.utils._param_validation import Interval, Options
 from torch import nn
 
 from stackcat._deprecated import DEPRECATED, renamed_constraint
+from stackcat.features.hub import DEFAULT_TEXT_MODEL
 from stackcat.models._base import as_texts, column_values
 from stackcat.models.batching import mean_pool
 from stackcat.models.torch_base import TorchClassifier
 from stackcat.models.training import Stage, encoder_parameters
 
-DEFAULT_MODEL = "cointegrated/rubert-tiny2"
+DEFAULT_MODEL = DEFAULT_TEXT_MODEL  # the old name, kept
 
 
 class MeanPoolingClassifier(nn.Module):
@@ -211,7 +212,7 @@ class BertClassifier(TorchClassifier):
 
     def __init__(
         self,
-        model_name: str | os.PathLike = DEFAULT_MODEL,
+        model_name: str | os.PathLike = DEFAULT_TEXT_MODEL,
         text_column: str = "text",
         max_length: int = 128,
         text_prefix: str = "",

@@ -57,13 +57,12 @@ from sklearn.utils._param_validation import Interval, Options
 from torch import nn
 
 from stackcat._deprecated import DEPRECATED, renamed_constraint, renamed_param
+from stackcat.features.hub import DEFAULT_TEXT_MODEL
+from stackcat.features.image_encoders import DEFAULT_IMAGE_ENCODER
 from stackcat.models._base import as_texts, column_values
 from stackcat.models.batching import mean_pool
-from stackcat.models.bert import DEFAULT_MODEL
 from stackcat.models.torch_base import TorchClassifier
 from stackcat.models.training import Stage, encoder_parameters
-
-DEFAULT_IMAGE_ENCODER = "ViT-L-14/openai"
 
 
 class DualAttentionFusion(nn.Module):
@@ -280,7 +279,7 @@ class FusionClassifier(TorchClassifier):
 
     def __init__(
         self,
-        model_name: str | os.PathLike = DEFAULT_MODEL,
+        model_name: str | os.PathLike = DEFAULT_TEXT_MODEL,
         text_column: str = "text",
         image_column: str = "image_path",
         image_encoder: Any = DEFAULT_IMAGE_ENCODER,

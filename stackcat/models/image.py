@@ -20,7 +20,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from stackcat._deprecated import DEPRECATED, renamed_constraint, renamed_param
 from stackcat.core import limit_threads
-from stackcat.features.image_encoders import get_encoder
+from stackcat.features.image_encoders import DEFAULT_IMAGE_ENCODER, get_encoder
 from stackcat.features.images import ImageEmbeddings, image_embeddings
 from stackcat.models._base import (
     ProbaClassifierMixin,
@@ -152,7 +152,7 @@ class ImageEmbeddingClassifier(ProbaClassifierMixin, ClassifierMixin, BaseEstima
     def __init__(
         self,
         image_column: str = "image_path",
-        encoder: Any = "ViT-L-14/openai",
+        encoder: Any = DEFAULT_IMAGE_ENCODER,
         image_cache_dir: str | os.PathLike | None = None,
         normalize: str | None = "l2",
         C: float = 100.0,

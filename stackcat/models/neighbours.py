@@ -26,10 +26,9 @@ from sklearn.utils._param_validation import HasMethods, Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
 from stackcat._deprecated import DEPRECATED, renamed_constraint, renamed_param
+from stackcat.features.hub import DEFAULT_TEXT_MODEL
+from stackcat.features.image_encoders import DEFAULT_IMAGE_ENCODER
 from stackcat.models._base import ProbaClassifierMixin, as_texts, column_values, encode_labels
-
-DEFAULT_TEXT_MODEL = "cointegrated/rubert-tiny2"
-DEFAULT_IMAGE_ENCODER = "ViT-L-14/openai"
 
 
 def l2_normalized(vectors: np.ndarray) -> np.ndarray:
