@@ -16,6 +16,15 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("STACKCAT_KEY_FILE", os.path.join(tempfile.mkdtemp(prefix="stackcat-test-key-"), "key"))
 
 DATA_DIR = Path(__file__).parent / "data"
+# Fixtures whose tests run the CLI end to end: with clusters, those are "slow" (left out of `make test-fast`).
+END_TO_END_FIXTURES = frozenset({"toy_model_in_the_cli"})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark slow every test that runs the CLI end to end or starts a dask cluster."""
+    for item in items:
+        if item.get_closest_marker("dask") or END_TO_END_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture

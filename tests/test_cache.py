@@ -136,6 +136,7 @@ def test_a_writer_starts_a_new_shard_past_the_size_limit(tmp_path, monkeypatch):
 # --- several processes ------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_an_open_reader_sees_entries_another_process_wrote_since(tmp_path):
     store = vector_store(tmp_path)
     key = content_key("late")
@@ -165,6 +166,7 @@ WRITER = """
 """
 
 
+@pytest.mark.slow
 def test_concurrent_writers_with_overlapping_keys(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), *sys.path])}
     ranges = [(0, 120), (60, 180), (100, 220), (0, 220)]
@@ -212,6 +214,7 @@ KILLED_WRITER = """
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/fd").exists(), reason="needs /proc to find which file is written")
 @pytest.mark.parametrize("target", [".bin", ".idx"])
 def test_a_writer_killed_mid_batch_leaves_a_readable_store(tmp_path, target):
@@ -231,6 +234,7 @@ def test_a_writer_killed_mid_batch_leaves_a_readable_store(tmp_path, target):
     assert list(reopened(tmp_path).get_many(keys)) == keys
 
 
+@pytest.mark.slow
 def test_a_writer_killed_at_a_random_moment_leaves_only_whole_entries(tmp_path):
     script = f"""
         import numpy as np

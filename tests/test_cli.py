@@ -27,6 +27,7 @@ def fitted_run(tmp_path_factory):
     return train, run_dir
 
 
+@pytest.mark.slow
 def test_help_lists_the_subcommands():
     result = subprocess.run([sys.executable, "-m", "stackcat.cli", "--help"], capture_output=True, text=True)
     assert result.returncode == 0
@@ -34,6 +35,7 @@ def test_help_lists_the_subcommands():
         assert command in result.stdout
 
 
+@pytest.mark.slow
 def test_fit_writes_a_complete_run_folder(fitted_run):
     _, run_dir = fitted_run
     for name in ("manifest.json", "stacker.joblib", "table.json", "data_problems.csv", "report.md"):
@@ -45,6 +47,7 @@ def test_fit_writes_a_complete_run_folder(fitted_run):
     assert sorted(problems["id"]) == [100006, 100015, 100024]
 
 
+@pytest.mark.slow
 def test_fit_refuses_an_existing_run_without_resume(fitted_run, capsys):
     train, run_dir = fitted_run
     assert main(["fit", str(train), "--run-dir", str(run_dir), *FAST]) == EXIT_USAGE
@@ -65,6 +68,7 @@ def test_predict_writes_every_row_with_top5(fitted_run, tmp_path):
     assert len(json.loads(predictions["top5_categories"][0])) == 4  # only 4 classes exist
 
 
+@pytest.mark.slow
 def test_evaluate_oof_and_a_labelled_table_with_an_unseen_category(fitted_run, tmp_path, capsys):
     train, run_dir = fitted_run
     assert main(["evaluate", str(run_dir)]) == EXIT_OK
@@ -101,6 +105,7 @@ def test_bad_param_is_a_usage_error(fitted_run, tmp_path, capsys):
     assert code == EXIT_USAGE and "MODEL__NAME=VALUE" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_generic_table_needs_its_text_columns(tmp_path, capsys):
     path = tmp_path / "t.csv"
     pd.DataFrame({"name": ["a", "b"] * 5, "kind": ["x", "y"] * 5}).to_csv(path, index=False)

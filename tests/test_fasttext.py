@@ -193,6 +193,7 @@ np.testing.assert_array_equal(model.fit(X, y).predict_proba(X), clean)
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the dirty heap is built with glibc's mallopt")
 def test_a_dirty_heap_changes_nothing():
     script = DIRTY_HEAP_FIT.format(tests=str(Path(__file__).parent))

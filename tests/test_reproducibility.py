@@ -84,6 +84,7 @@ def tiny_text_model(tmp_path_factory) -> str:
 # --------------------------------------------------------------------------- base models
 
 
+@pytest.mark.slow
 def test_fasttext_single_thread_is_repeatable_in_fresh_processes(tmp_path):
     script = textwrap.dedent(f"""
         import sys

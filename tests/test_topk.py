@@ -93,6 +93,7 @@ def test_auto_keeps_dense_oof_for_few_classes():
     assert stack.oof_top_k_ is None and isinstance(stack.oof_["nb"], np.ndarray)
 
 
+@pytest.mark.slow
 def test_cli_fit_predict_evaluate_on_top_k(tmp_path):
     """The whole CLI path (report, review queue, top-5 columns) on top-k probabilities."""
     import shutil
