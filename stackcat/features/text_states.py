@@ -6,7 +6,7 @@ encoded once per (model, ``max_length``) and cache folder, and the states of its
 real tokens (``(T_i, H)``, no padding) are stored as float16 in an
 :class:`stackcat.features.store.EmbeddingStore` (on disk with ``cache_dir``, and in a
 process-wide memory LRU). ``BertClassifier(freeze_encoder=True)`` trains its head
-on their mean (= mean pooling over the attention mask), ``FusionClassifier(epochs=0)``
+on their mean (= mean pooling over the attention mask), ``FusionClassifier(freeze_encoder=True)``
 on the states themselves; both read the same entries.
 
 Keys: a BLAKE2b hash of (model identity, ``max_length``, text). The identity of a
