@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import importlib
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 
@@ -93,3 +93,42 @@ def renamed_constraint(new_constraint: list[Any]) -> list[Any]:
     from sklearn.utils._param_validation import Hidden, StrOptions
 
     return [Hidden(StrOptions({DEPRECATED})), *new_constraint]
+
+
+def upgrade_renamed(params: dict[str, Any], renamed: Sequence[tuple[str, str]]) -> dict[str, Any]:
+    """``params`` saved before a rename, with each old name's value moved to its new name.
+
+    Only where the new name is absent (saved by an older release); the old name is
+    then set to :data:`DEPRECATED`, so the loaded model raises no warning. When two
+    old names map to one new name, the first one's value is kept.
+
+    Examples
+    --------
+    >>> upgrade_renamed({"num_threads": 2}, [("num_threads", "n_threads")])
+    {'num_threads': 'deprecated', 'n_threads': 2}
+    """
+    absent = {new for _, new in renamed if new not in params}
+    for old, new in renamed:
+        if new in absent and old in params:
+            params.setdefault(new, params[old])
+            params[old] = DEPRECATED
+    return params
+
+
+class RenamedParamsMixin:
+    """For estimators with renamed params: a pickle (or saved folder) from before loads under the new names.
+
+    List ``(old, new)`` pairs in ``_renamed_params``; put the mixin before
+    ``BaseEstimator`` in the bases. ``_upgrade_params`` may be overridden where the
+    mapping depends on other params.
+    """
+
+    _renamed_params: tuple[tuple[str, str], ...] = ()
+
+    @classmethod
+    def _upgrade_params(cls, params: dict[str, Any]) -> dict[str, Any]:
+        """Params (or a pickled state) saved before a rename, under the new names."""
+        return upgrade_renamed(dict(params), cls._renamed_params)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(self._upgrade_params(state))

@@ -19,7 +19,7 @@ from sklearn.base import BaseEstimator
 from sklearn.utils._param_validation import Interval, Options
 from sklearn.utils.validation import check_is_fitted
 
-from stackcat._deprecated import renamed_constraint, renamed_param
+from stackcat._deprecated import RenamedParamsMixin, renamed_constraint, renamed_param
 from stackcat.topk import is_top_k, row_argmax, take_rows, weighted_sum
 
 LOG_FLOOR = 1e-7  # float16 probabilities underflow below ~6e-8
@@ -178,7 +178,7 @@ class _MetaBase(BaseEstimator):
         return check_probas(probas, self.model_names_, self.n_classes_)[1]
 
 
-class _BoostedMeta(_MetaBase):
+class _BoostedMeta(RenamedParamsMixin, _MetaBase):
     """What the CatBoost meta-learners share.
 
     Subclasses define ``__init__`` with (at least) the parameters constrained
@@ -189,6 +189,7 @@ class _BoostedMeta(_MetaBase):
     """
 
     _runtime_params = ("n_threads", "verbose", "thread_count")
+    _renamed_params = (("thread_count", "n_threads"),)
     _parameter_constraints: dict = {
         "iterations": [Interval(Integral, 1, None, closed="left")],
         "learning_rate": [Interval(Real, 0, None, closed="neither"), None],

@@ -20,7 +20,7 @@ from sklearn.base import BaseEstimator, ClassifierMixin, _fit_context
 from sklearn.utils._param_validation import Interval, Options, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
-from stackcat._deprecated import DEPRECATED, renamed_constraint, renamed_param
+from stackcat._deprecated import DEPRECATED, RenamedParamsMixin, renamed_constraint, renamed_param
 from stackcat.data import upweight_title
 from stackcat.models._base import (
     ProbaClassifierMixin,
@@ -97,7 +97,7 @@ def _one_line(text: str) -> str:
     return " ".join(text.split())
 
 
-class FastTextClassifier(ProbaClassifierMixin, ClassifierMixin, BaseEstimator):
+class FastTextClassifier(RenamedParamsMixin, ProbaClassifierMixin, ClassifierMixin, BaseEstimator):
     """Supervised fastText on the product text, with the title's first words up-weighted.
 
     Parameters
@@ -166,6 +166,7 @@ class FastTextClassifier(ProbaClassifierMixin, ClassifierMixin, BaseEstimator):
     # params that change how fast, not what, it learns: left out of the run folder's job keys
     # (`n_threads` is not one: FastText's lock-free threads change the result)
     _runtime_params = ("verbose",)
+    _renamed_params = (("thread", "n_threads"),)
 
     _parameter_constraints: dict = {
         "text_column": [str],
@@ -318,6 +319,7 @@ class FastTextClassifier(ProbaClassifierMixin, ClassifierMixin, BaseEstimator):
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        state = self._upgrade_params(state)
         if isinstance(state.get("model_"), bytes):
             state["model_"] = _model_from_bytes(state["model_"])
         self.__dict__.update(state)

@@ -18,7 +18,7 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.utils._param_validation import HasMethods, Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
-from stackcat._deprecated import DEPRECATED, renamed_constraint, renamed_param
+from stackcat._deprecated import DEPRECATED, RenamedParamsMixin, renamed_constraint, renamed_param
 from stackcat.core import limit_threads
 from stackcat.features.image_encoders import DEFAULT_IMAGE_ENCODER, get_encoder
 from stackcat.features.images import ImageEmbeddings, image_embeddings
@@ -33,7 +33,7 @@ from stackcat.models._base import (
 _SHOWN_ROWS = 10
 
 
-class ImageEmbeddingClassifier(ProbaClassifierMixin, ClassifierMixin, BaseEstimator):
+class ImageEmbeddingClassifier(RenamedParamsMixin, ProbaClassifierMixin, ClassifierMixin, BaseEstimator):
     """Frozen image embeddings (open_clip by default, any encoder pluggable) + logistic regression.
 
     Each image is embedded once by a frozen encoder (see
@@ -127,6 +127,7 @@ class ImageEmbeddingClassifier(ProbaClassifierMixin, ClassifierMixin, BaseEstima
     """
 
     # params that change how fast, not what, it learns: left out of the run folder's job keys
+    _renamed_params = (("n_jobs", "n_threads"), ("batch_size", "encode_batch_size"), ("cache_dir", "image_cache_dir"))
     _runtime_params = ("encode_batch_size", "image_cache_dir", "n_threads", "progress",
                        "batch_size", "cache_dir", "n_jobs")
 

@@ -25,7 +25,13 @@ from sklearn.base import BaseEstimator, ClassifierMixin, _fit_context
 from sklearn.utils._param_validation import HasMethods, Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
-from stackcat._deprecated import DEPRECATED, renamed_constraint, renamed_param
+from stackcat._deprecated import (
+    DEPRECATED,
+    RenamedParamsMixin,
+    renamed_constraint,
+    renamed_param,
+    upgrade_renamed,
+)
 from stackcat.features.hub import DEFAULT_TEXT_MODEL
 from stackcat.features.image_encoders import DEFAULT_IMAGE_ENCODER
 from stackcat.models._base import ProbaClassifierMixin, as_texts, column_values, encode_labels
@@ -108,7 +114,7 @@ def neighbour_votes(similarities: np.ndarray, neighbour_labels: np.ndarray, n_cl
     return votes
 
 
-class NeighboursClassifier(ProbaClassifierMixin, ClassifierMixin, BaseEstimator):
+class NeighboursClassifier(RenamedParamsMixin, ProbaClassifierMixin, ClassifierMixin, BaseEstimator):
     """Distance-weighted cosine k-nearest neighbours on cached frozen text or image embeddings.
 
     Each of the ``n_neighbors`` most similar training rows votes for its class
@@ -345,6 +351,12 @@ class NeighboursClassifier(ProbaClassifierMixin, ClassifierMixin, BaseEstimator)
         """Encode every row of ``X`` into the ``source``'s cache folder once, before parallel fold jobs start."""
         if self._cache_dir(self.source) is not None:
             self.embed(X)
+
+    @classmethod
+    def _upgrade_params(cls, params: dict[str, Any]) -> dict[str, Any]:
+        """Params saved before the rename: ``cache_dir`` was the cache of the ``source``'s embeddings."""
+        source = params.get("source", "text")
+        return upgrade_renamed(dict(params), (("batch_size", "encode_batch_size"), ("cache_dir", f"{source}_cache_dir")))
 
     def _cache_dir(self, source: str) -> str | os.PathLike | None:
         return renamed_param(self, "cache_dir", f"{source}_cache_dir")

@@ -28,7 +28,7 @@ from sklearn.base import BaseEstimator, ClassifierMixin, _fit_context
 from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
-from stackcat._deprecated import DEPRECATED, renamed_param
+from stackcat._deprecated import RenamedParamsMixin, renamed_param
 from stackcat.core import encode_labels, label_positions, limit_threads, resolve_device
 from stackcat.features.hub import load_text_encoder, tokenize, usable_max_length
 from stackcat.features.text_states import (
@@ -256,7 +256,7 @@ class CachedStateInputs(TextInputs):
             self._states(texts)
 
 
-class TorchClassifier(SavableTorchMixin, ProbaClassifierMixin, ClassifierMixin, BaseEstimator):
+class TorchClassifier(RenamedParamsMixin, SavableTorchMixin, ProbaClassifierMixin, ClassifierMixin, BaseEstimator):
     """Base of the torch text classifiers: fit, predict_proba, eval set, saving, threads, seeding.
 
     A subclass holds its params (``__init__``), and implements:
@@ -283,7 +283,6 @@ class TorchClassifier(SavableTorchMixin, ProbaClassifierMixin, ClassifierMixin, 
     ...     def _stages(self): ...
     """
 
-    _renamed_params: tuple[tuple[str, str], ...] = ()
     _pooled_states = False  # with a frozen encoder: train on the mean of the token states
 
     # ---------------------------------------------------------------- hooks
@@ -441,31 +440,9 @@ class TorchClassifier(SavableTorchMixin, ProbaClassifierMixin, ClassifierMixin, 
         self.module_ = self._build_module(encoder)
         load_non_encoder_state(self.module_, folder)
 
-    @classmethod
-    def _upgrade_params(cls, params: dict[str, Any]) -> dict[str, Any]:
-        """Params saved before a rename, under the new names (see :meth:`_upgrade_renamed`)."""
-        return _upgrade_renamed(dict(params), cls._renamed_params)
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(self._upgrade_params(state))
-
     def __sklearn_tags__(self):  # noqa: D105
         tags = super().__sklearn_tags__()
         tags.input_tags.two_d_array = False
         tags.input_tags.string = True
         tags.non_deterministic = self.random_state is None
         return tags
-
-
-def _upgrade_renamed(params: dict[str, Any], renamed: tuple[tuple[str, str], ...]) -> dict[str, Any]:
-    """Move the values of old param names to their new names, where the new name is absent.
-
-    The renamed params only change speed (threads, batch sizes, cache folder), so
-    when two old names map to one new name, the first one's value is kept.
-    """
-    absent = {new for _, new in renamed if new not in params}
-    for old, new in renamed:
-        if new in absent and old in params:
-            params.setdefault(new, params[old])
-            params[old] = DEPRECATED
-    return params
