@@ -116,19 +116,31 @@ def upgrade_renamed(params: dict[str, Any], renamed: Sequence[tuple[str, str]]) 
 
 
 class RenamedParamsMixin:
-    """For estimators with renamed params: a pickle (or saved folder) from before loads under the new names.
+    """For estimators with renamed params: one list of ``(old, new)`` pairs serves reading and loading.
 
-    List ``(old, new)`` pairs in ``_renamed_params``; put the mixin before
-    ``BaseEstimator`` in the bases. ``_upgrade_params`` may be overridden where the
-    mapping depends on other params.
+    ``_renamed("new")`` reads a param (its old name's value, with a warning, when
+    that was set), and a pickle (or saved folder) from before the rename loads
+    under the new names. List the pairs in ``_renamed_params``, or override
+    ``_renamed_pairs`` where they depend on other params; put the mixin before
+    ``BaseEstimator`` in the bases.
     """
 
     _renamed_params: tuple[tuple[str, str], ...] = ()
 
     @classmethod
+    def _renamed_pairs(cls, params: Mapping[str, Any]) -> Sequence[tuple[str, str]]:
+        """The ``(old, new)`` pairs of an estimator with these ``params``."""
+        return cls._renamed_params
+
+    @classmethod
     def _upgrade_params(cls, params: dict[str, Any]) -> dict[str, Any]:
         """Params (or a pickled state) saved before a rename, under the new names."""
-        return upgrade_renamed(dict(params), cls._renamed_params)
+        return upgrade_renamed(dict(params), cls._renamed_pairs(params))
+
+    def _renamed(self, new: str) -> Any:
+        """``new``'s value, or its (first) old name's, with a DeprecationWarning, when that was set."""
+        old = next((old for old, name in self._renamed_pairs(vars(self)) if name == new), None)
+        return getattr(self, new) if old is None else renamed_param(self, old, new)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(self._upgrade_params(state))

@@ -19,7 +19,7 @@ from sklearn.base import BaseEstimator
 from sklearn.utils._param_validation import Interval, Options
 from sklearn.utils.validation import check_is_fitted
 
-from stackcat._deprecated import RenamedParamsMixin, renamed_constraint, renamed_param
+from stackcat._deprecated import RenamedParamsMixin, renamed_constraint
 from stackcat.topk import is_top_k, row_argmax, take_rows, weighted_sum
 
 LOG_FLOOR = 1e-7  # float16 probabilities underflow below ~6e-8
@@ -225,7 +225,7 @@ class _BoostedMeta(RenamedParamsMixin, _MetaBase):
 
     def _thread_count(self) -> int:
         """CatBoost's ``thread_count`` for ``n_threads``: None (and -1) is every core."""
-        threads = renamed_param(self, "thread_count", "n_threads")
+        threads = self._renamed("n_threads")
         return -1 if threads is None else threads
 
     @staticmethod

@@ -20,7 +20,7 @@ from sklearn.base import BaseEstimator, ClassifierMixin, _fit_context
 from sklearn.utils._param_validation import Interval, Options, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
-from stackcat._deprecated import DEPRECATED, RenamedParamsMixin, renamed_constraint, renamed_param
+from stackcat._deprecated import DEPRECATED, RenamedParamsMixin, renamed_constraint
 from stackcat.data import upweight_title
 from stackcat.models._base import (
     ProbaClassifierMixin,
@@ -309,7 +309,7 @@ class FastTextClassifier(RenamedParamsMixin, ProbaClassifierMixin, ClassifierMix
         return options
 
     def _threads(self) -> int:
-        threads = renamed_param(self, "thread", "n_threads")
+        threads = self._renamed("n_threads")
         return threads if threads is not None and threads > 0 else os.cpu_count() or 1
 
     def __getstate__(self) -> dict[str, Any]:

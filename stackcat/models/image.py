@@ -18,7 +18,7 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.utils._param_validation import HasMethods, Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
-from stackcat._deprecated import DEPRECATED, RenamedParamsMixin, renamed_constraint, renamed_param
+from stackcat._deprecated import DEPRECATED, RenamedParamsMixin, renamed_constraint
 from stackcat.core import limit_threads
 from stackcat.features.image_encoders import DEFAULT_IMAGE_ENCODER, get_encoder
 from stackcat.features.images import ImageEmbeddings, image_embeddings
@@ -192,7 +192,7 @@ class ImageEmbeddingClassifier(RenamedParamsMixin, ProbaClassifierMixin, Classif
         paths = column_values(X, self.image_column, what="image")
         self.classes_, y_index = encode_labels(y, len(paths))
         self.encoder_ = get_encoder(self.encoder, device=self.device)
-        with limit_threads(renamed_param(self, "n_jobs", "n_threads")):
+        with limit_threads(self._renamed("n_threads")):
             embedded = self._embed(paths)
             self._record_image_status(embedded)
             usable = embedded.ok
@@ -217,7 +217,7 @@ class ImageEmbeddingClassifier(RenamedParamsMixin, ProbaClassifierMixin, Classif
         """
         check_is_fitted(self, "head_")
         paths = column_values(X, self.image_column, what="image")
-        with limit_threads(renamed_param(self, "n_jobs", "n_threads")):
+        with limit_threads(self._renamed("n_threads")):
             embedded = self._embed(paths)
             if self.missing_image == "error":
                 self._raise_for_failed(embedded, paths)
@@ -239,7 +239,7 @@ class ImageEmbeddingClassifier(RenamedParamsMixin, ProbaClassifierMixin, Classif
         if cache_dir is None:
             return
         paths = column_values(X, self.image_column, what="image")
-        with limit_threads(renamed_param(self, "n_jobs", "n_threads")):
+        with limit_threads(self._renamed("n_threads")):
             image_embeddings(list(paths), get_encoder(self.encoder, device=self.device),
                              cache_dir=cache_dir, batch_size=self._encode_batch_size(), progress=self.progress)
 
@@ -249,10 +249,10 @@ class ImageEmbeddingClassifier(RenamedParamsMixin, ProbaClassifierMixin, Classif
                                 progress=self.progress)
 
     def _cache_dir(self) -> str | os.PathLike | None:
-        return renamed_param(self, "cache_dir", "image_cache_dir")
+        return self._renamed("image_cache_dir")
 
     def _encode_batch_size(self) -> int:
-        return renamed_param(self, "batch_size", "encode_batch_size")
+        return self._renamed("encode_batch_size")
 
     def _record_image_status(self, embedded: ImageEmbeddings) -> None:
         self.image_status_counts_ = embedded.status_counts

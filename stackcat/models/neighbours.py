@@ -16,7 +16,7 @@ flat inner-product index instead, for millions of rows.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from numbers import Integral, Real
 from typing import Any
 
@@ -30,7 +30,6 @@ from stackcat._deprecated import (
     RenamedParamsMixin,
     renamed_constraint,
     renamed_param,
-    upgrade_renamed,
 )
 from stackcat.features.hub import DEFAULT_TEXT_MODEL
 from stackcat.features.image_encoders import DEFAULT_IMAGE_ENCODER
@@ -353,16 +352,16 @@ class NeighboursClassifier(RenamedParamsMixin, ProbaClassifierMixin, ClassifierM
             self.embed(X)
 
     @classmethod
-    def _upgrade_params(cls, params: dict[str, Any]) -> dict[str, Any]:
-        """Params saved before the rename: ``cache_dir`` was the cache of the ``source``'s embeddings."""
-        source = params.get("source", "text")
-        return upgrade_renamed(dict(params), (("batch_size", "encode_batch_size"), ("cache_dir", f"{source}_cache_dir")))
+    def _renamed_pairs(cls, params: Mapping[str, Any]) -> Sequence[tuple[str, str]]:
+        # cache_dir was the cache of the source's embeddings
+        return (("batch_size", "encode_batch_size"), ("cache_dir", f"{params.get('source', 'text')}_cache_dir"))
 
     def _cache_dir(self, source: str) -> str | os.PathLike | None:
+        # the old cache_dir served whatever this model embeds, texts for category names included
         return renamed_param(self, "cache_dir", f"{source}_cache_dir")
 
     def _encode_batch_size(self) -> int:
-        return renamed_param(self, "batch_size", "encode_batch_size")
+        return self._renamed("encode_batch_size")
 
     def _values(self, X: Any) -> np.ndarray:
         if self.source == "text":

@@ -28,7 +28,7 @@ from sklearn.base import BaseEstimator, ClassifierMixin, _fit_context
 from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
-from stackcat._deprecated import RenamedParamsMixin, renamed_param
+from stackcat._deprecated import RenamedParamsMixin
 from stackcat.core import encode_labels, label_positions, limit_threads, resolve_device
 from stackcat.features.hub import load_text_encoder, tokenize, usable_max_length
 from stackcat.features.text_states import (
@@ -320,10 +320,6 @@ class TorchClassifier(RenamedParamsMixin, SavableTorchMixin, ProbaClassifierMixi
     def _text_cache_dir(self) -> str | os.PathLike | None:
         return self._renamed("text_cache_dir")
 
-    def _renamed(self, new: str) -> Any:
-        """``new``'s value, or its (first) old name's, with a DeprecationWarning, when that was set."""
-        old = next((old for old, name in self._renamed_params if name == new), None)
-        return getattr(self, new) if old is None else renamed_param(self, old, new)
 
     # ---------------------------------------------------------------- the input strategy
 
