@@ -340,27 +340,28 @@ def _spec_for_table(spec: Any, image_dir: str | None, table: Path) -> Any:
 
 
 def run_predict(args: argparse.Namespace) -> int:
-    from stackcat.data import prepare_table, read_table_chunks
+    from stackcat.data import read_table_chunks
     from stackcat.files import atomic_path
-    from stackcat.review import AUTO, review_threshold
+    from stackcat.predictor import Predictor
+    from stackcat.review import AUTO
 
     _refuse_out_over_input(args.out, args.table)
     if not 0 < args.precision <= 1:
         raise UsageError(f"--precision {args.precision}: expected a share in (0, 1], e.g. 0.99")
-    stack, spec = _load_run(args.run_dir, trusted=args.trust_run_dir)
-    spec = _spec_for_table(spec, args.image_dir, args.table)
-    review = review_threshold(stack, args.precision)
+    predictor = Predictor.load(args.run_dir, trusted=args.trust_run_dir, precision=args.precision)
+    image_dir = str((args.table.parent / args.image_dir).resolve()) if args.image_dir else None
+    review = predictor.review
     print(review.describe(), file=sys.stderr)
+    spec = predictor.spec
     written = accepted = 0
     start = time.perf_counter()
     with atomic_path(args.out) as tmp, open(tmp, "w", encoding="utf-8", newline="") as handle:
         for number, chunk in enumerate(read_table_chunks(args.table, args.chunk_rows)):
-            prepared = prepare_table(chunk, spec, with_target=False, base_dir=args.table.parent)
+            prepared = predictor.prepare(chunk, base_dir=args.table.parent, image_dir=image_dir)
             for error in prepared.errors:
                 print(f"warning: {error}", file=sys.stderr)
-            proba = stack.predict_proba(prepared.frame)
-            predictions = _prediction_rows(prepared.frame["id"].to_numpy(), proba, stack.classes_,
-                                           spec.id_column or "row", spec.target or "category", review.threshold)
+            predictions = _prediction_rows(predictor.predict_prepared(prepared.frame),
+                                           spec.id_column or "row", spec.target or "category")
             predictions.to_csv(handle, header=number == 0, index=False)
             written += len(predictions)
             accepted += int((predictions["review"] == AUTO).sum())
@@ -384,24 +385,17 @@ def _refuse_out_over_input(out: Path, table: Path) -> None:
                          "write the predictions to another file")
 
 
-def _prediction_rows(ids: Any, proba: Any, classes: Any, id_name: str, target_name: str,
-                     threshold: float = float("inf")) -> Any:
-    import numpy as np
+def _prediction_rows(predictions: Any, id_name: str, target_name: str) -> Any:
+    """The predictions file's columns: id, category, probability, review, top-5 as JSON lists."""
     import pandas as pd
 
-    from stackcat.review import review_marks
-    from stackcat.topk import dense_rows
-
-    proba = dense_rows(proba, slice(None), spread=False)  # one chunk of rows: dense is small
-    top = np.argsort(-proba, axis=1)[:, :5]
-    top_proba = np.take_along_axis(proba, top, axis=1)
     return pd.DataFrame({
-        id_name: ids,
-        target_name: classes[top[:, 0]],
-        "probability": top_proba[:, 0].round(6),
-        "review": review_marks(top_proba[:, 0], threshold),
-        "top5_categories": [json.dumps([_plain(c) for c in classes[row]], ensure_ascii=False) for row in top],
-        "top5_probabilities": [json.dumps(row.round(6).tolist()) for row in top_proba],
+        id_name: predictions["id"].to_numpy(dtype=object),
+        target_name: predictions["category"].to_numpy(dtype=object),
+        "probability": predictions["probability"].to_numpy(),
+        "review": predictions["review"].to_numpy(dtype=object),
+        "top5_categories": [json.dumps(row, ensure_ascii=False) for row in predictions["top_categories"]],
+        "top5_probabilities": [json.dumps(row) for row in predictions["top_probabilities"]],
     })
 
 

@@ -96,19 +96,35 @@ def review_threshold(stack: Any, precision: float = 0.99) -> ReviewThreshold:
     >>> found.threshold, found.oof_coverage
     (0.7, 0.75)
     """
-    if not 0 < precision <= 1:
-        raise ValueError(f"precision must be in (0, 1], got {precision}")
     proba, source = oof_for_review(stack)
     truth = np.asarray(stack.oof_target_)
-    confidence = row_max(proba)
-    curve = precision_coverage_curve(confidence, row_argmax(proba) == truth)
+    return threshold_for_precision(row_max(proba), row_argmax(proba) == truth, precision, source)
+
+
+def threshold_for_precision(confidence: np.ndarray, correct: np.ndarray, precision: float,
+                            source: str) -> ReviewThreshold:
+    """The lowest top-1 probability whose accepted OOF rows reach ``precision``.
+
+    ``confidence``: each OOF row's top-1 probability; ``correct``: whether its
+    top-1 class was right. All a model bundle keeps of the OOF for review.
+
+    Examples
+    --------
+    >>> found = threshold_for_precision(np.array([0.9, 0.8, 0.7, 0.6]), np.array([1, 1, 1, 0], bool), 0.99, "ft")
+    >>> found.threshold, found.oof_coverage
+    (0.7, 0.75)
+    """
+    if not 0 < precision <= 1:
+        raise ValueError(f"precision must be in (0, 1], got {precision}")
+    confidence = np.asarray(confidence, dtype=np.float64)
+    curve = precision_coverage_curve(confidence, np.asarray(correct, dtype=bool))
     coverage, threshold = coverage_at_precision(curve, precision)
     if math.isfinite(threshold):
         at = int(np.flatnonzero(curve["threshold"] == threshold)[0])
     else:
         at = int(np.argmax(curve["precision"]))
     return ReviewThreshold(precision=precision, threshold=threshold, oof_coverage=float(curve["coverage"][at]),
-                           oof_precision=float(curve["precision"][at]), source=source, n_rows=len(truth))
+                           oof_precision=float(curve["precision"][at]), source=source, n_rows=len(confidence))
 
 
 def review_marks(probability: np.ndarray, threshold: float) -> np.ndarray:

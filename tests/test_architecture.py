@@ -32,6 +32,8 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "meta": ("stackcat.meta", "stackcat.retrieval", "stackcat.taxonomy", "stackcat.metrics"),
     "stacking": ("stackcat.stacking",),
     "report and presets": ("stackcat.report", "stackcat.review", "stackcat.presets"),
+    # a fitted stack ready for production: the predictor, the model bundle, the service
+    "serving": ("stackcat.predictor", "stackcat.bundle", "stackcat.serve"),
     "cli": ("stackcat.cli", "stackcat.__main__"),
 }
 # A private top-level module (``stackcat/_name.py``) not listed above is a ground-floor helper.

@@ -268,21 +268,23 @@ def test_review_threshold_reads_the_meta_oof_else_the_average():
 
 
 def test_predict_says_when_the_precision_cannot_be_reached(tmp_path, capsys, monkeypatch):
-    from stackcat import cli
 
     table = tmp_path / "train.csv"
     toy_frame().to_csv(table, index=False)
     run_dir = tmp_path / "run"
     assert run_cli(["fit", table, "--run-dir", run_dir, *GENERIC, *FAST], capsys)[0] == EXIT_OK
-    load_run = cli._load_run
+    from stackcat.predictor import Predictor
 
-    def run_whose_surest_oof_predictions_are_wrong(path, **options):
-        stack, spec = load_run(path, **options)
+    load = Predictor.load.__func__
+
+    def run_whose_surest_oof_predictions_are_wrong(cls, path, **options):
+        predictor = load(cls, path, **options)
+        stack = predictor.stack
         wrong = (stack.oof_target_ + 1) % len(stack.classes_)
         stack.meta_oof_ = np.eye(len(stack.classes_), dtype=np.float32)[wrong]
-        return stack, spec
+        return Predictor.from_stack(stack, predictor.spec, precision=options.get("precision", 0.99))
 
-    monkeypatch.setattr(cli, "_load_run", run_whose_surest_oof_predictions_are_wrong)
+    monkeypatch.setattr(Predictor, "load", classmethod(run_whose_surest_oof_predictions_are_wrong))
     out = tmp_path / "predictions.csv"
     code, stdout, err = run_cli(["predict", run_dir, table, "--out", out], capsys)
     assert code == EXIT_OK
