@@ -1,4 +1,4 @@
-"""The out-of-fold engine: ``StackingCategorizer``.
+"""The estimator: ``StackingCategorizer``.
 
 For every base model and every stratified fold, a clone is fitted on the
 other folds and predicts the held-out fold; the held-out predictions of all
@@ -24,11 +24,9 @@ the true class). Such classes are listed in ``rare_classes_``.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import time
-import warnings
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from numbers import Integral
 from pathlib import Path
 from typing import Any
@@ -36,15 +34,13 @@ from typing import Any
 import joblib
 import numpy as np
 import pandas as pd
-from scipy import sparse
 from sklearn.base import BaseEstimator, ClassifierMixin, clone
-from sklearn.model_selection import StratifiedKFold
 from sklearn.utils._param_validation import HasMethods, Interval, StrOptions
 from sklearn.utils.metaestimators import _BaseComposition
 from sklearn.utils.validation import check_is_fitted
 
 from stackcat import __version__, topk
-from stackcat.core import encode_labels, label_positions, proba_for_classes
+from stackcat.core import encode_labels, label_positions
 from stackcat.progress import log_stage, progress_bar
 from stackcat.runs import (
     RunFolder,
@@ -57,43 +53,24 @@ from stackcat.runs import (
     model_fingerprint,
     package_versions,
     param_files_fingerprint,
-    scratch_files_in,
     sign_file,
-    signature_problem,
     write_joblib,
-    write_npz,
 )
-from stackcat.topk import DEFAULT_TOP_K, TOP_K_ABOVE_CLASSES, is_top_k, top_k_rows
+from stackcat.stacking.jobs import (
+    Job,
+    JobResult,
+    _read_cached,
+    load_job,
+    make_folds,
+    predict_aligned,
+    run_job,
+    take_rows,
+)
+from stackcat.stacking.meta_choice import _context, accepted, choose_meta, nested_meta_oof
+from stackcat.topk import DEFAULT_TOP_K, TOP_K_ABOVE_CLASSES
 
 STACKER_FILE = "stacker.joblib"
 FLOAT16_CELLS = 20_000_000  # above this many OOF cells per model, "auto" stores float16
-PREDICT_BLOCK_CELLS = 20_000_000  # top-k prediction: rows per block x classes stays under this
-
-
-@dataclass(frozen=True)
-class Job:
-    """One unit of work: fit ``model`` on ``train`` rows, predict ``test`` rows."""
-
-    model: str
-    name: str  # "fold-0" ... or "full" (refit on all rows)
-    train: np.ndarray
-    test: np.ndarray
-    key: str
-
-
-@dataclass
-class JobResult:
-    model: str
-    name: str
-    key: str
-    test: np.ndarray
-    oof: np.ndarray
-    fit_seconds: float
-    predict_seconds: float
-    n_train: int
-    estimator: Any = None  # the fitted model when it is not kept on disk
-    cached: bool = False
-    extra: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -108,206 +85,6 @@ class Evaluation:
     @property
     def n_unseen_rows(self) -> int:
         return int((~self.scored).sum())
-
-
-# --------------------------------------------------------------------------- folds
-
-
-def make_folds(y_index: np.ndarray, n_splits: int, random_state: int | None) -> np.ndarray:
-    """Fold number of each row: ``StratifiedKFold(n_splits, shuffle=True, random_state)``.
-
-    Classes with fewer than ``n_splits`` members are spread one member per fold
-    (scikit-learn's warning about them is replaced by ``rare_classes_``).
-    """
-    counts = np.bincount(y_index)
-    if n_splits > len(y_index):
-        raise ValueError(f"n_splits={n_splits} is more than the {len(y_index)} rows")
-    if counts.max() < n_splits:
-        raise ValueError(
-            f"n_splits={n_splits} but the largest class has only {counts.max()} rows; "
-            "use fewer folds or more data"
-        )
-    splitter = StratifiedKFold(n_splits, shuffle=True, random_state=random_state)
-    folds = np.empty(len(y_index), dtype=np.int32)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="The least populated class")
-        for fold, (_, test) in enumerate(splitter.split(np.zeros(len(y_index)), y_index)):
-            folds[test] = fold
-    return folds
-
-
-def nested_meta_oof(meta: Any, oof: dict[str, np.ndarray], y_index: np.ndarray,
-                    fold_of_row: np.ndarray, signals: dict[str, np.ndarray] | None = None,
-                    ancestors: np.ndarray | None = None) -> np.ndarray:
-    """A meta-learner's honest OOF: refit on the OOF rows of the other folds, fold by fold.
-
-    ``oof`` maps model names to ``(n_rows, n_classes)`` out-of-fold probabilities;
-    ``fold_of_row`` gives each row's fold (the folds that produced ``oof``).
-    ``signals`` (retrieval scores, computed out of fold on the same folds) are
-    split the same way; ``ancestors`` (the category tree) is passed whole.
-    """
-    n_classes = next(iter(oof.values())).shape[1]
-    parts = []
-    for fold in np.unique(fold_of_row):
-        held_out = np.flatnonzero(fold_of_row == fold)
-        inner_rows = np.flatnonzero(fold_of_row != fold)
-        inner = clone(meta)
-        inner.fit({k: topk.take_rows(v, inner_rows) for k, v in oof.items()}, y_index[inner_rows],
-                  **accepted(inner.fit, _context(signals, ancestors, inner_rows)))
-        proba = inner.predict_proba({k: topk.take_rows(v, held_out) for k, v in oof.items()},
-                                    **accepted(inner.predict_proba, _context(signals, None, held_out)))
-        parts.append((held_out, proba))
-    return topk.put_rows(parts, len(y_index), n_classes)
-
-
-def accepted(method: Any, context: dict[str, Any]) -> dict[str, Any]:
-    """The part of ``context`` that ``method`` takes (a user's own meta-learner may take none of it)."""
-    parameters = inspect.signature(method).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
-        return context
-    return {k: v for k, v in context.items() if k in parameters}
-
-
-def _context(signals: dict[str, np.ndarray] | None, ancestors: np.ndarray | None,
-             rows: np.ndarray | slice = slice(None)) -> dict[str, Any]:
-    """Keyword arguments of a meta-learner's fit/predict_proba: only those there are."""
-    context: dict[str, Any] = {}
-    if signals:
-        context["signals"] = {k: topk.take_rows(v, rows) for k, v in signals.items()}
-    if ancestors is not None:
-        context["ancestors"] = ancestors
-    return context
-
-
-def choose_meta(nested: dict[str, np.ndarray], y_index: np.ndarray) -> tuple[str, pd.DataFrame]:
-    """The meta-learner with the fewest nested-OOF errors (ties: the earlier, simpler one), and the table.
-
-    ``nested`` maps candidate names, simplest first, to their nested OOF probabilities.
-    """
-    from stackcat.metrics import score
-
-    rows = {name: score(y_index, proba) for name, proba in nested.items()}
-    table = pd.DataFrame(rows).T[["accuracy", "weighted_f1", "macro_f1", "ece"]]
-    errors = {name: int((proba.argmax(axis=1) != y_index).sum()) for name, proba in nested.items()}
-    choice = min(nested, key=lambda name: errors[name])  # min keeps the first of equals
-    table.insert(0, "errors", pd.Series(errors))
-    table["chosen"] = table.index == choice
-    return choice, table
-
-
-def take_rows(X: Any, rows: np.ndarray) -> Any:
-    """Rows of a DataFrame (index reset), Series, array or list."""
-    if isinstance(X, pd.DataFrame):
-        return X.iloc[rows].reset_index(drop=True)
-    if isinstance(X, pd.Series):
-        return X.iloc[rows].reset_index(drop=True)
-    if isinstance(X, np.ndarray):
-        return X[rows]
-    return [X[i] for i in rows]
-
-
-def run_job(job: Job, estimator: Any, X: Any, y: np.ndarray, classes: np.ndarray,
-            run_path: str | None, oof_dtype: str, top_k: int | None = None) -> JobResult:
-    """Fit one clone and predict its held-out rows; with ``run_path`` the result is written there.
-
-    The model file is written before the OOF file: a job is complete exactly
-    when its ``.oof.npz`` exists. The model file is written unsigned: the
-    process that planned the jobs signs it when the result comes back (a dask
-    worker needs no signing key). Temporary files of the model go to the run
-    folder's ``tmp/``. With ``top_k`` the held-out probabilities are kept as
-    top-k rows (:mod:`stackcat.topk`), predicted in blocks of rows.
-    """
-    with scratch_files_in(RunFolder(run_path).temp_folder if run_path is not None else None):
-        return _run_job(job, estimator, X, y, classes, run_path, oof_dtype, top_k)
-
-
-def predict_aligned(model: Any, X: Any, classes: np.ndarray, dtype: str = "float32",
-                    top_k: int | None = None) -> Any:
-    """``model``'s probabilities of X in the columns of ``classes`` (0 for classes it never saw);
-    with ``top_k``, a top-k CSR matrix predicted in blocks of rows, so no dense ``rows x classes``
-    matrix is ever whole."""
-    if top_k is None:
-        return proba_for_classes(np.asarray(model.predict_proba(X)), model.classes_, classes).astype(dtype)
-    block_rows = max(PREDICT_BLOCK_CELLS // max(len(classes), 1), 256)
-    blocks = []
-    for start in range(0, len(X), block_rows):
-        rows = np.arange(start, min(start + block_rows, len(X)))
-        proba = np.asarray(model.predict_proba(take_rows(X, rows)))
-        blocks.append(top_k_rows(proba_for_classes(proba, model.classes_, classes), top_k, dtype))
-    return sparse.vstack(blocks, format="csr") if blocks else sparse.csr_matrix((0, len(classes)), dtype=dtype)
-
-
-def _run_job(job: Job, estimator: Any, X: Any, y: np.ndarray, classes: np.ndarray,
-             run_path: str | None, oof_dtype: str, top_k: int | None) -> JobResult:
-    model = clone(estimator)
-    start = time.perf_counter()
-    model.fit(take_rows(X, job.train), y[job.train])
-    fit_seconds = time.perf_counter() - start
-    start = time.perf_counter()
-    if len(job.test):
-        oof = predict_aligned(model, take_rows(X, job.test), classes, oof_dtype, top_k)
-    else:
-        oof = np.zeros((0, len(classes)), dtype=oof_dtype)
-    predict_seconds = time.perf_counter() - start
-    result = JobResult(job.model, job.name, job.key, job.test, oof, fit_seconds, predict_seconds,
-                       len(job.train), estimator=model)
-    if run_path is not None:
-        run = RunFolder(run_path)
-        write_joblib(model, run.model_path(job.model, job.name, job.key), sign=False)
-        write_npz(run.oof_path(job.model, job.name, job.key), test=job.test, **_oof_arrays(oof),
-                  timings=np.array([fit_seconds, predict_seconds]), n_train=np.array(len(job.train)))
-        result.estimator = None
-    return result
-
-
-def load_job(run: RunFolder, job: Job) -> JobResult | None:
-    """The stored result of ``job``, or None when it has not finished.
-
-    A job whose files were damaged or deleted since (disk errors, a hand-edited
-    folder) is not trusted: it is recomputed, with a warning. Its model file
-    must carry this user's signature (see :mod:`stackcat.runs`), which also
-    catches a truncated or overwritten model without unpickling it.
-    """
-    path = run.oof_path(job.model, job.name, job.key)
-    if not path.exists():
-        return None
-    model_path = run.model_path(job.model, job.name, job.key)
-    if not model_path.exists():
-        warnings.warn(f"{path}: its fitted model file is gone; the job is computed again", stacklevel=3)
-        return None
-    problem = signature_problem(model_path)
-    if problem is not None:
-        warnings.warn(f"{model_path}: {problem}; the job is computed again", stacklevel=3)
-        return None
-    try:
-        with np.load(path) as stored:
-            if not np.array_equal(stored["test"], job.test):
-                return None
-            fit_seconds, predict_seconds = stored["timings"].tolist()
-            return JobResult(job.model, job.name, job.key, stored["test"], _stored_oof(stored), fit_seconds,
-                             predict_seconds, int(stored["n_train"]), cached=True)
-    except Exception as exc:  # a damaged zip raises BadZipFile, ValueError, KeyError, EOFError...
-        warnings.warn(f"{path}: unreadable ({type(exc).__name__}: {exc}); the job is computed again",
-                      stacklevel=3)
-        return None
-
-
-def _oof_arrays(oof: Any) -> dict[str, np.ndarray]:
-    """The arrays that store an OOF block in a ``.oof.npz``: dense, or the parts of a top-k CSR."""
-    if not is_top_k(oof):
-        return {"oof": oof}
-    return {"oof_data": oof.data, "oof_indices": oof.indices, "oof_indptr": oof.indptr,
-            "oof_shape": np.array(oof.shape)}
-
-
-def _stored_oof(stored: Any) -> Any:
-    if "oof" in stored:
-        return stored["oof"]
-    return sparse.csr_matrix((stored["oof_data"], stored["oof_indices"], stored["oof_indptr"]),
-                             shape=tuple(stored["oof_shape"]))
-
-
-# --------------------------------------------------------------------------- the estimator
 
 
 class StackingCategorizer(ClassifierMixin, _BaseComposition, BaseEstimator):
@@ -1030,20 +807,3 @@ def _plain_average(matrices: list[Any]) -> Any:
     """The plain mean of probability matrices (float32 dense, or top-k CSR)."""
     mean = topk.weighted_sum(matrices, [1.0 / len(matrices)] * len(matrices))
     return mean.astype(np.float32)
-
-
-def _read_cached(path: Path) -> Any:
-    """A cached, signed result, or None when absent, unsigned or damaged (then it is computed again)."""
-    if not path.exists():
-        return None
-    problem = signature_problem(path)
-    if problem is not None:
-        warnings.warn(f"{path}: {problem}; computed again", stacklevel=3)
-        return None
-    try:
-        return load_pickle(path, trusted=True, what="cached result")  # its signature was just checked
-    except (RunFolderError, OSError) as exc:
-        warnings.warn(f"{exc}; computed again", stacklevel=3)
-        return None
-
-
