@@ -19,7 +19,7 @@ demo table (StratifiedKFold(5, shuffle=True, random_state=42)); ``--folds 1``
 runs only the first fold and scores its held-out part.
 
 ``--frozen``: the same OOF for the frozen-encoder models, trained on cached token
-states: ``BertClassifier(freeze_encoder=True)`` and/or ``FusionClassifier(epochs=0)``
+states: ``BertClassifier(freeze_encoder=True)`` and/or ``FusionClassifier(freeze_encoder=True)``
 (``--models``). The texts (and, for the fusion, the images) are encoded once
 first, timed on their own (0 s when ``--cache-dir`` already holds them); every
 fold of every model then reads the cache.
@@ -103,7 +103,7 @@ def measure(args: argparse.Namespace) -> dict:
     load_s = time.perf_counter() - started
 
     common = dict(model_name=model_name, max_length=args.max_length, batch_size=args.batch_size,
-                  progress=False, num_threads=args.threads, random_state=0)
+                  progress=False, n_threads=args.threads, random_state=0)
     result = {"model": args.which, "text_model": args.model, "rows": args.rows,
               "max_length": args.max_length, "batch_size": args.batch_size, "threads": args.threads,
               "epochs": args.epochs, "load_s": round(load_s, 2)}
@@ -168,7 +168,7 @@ def oof(args: argparse.Namespace) -> dict:
     for k, (train, test) in enumerate(folds):
         clf = BertClassifier(model_name=model_name, max_length=args.max_length,
                              batch_size=args.batch_size, epochs=args.epochs, lr=args.lr,
-                             num_threads=args.threads, random_state=0, progress=args.progress)
+                             n_threads=args.threads, random_state=0, progress=args.progress)
         clf.fit(frame.iloc[train], y[train])
         predicted[test] = clf.predict(frame.iloc[test])
         scored[test] = True
@@ -194,18 +194,18 @@ def fold_scores(truth: np.ndarray, guess: np.ndarray) -> dict:
 
 
 def frozen_model(which: str, model_name: str, cache: str, args: argparse.Namespace):
-    # num_threads left at None, as in the demo: the encoder (when a text is not cached) uses
+    # n_threads left at None, as in the demo: the encoder (when a text is not cached) uses
     # torch's setting (--threads), the model on cached states 1 thread.
     common = dict(model_name=model_name, max_length=args.max_length, batch_size=args.batch_size,
                   random_state=0, progress=args.progress)
     if which == "bert":
         from stackcat.models.bert import BertClassifier
 
-        return BertClassifier(freeze_encoder=True, cache_dir=cache, epochs=args.epochs, lr=args.lr,
+        return BertClassifier(freeze_encoder=True, text_cache_dir=cache, epochs=args.epochs, lr=args.lr,
                               **common)
     from stackcat.models.fusion import FusionClassifier
 
-    return FusionClassifier(epochs=0, image_epochs=args.image_epochs, frozen_epochs=args.frozen_epochs,
+    return FusionClassifier(freeze_encoder=True, image_epochs=args.image_epochs, frozen_epochs=args.frozen_epochs,
                             head_lr=args.head_lr, image_encoder=args.image_encoder,
                             image_cache_dir=cache, text_cache_dir=cache, **common)
 

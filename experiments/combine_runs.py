@@ -1,7 +1,7 @@
 """Stack OOF matrices taken from several finished run folders (same data, classes and folds).
 
-    python experiments/combine_runs.py artifacts/demo:fasttext,clip,fusion artifacts/demo_ft_headlr:bert
-    python experiments/combine_runs.py artifacts/demo:fasttext,bert,clip,fusion artifacts/demo_ft_headlr:bert=bert_ft
+    python experiments/combine_runs.py artifacts/demo:fasttext,image,fusion artifacts/demo_ft_headlr:bert
+    python experiments/combine_runs.py artifacts/demo:fasttext,bert,image,fusion artifacts/demo_ft_headlr:bert=bert_ft
 
 Each argument is ``RUN_DIR:model,model``: the named models' out-of-fold
 probabilities are taken from that run's ``stacker.joblib``; ``model=alias``

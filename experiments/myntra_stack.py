@@ -134,7 +134,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=Path("../shared/data/myntra"))
     parser.add_argument("--subset", choices=["images", "all"], default="images")
-    parser.add_argument("--models", default="fasttext,bert,clip,fusion")
+    parser.add_argument("--models", default="fasttext,bert,image,fusion")
     parser.add_argument("--profile", choices=sorted(PROFILES), default="frozen")
     parser.add_argument("--max-length", type=int, default=48)
     parser.add_argument("--epochs", type=int, default=2, help="BERT epochs (fine-tuned profile)")

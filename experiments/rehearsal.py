@@ -35,12 +35,12 @@ from stackcat.stacking import StackingCategorizer
 SPEC = TableSpec(text_columns=["productDisplayName"], attribute_columns=["gender", "baseColour", "season", "usage"],
                  target="articleType", id_column="id", image_dir="images_224", attribute_keys=False,
                  lowercase=True)
-MEMBERS = ["fasttext", "lexical", "bert", "knn_text", "clip", "fusion"]
+MEMBERS = ["fasttext", "lexical", "bert", "knn_text", "image", "fusion"]
 REFERENCE = {"rows": 91_120, "classes": 874, "image_share": 1.0}
 # members whose fit cost grows with rows x classes: LogisticRegression heads over all their
 # features (lexical, the image head) and fastText's softmax; the torch heads' class layer is a small
 # part of their cost (measured per row)
-CLASS_LINEAR = {"fasttext", "lexical", "clip"}
+CLASS_LINEAR = {"fasttext", "lexical", "image"}
 
 
 def fit_one(raw, size: int, run_dir: Path, data_dir: Path) -> dict:
@@ -57,13 +57,13 @@ def fit_one(raw, size: int, run_dir: Path, data_dir: Path) -> dict:
     # load (and export) the encoders outside the timed stages, with nothing cached in this process
     clear_caches()
     named["bert"].warm_cache(raw_warmup(frame))
-    named["clip"].warm_cache(raw_warmup(frame))
+    named["image"].warm_cache(raw_warmup(frame))
     seconds = {}
     start = time.perf_counter()
     named["bert"].warm_cache(frame)
     seconds["encode_texts"] = time.perf_counter() - start
     start = time.perf_counter()
-    named["clip"].warm_cache(frame)
+    named["image"].warm_cache(frame)
     seconds["encode_images"] = time.perf_counter() - start
     stack = StackingCategorizer(models, meta="auto", n_splits=5, random_state=42, run_dir=run_dir, verbose=1,
                                 progress=False)

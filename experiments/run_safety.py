@@ -1,6 +1,6 @@
 """Figures of docs/reliability.md rows 35 and 40 (issue 12): stale image resume, image memory.
 
-``resume``: fit ``--models clip --offline-weights`` on 60 demo rows (3 classes),
+``resume``: fit ``--models image --offline-weights`` on 60 demo rows (3 classes),
 rotate the photos between products under the same file names, ``--resume``,
 and compare with a fresh fit on the new files.
 
@@ -29,14 +29,14 @@ import pandas as pd
 from stackcat.demo import demo_csv_path, demo_image_dir
 
 OPTIONS = ["--text-columns", "productDisplayName", "--target", "articleType", "--id-column", "id",
-           "--image-dir", "imgs", "--models", "clip", "--offline-weights", "--no-progress", "--folds", "5",
+           "--image-dir", "imgs", "--models", "image", "--offline-weights", "--no-progress", "--folds", "5",
            "--meta", "average"]
 
 
 def fit(folder: Path, run: str, *extra: str) -> tuple[float, list[str]]:
     done = subprocess.run([sys.executable, "-m", "stackcat.cli", "fit", "t.csv", "--run-dir", run, *OPTIONS, *extra],
                           cwd=folder, capture_output=True, text=True, check=True)
-    f1 = float(re.search(r"^clip\s+([0-9.]+)", done.stdout, re.MULTILINE).group(1))
+    f1 = float(re.search(r"^image\s+([0-9.]+)", done.stdout, re.MULTILINE).group(1))
     return f1, [line for line in done.stdout.splitlines() if "jobs" in line]
 
 

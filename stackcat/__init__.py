@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 _EXPORTS = {
     "read_table": "stackcat.data",
@@ -27,7 +27,6 @@ _EXPORTS = {
     "FastTextClassifier": "stackcat.models.fasttext",
     "BertClassifier": "stackcat.models.bert",
     "ImageEmbeddingClassifier": "stackcat.models.image",
-    "ClipImageClassifier": "stackcat.models.clip",  # deprecated alias
     "FusionClassifier": "stackcat.models.fusion",
     "TfidfClassifier": "stackcat.models.lexical",
     "NeighboursClassifier": "stackcat.models.neighbours",
@@ -45,9 +44,7 @@ _EXPORTS = {
     "load_demo": "stackcat.demo",
 }
 
-_DEPRECATED = {"ClipImageClassifier"}  # still importable, with a DeprecationWarning
-
-__all__ = sorted(set(_EXPORTS) - _DEPRECATED) + ["__version__"]
+__all__ = sorted(_EXPORTS) + ["__version__"]
 
 
 def __getattr__(name: str) -> Any:

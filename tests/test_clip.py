@@ -183,39 +183,6 @@ def test_encode_batch_size_is_the_images_per_encoder_call(toy):
     assert encoder.calls == -(-len(paths) // 5)
 
 
-def test_deprecated_n_jobs_warns_and_limits_threads(toy):
-    import torch
-
-    seen = []
-
-    class ThreadSpy(CountingEncoder):
-        def encode(self, images):
-            seen.append(torch.get_num_threads())
-            return super().encode(images)
-
-    with pytest.warns(DeprecationWarning, match=r"n_jobs=\.\.\.\) is deprecated: use n_threads"):
-        stub_classifier(encoder=ThreadSpy(), n_jobs=1, n_threads=2).fit(*toy)
-    assert seen == [1]
-
-
-def test_deprecated_batch_size_warns_and_is_used(toy):
-    paths, y = toy
-    encoder = CountingEncoder()
-    with pytest.warns(DeprecationWarning, match=r"batch_size=\.\.\.\) is deprecated: use encode_batch_size"):
-        stub_classifier(encoder=encoder, batch_size=5).fit(paths, y)
-    assert encoder.calls == -(-len(paths) // 5)
-
-
-def test_deprecated_cache_dir_warns_and_is_the_image_cache(toy, tmp_path):
-    from stackcat.features.store import count_entries
-
-    paths, y = toy
-    with pytest.warns(DeprecationWarning, match=r"cache_dir=\.\.\.\) is deprecated: use image_cache_dir"):
-        stub_classifier(cache_dir=tmp_path / "old", image_cache_dir=tmp_path / "new").fit(paths, y)
-    assert count_entries(tmp_path / "old") == len(paths)
-    assert not (tmp_path / "new").exists()
-
-
 def test_warm_cache_encodes_every_image_once_for_later_folds(toy, tmp_path):
     paths, y = toy
     encoder = CountingEncoder()

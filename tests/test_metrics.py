@@ -5,7 +5,6 @@ import pandas as pd
 import pytest
 from sklearn.metrics import accuracy_score, f1_score, top_k_accuracy_score
 
-from stackcat import metrics
 from stackcat.metrics import (
     comparison_table,
     confused_pairs,
@@ -215,11 +214,3 @@ def test_unambiguous_targets_need_no_y_kind():
     with pytest.raises(ValueError, match="y_kind must be"):
         y_as_indices([0], ["a"], y_kind="label")
 
-
-def test_report_names_still_reachable_from_metrics_with_a_warning():
-    with pytest.warns(DeprecationWarning, match="stackcat.report.write_report"):
-        assert metrics.write_report is write_report
-    with pytest.warns(DeprecationWarning, match="stackcat.report.PLOTS"):
-        assert metrics.PLOTS is PLOTS
-    with pytest.raises(AttributeError):
-        metrics.no_such_name  # noqa: B018

@@ -186,22 +186,10 @@ def test_each_source_reads_its_own_cache_folder(toy_images, tmp_path):
     assert count_entries(tmp_path / "images") == len(paths) and not (tmp_path / "texts").exists()
 
 
-def test_deprecated_cache_dir_warns_and_is_the_image_cache_for_images(toy_images, tmp_path):
+def test_encode_batch_size_sizes_the_encoder_passes(toy_images):
     paths, y = toy_images
-    with pytest.warns(DeprecationWarning, match=r"cache_dir=\.\.\.\) is deprecated: use image_cache_dir"):
-        image_knn(cache_dir=tmp_path / "old", image_cache_dir=tmp_path / "new").fit(paths, y)
-    assert count_entries(tmp_path / "old") == len(paths) and not (tmp_path / "new").exists()
-
-
-def test_deprecated_batch_size_warns_and_is_used(toy_images):
-    paths, y = toy_images
-    encoder = CountingEncoder()
-    with pytest.warns(DeprecationWarning, match=r"batch_size=\.\.\.\) is deprecated: use encode_batch_size"):
-        image_knn(encoder=encoder, batch_size=5).fit(paths, y)
-    assert encoder.calls == -(-len(paths) // 5)
-    clear_image_cache()
-    image_knn(encoder=(fresh := CountingEncoder()), encode_batch_size=7).fit(paths, y)
-    assert fresh.calls == -(-len(paths) // 7)
+    image_knn(encoder=(encoder := CountingEncoder()), encode_batch_size=7).fit(paths, y)
+    assert encoder.calls == -(-len(paths) // 7)
 
 
 # --- the estimator on texts -------------------------------------------------------------
@@ -229,13 +217,6 @@ def test_reuses_the_text_states_of_the_frozen_bert_member(tiny_model, tmp_path, 
     assert sum(counting.encoded.values()) == encoded == len(set(texts))
     np.testing.assert_allclose(np.linalg.norm(unfitted_vectors, axis=1), 1.0, atol=1e-5)
     assert unfitted_vectors.dtype == np.float32
-
-
-def test_deprecated_cache_dir_warns_and_is_the_text_cache_for_texts(tiny_model, tmp_path):
-    texts, y = toy_texts()
-    with pytest.warns(DeprecationWarning, match=r"cache_dir=\.\.\.\) is deprecated: use text_cache_dir"):
-        text_knn(tiny_model, cache_dir=tmp_path / "old", text_cache_dir=tmp_path / "new").fit(texts, y)
-    assert count_entries(tmp_path / "old") == len(set(texts)) and not (tmp_path / "new").exists()
 
 
 def test_embed_texts_prefix_defaults_to_text_prefix(tiny_model):

@@ -15,10 +15,10 @@ from stackcat.presets import (
 def test_frozen_text_options_reach_bert_and_fusion(tmp_path):
     options = ModelOptions(text_model="/models/e5", image_encoder="efficientnet-lite0",
                            cache_dir=str(tmp_path), freeze_text_encoder=True)
-    models = dict(build_models(["fasttext", "bert", "clip", "fusion"], options, {"bert": {"epochs": 7}}))
-    bert, fusion, clip = models["bert"], models["fusion"], models["clip"]
+    models = dict(build_models(["fasttext", "bert", "image", "fusion"], options, {"bert": {"epochs": 7}}))
+    bert, fusion, image = models["bert"], models["fusion"], models["image"]
     assert bert.freeze_encoder and bert.lr == FROZEN_BERT["lr"] and bert.epochs == 7  # explicit params win
-    assert bert.text_cache_dir == fusion.text_cache_dir == fusion.image_cache_dir == clip.image_cache_dir == str(tmp_path)
+    assert bert.text_cache_dir == fusion.text_cache_dir == fusion.image_cache_dir == image.image_cache_dir == str(tmp_path)
     assert fusion.freeze_encoder and FROZEN_FUSION["freeze_encoder"]
     assert bert.model_name == fusion.model_name == "/models/e5"
 
@@ -40,15 +40,15 @@ def test_text_prefix_reaches_the_text_models():
     assert models["bert"]._texts(["Red shirt"]) == ["passage: Red shirt"]
 
 
-def test_neighbours_share_the_text_and_image_settings_of_bert_and_clip(tmp_path):
+def test_neighbours_share_the_text_and_image_settings_of_bert_and_image(tmp_path):
     options = ModelOptions(text_model="/models/e5", text_prefix="passage: ", image_encoder="efficientnet-lite0",
                            cache_dir=str(tmp_path), max_length=32, freeze_text_encoder=True)
-    models = dict(build_models(["bert", "clip", "knn_text", "knn_image", "lexical"], options))
-    knn_text, knn_image, bert, clip = models["knn_text"], models["knn_image"], models["bert"], models["clip"]
+    models = dict(build_models(["bert", "image", "knn_text", "knn_image", "lexical"], options))
+    knn_text, knn_image, bert, image = models["knn_text"], models["knn_image"], models["bert"], models["image"]
     assert knn_text.source == "text" and knn_image.source == "image"
     assert (knn_text.model_name, knn_text.text_prefix, knn_text.max_length, knn_text.text_cache_dir) == \
         (bert.model_name, bert.text_prefix, bert.max_length, bert.text_cache_dir)
-    assert (knn_image.encoder, knn_image.image_cache_dir) == (clip.encoder, clip.image_cache_dir)
+    assert (knn_image.encoder, knn_image.image_cache_dir) == (image.encoder, image.image_cache_dir)
     assert type(models["lexical"]).__name__ == "TfidfClassifier"
 
 

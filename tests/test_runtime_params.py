@@ -1,9 +1,6 @@
-"""Estimators declare their runtime params; the image head's new name and its old aliases."""
+"""Estimators declare their runtime params; they stay out of the job keys, learning params do not."""
 
 from __future__ import annotations
-
-import importlib
-import pickle
 
 import pytest
 from sklearn.base import BaseEstimator
@@ -33,16 +30,12 @@ def test_declared_runtime_params_are_params_and_keep_the_old_ones(cls):
 
 @pytest.mark.parametrize(("cls", "changes"), [
     (ImageEmbeddingClassifier, {"encode_batch_size": 7, "n_threads": 2, "image_cache_dir": "/x", "progress": False}),
-    (ImageEmbeddingClassifier, {"batch_size": 7, "n_jobs": 2, "cache_dir": "/x"}),  # deprecated names
     (FusionClassifier, {"encode_batch_size": 7, "device": "cpu", "n_threads": 2, "text_cache_dir": "/x"}),
-    (FusionClassifier, {"image_batch_size": 7, "num_threads": 2, "predict_batch_size": 9}),
     (BertClassifier, {"encode_batch_size": 7, "n_threads": 2, "text_cache_dir": "/x", "progress": False}),
-    (BertClassifier, {"predict_batch_size": 7, "num_threads": 2, "cache_dir": "/x"}),
     (NeighboursClassifier, {"text_cache_dir": "/x", "image_cache_dir": "/y", "encode_batch_size": 9,
                             "progress": False}),
-    (NeighboursClassifier, {"cache_dir": "/x", "batch_size": 9}),  # deprecated names
     (RerankMeta, {"n_threads": 2, "verbose": 1}),
-    (MulticlassMeta, {"n_threads": 2, "thread_count": 3}),
+    (MulticlassMeta, {"n_threads": 2}),
 ])
 def test_runtime_params_leave_the_fingerprint_alone(cls, changes):
     assert model_fingerprint(cls().set_params(**changes)) == model_fingerprint(cls())
@@ -52,7 +45,6 @@ def test_runtime_params_leave_the_fingerprint_alone(cls, changes):
     (ImageEmbeddingClassifier, "C", 3.0),
     (FusionClassifier, "image_epochs", 9),
     (FastTextClassifier, "n_threads", 3),  # lock-free threads change what FastText learns
-    (FastTextClassifier, "thread", 3),
     (BertClassifier, "device", "cpu"),  # CUDA trains in bf16 / fp16
     (TfidfClassifier, "max_iter", 7),
 ])
@@ -73,30 +65,15 @@ def test_an_estimator_that_declares_nothing_gets_the_shared_list():
     assert model_fingerprint(Undeclared(batch_size=3)) != model_fingerprint(Undeclared())
 
 
-def test_clip_is_an_alias_of_image_under_its_own_name():
-    assert "image" in MODEL_NAMES
-    models = build_models(["clip", "image"], ModelOptions(cache_dir="/cache"))
-    assert [name for name, _ in models] == ["clip", "image"]
-    assert all(type(model) is ImageEmbeddingClassifier for _, model in models)
-    assert model_fingerprint(models[0][1]) == model_fingerprint(models[1][1])
-
-
-@pytest.mark.parametrize("module", ["stackcat", "stackcat.models", "stackcat.models.clip"])
-def test_the_old_class_name_warns_and_is_the_new_class(module):
-    with pytest.warns(DeprecationWarning, match="ImageEmbeddingClassifier"):
-        old = importlib.import_module(module).ClipImageClassifier
-    assert old is ImageEmbeddingClassifier
-
-
-def test_a_model_pickled_under_the_old_name_loads_as_the_new_class():
-    # what a run folder saved before the rename refers to: stackcat.models.clip.ClipImageClassifier
-    with pytest.warns(DeprecationWarning):
-        cls = pickle.loads(b"cstackcat.models.clip\nClipImageClassifier\n.")
-    assert cls is ImageEmbeddingClassifier
+def test_the_image_head_has_one_name():
+    assert "image" in MODEL_NAMES and "clip" not in MODEL_NAMES
+    assert type(build_models(["image"], ModelOptions(cache_dir="/cache"))[0][1]) is ImageEmbeddingClassifier
+    with pytest.raises(ValueError, match=r"unknown model\(s\) \['clip'\]"):
+        build_models(["clip"])
 
 
 @pytest.mark.slow
-def test_a_run_fitted_with_models_clip_resumes_and_predicts(tmp_path, capsys):
+def test_a_run_fitted_with_models_image_resumes_and_predicts(tmp_path, capsys):
     from stackcat.cli import EXIT_OK, main
 
     from tiny_images import tiny_open_clip_dir, write_image
@@ -111,7 +88,7 @@ def test_a_run_fitted_with_models_clip_resumes_and_predicts(tmp_path, capsys):
     encoder = f"local-dir:{tiny_open_clip_dir(tmp_path / 'vit')}"
     fit = ["fit", str(tmp_path / "train.csv"), "--run-dir", str(tmp_path / "run"), "--text-columns", "text",
            "--target", "label", "--id-column", "id", "--image-column", "image", "--image-dir", "images",
-           "--models", "clip", "--image-encoder", encoder, "--device", "cpu", "--folds", "3",
+           "--models", "image", "--image-encoder", encoder, "--device", "cpu", "--folds", "3",
            "--meta", "average", "--no-progress"]
     assert main(fit) == EXIT_OK
     capsys.readouterr()

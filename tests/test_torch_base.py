@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import pickle
-import warnings
 
 import numpy as np
 import pandas as pd
@@ -12,7 +10,6 @@ import pytest
 import torch
 
 from stackcat.core import Precision, label_positions, proba_for_classes
-from stackcat.features.store import count_entries
 from stackcat.models.bert import BertClassifier
 from stackcat.models.fusion import FusionClassifier
 from stackcat.models.torch_base import CachedStateInputs, TokenInputs
@@ -95,88 +92,24 @@ def test_n_threads_accepts_none_a_count_or_all_cores(n_threads, valid):
                 clf._validate_params()
 
 
-# --- deprecated names: a warning, and the old behaviour ------------------------------------------------
+# --- 0.2's clean break: the old ways are refused, with what to do instead ---------------------------------
 
 
-def test_bert_num_threads_warns_and_sets_the_threads(tiny_model, frame):
-    clf = bert(tiny_model, n_threads=None, num_threads=1)
-    with pytest.warns(DeprecationWarning, match="num_threads"):
-        assert clf._n_threads() == 1
+def test_fusion_epochs_0_without_freeze_encoder_is_refused(tiny_model, frame):
+    with pytest.raises(ValueError, match=r"epochs=0 with freeze_encoder=False .* set freeze_encoder=True"):
+        fusion(tiny_model, epochs=0).fit(frame, frame["label"])
+    assert fusion(tiny_model, epochs=0, freeze_encoder=True).fit(frame, frame["label"]).module_.encoder is None
 
 
-def test_bert_predict_batch_size_warns_and_sizes_the_prediction_batches(tiny_model, frame):
-    expected = bert(tiny_model, encode_batch_size=5).fit(frame, frame["label"]).predict_proba(frame)
-    clf = bert(tiny_model, predict_batch_size=5)
-    with pytest.warns(DeprecationWarning, match="predict_batch_size"):
-        proba = clf.fit(frame, frame["label"]).predict_proba(frame)
-    np.testing.assert_array_equal(proba, expected)
-
-
-def test_bert_cache_dir_warns_and_caches_there(tiny_model, frame, tmp_path):
-    with pytest.warns(DeprecationWarning, match="cache_dir"):
-        bert(tiny_model, freeze_encoder=True, cache_dir=tmp_path).fit(frame, frame["label"])
-    assert count_entries(tmp_path) > 0
-
-
-def test_fusion_epochs_0_warns_and_freezes_bert(tiny_model, frame, tmp_path):
-    expected = fusion(tiny_model, freeze_encoder=True).fit(frame, frame["label"]).predict_proba(frame)
-    with pytest.warns(DeprecationWarning, match="freeze_encoder=True"):
-        clf = fusion(tiny_model, epochs=0).fit(frame, frame["label"])
-    assert clf.module_.encoder is None
-    np.testing.assert_array_equal(clf.predict_proba(frame), expected)
-
-
-@pytest.mark.parametrize(("old", "getter"), [("image_batch_size", "_image_batch_size"),
-                                             ("predict_batch_size", "_encode_batch_size"),
-                                             ("num_threads", "_n_threads")])
-def test_fusion_old_names_warn_and_keep_their_value(tiny_model, old, getter):
-    clf = fusion(tiny_model, **{old: 3})
-    with pytest.warns(DeprecationWarning, match=old):
-        assert getattr(clf, getter)() == 3
-
-
-def test_fusion_image_batch_size_leaves_the_prediction_batches_alone(tiny_model):
-    clf = fusion(tiny_model, image_batch_size=3, encode_batch_size=9)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", DeprecationWarning)
-        assert clf._encode_batch_size() == 9
-
-
-# --- folders and pickles written before the renames ----------------------------------------------------
-
-
-def test_a_folder_saved_with_the_old_names_loads_under_the_new_ones(tiny_model, frame, tmp_path):
-    clf = fusion(tiny_model, freeze_encoder=True, encode_batch_size=16).fit(frame, frame["label"])
+def test_a_folder_saved_with_old_param_names_is_refused_naming_them(tiny_model, frame, tmp_path):
+    clf = bert(tiny_model, freeze_encoder=True).fit(frame, frame["label"])
     folder = clf.save(tmp_path / "model")
+    np.testing.assert_array_equal(BertClassifier.load(folder).predict_proba(frame), clf.predict_proba(frame))
     record = json.loads((folder / "estimator.json").read_text())
-    params = record["params"]
-    for new in ("n_threads", "encode_batch_size", "freeze_encoder"):
-        del params[new]
-    params.update(num_threads=1, predict_batch_size=16, image_batch_size=64, epochs=0)
+    record["params"]["num_threads"] = record["params"].pop("n_threads")  # as stackcat 0.1 saved it
     (folder / "estimator.json").write_text(json.dumps(record))
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", DeprecationWarning)
-        loaded = FusionClassifier.load(folder)
-        np.testing.assert_array_equal(loaded.predict_proba(frame), clf.predict_proba(frame))
-    assert (loaded.n_threads, loaded.encode_batch_size, loaded.freeze_encoder) == (1, 16, True)
-    assert loaded.num_threads == loaded.predict_batch_size == loaded.image_batch_size == "deprecated"
-
-
-def test_a_pickle_made_before_the_renames_loads_under_the_new_ones(tiny_model, frame):
-    clf = bert(tiny_model, text_cache_dir=None).fit(frame, frame["label"])
-    old_state = clf.__getstate__()
-    for new, old, value in (("n_threads", "num_threads", 1), ("encode_batch_size", "predict_batch_size", 7),
-                            ("text_cache_dir", "cache_dir", None)):
-        del old_state[new]
-        old_state[old] = value
-    restored = BertClassifier.__new__(BertClassifier)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", DeprecationWarning)
-        restored.__setstate__(old_state)
-        np.testing.assert_array_equal(restored.predict_proba(frame), clf.predict_proba(frame))
-    assert (restored.n_threads, restored.encode_batch_size, restored.cache_dir) == (1, 7, "deprecated")
-    np.testing.assert_array_equal(pickle.loads(pickle.dumps(restored)).predict_proba(frame),
-                                  clf.predict_proba(frame))
+    with pytest.raises(ValueError, match=r"saved with params \['num_threads'\] that BertClassifier no longer has"):
+        BertClassifier.load(folder)
 
 
 # --- the ground floor's label mapper and precision --------------------------------------------------

@@ -436,7 +436,7 @@ class OpenClipEncoder(_TorchImageEncoder):
             f"once on a machine with internet (they go to the Hugging Face cache; copy "
             f"~/.cache/huggingface over), or point at a local checkpoint file: "
             f"OpenClipEncoder({self.model_name!r}, pretrained={example!r}{quick}), "
-            f"i.e. encoder='{self.model_name}/{example}' in ClipImageClassifier; "
+            f"i.e. encoder='{self.model_name}/{example}' in ImageEmbeddingClassifier; "
             f"or use an encoder that ships its weights: encoder='{EFFICIENTNET_LITE0}'. "
             f"open_clip said: {cause}"
         )

@@ -16,7 +16,7 @@ experiments/results/encoders.md). PyTorch stays for fine-tuning and for CUDA.
   products; convolutions stay fp32).
 - :func:`inference_session` keeps one session per (file, threads); a session
   runs with the process's torch thread budget (``torch.get_num_threads()``,
-  which stackcat's estimators set from their ``num_threads`` / ``n_jobs``).
+  which stackcat's estimators set from their ``n_threads``).
 
 Cache keys: fp32 ONNX and PyTorch fp32 give the same vectors within float
 rounding (cosine >= 0.99999, tested), so they share the embedding caches;

@@ -19,7 +19,6 @@ from sklearn.base import BaseEstimator
 from sklearn.utils._param_validation import Interval, Options
 from sklearn.utils.validation import check_is_fitted
 
-from stackcat._deprecated import RenamedParamsMixin, renamed_constraint
 from stackcat.topk import is_top_k, row_argmax, take_rows, weighted_sum
 
 LOG_FLOOR = 1e-7  # float16 probabilities underflow below ~6e-8
@@ -178,7 +177,7 @@ class _MetaBase(BaseEstimator):
         return check_probas(probas, self.model_names_, self.n_classes_)[1]
 
 
-class _BoostedMeta(RenamedParamsMixin, _MetaBase):
+class _BoostedMeta(_MetaBase):
     """What the CatBoost meta-learners share.
 
     Subclasses define ``__init__`` with (at least) the parameters constrained
@@ -188,8 +187,7 @@ class _BoostedMeta(RenamedParamsMixin, _MetaBase):
     :meth:`_inner_split_scores`.
     """
 
-    _runtime_params = ("n_threads", "verbose", "thread_count")
-    _renamed_params = (("thread_count", "n_threads"),)
+    _runtime_params = ("n_threads", "verbose")
     _parameter_constraints: dict = {
         "iterations": [Interval(Integral, 1, None, closed="left")],
         "learning_rate": [Interval(Real, 0, None, closed="neither"), None],
@@ -201,7 +199,6 @@ class _BoostedMeta(RenamedParamsMixin, _MetaBase):
         "n_threads": [Interval(Integral, 1, None, closed="left"), Options(Integral, {-1}), None],
         "random_state": [Interval(Integral, 0, None, closed="left")],
         "verbose": ["boolean", Interval(Integral, 0, None, closed="left")],
-        "thread_count": renamed_constraint([Interval(Integral, -1, None, closed="left")]),
     }
 
     def _early_stopping(self) -> bool:
@@ -225,8 +222,7 @@ class _BoostedMeta(RenamedParamsMixin, _MetaBase):
 
     def _thread_count(self) -> int:
         """CatBoost's ``thread_count`` for ``n_threads``: None (and -1) is every core."""
-        threads = self._renamed("n_threads")
-        return -1 if threads is None else threads
+        return -1 if self.n_threads is None else self.n_threads
 
     @staticmethod
     def _inner_split_scores(chosen_right: np.ndarray, logloss: float, matrices: Sequence[Any],

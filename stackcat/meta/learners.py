@@ -17,7 +17,6 @@ from scipy.optimize import minimize_scalar
 from sklearn.base import _fit_context
 from sklearn.utils._param_validation import Interval
 
-from stackcat._deprecated import DEPRECATED
 from stackcat.core import normalize_rows
 from stackcat.meta.base import LOG_FLOOR, _BoostedMeta, _MetaBase, inner_eval_mask
 from stackcat.meta.rerank import RerankMeta
@@ -268,8 +267,6 @@ class MulticlassMeta(_BoostedMeta):
     verbose : bool or int, default=False
         CatBoost's progress output (an int logs every that many iterations).
 
-    Deprecated parameters: ``thread_count`` (now ``n_threads``).
-
     Attributes
     ----------
     model_ : catboost.CatBoostClassifier or None
@@ -311,7 +308,6 @@ class MulticlassMeta(_BoostedMeta):
         n_threads: int | None = None,
         random_state: int = 0,
         verbose: bool | int = False,
-        thread_count: int | str = DEPRECATED,
     ) -> None:
         self.iterations = iterations
         self.learning_rate = learning_rate
@@ -323,7 +319,6 @@ class MulticlassMeta(_BoostedMeta):
         self.n_threads = n_threads
         self.random_state = random_state
         self.verbose = verbose
-        self.thread_count = thread_count
 
     @_fit_context(prefer_skip_nested_validation=True)
     def fit(self, probas: Mapping[str, np.ndarray], y: Any, **context: Any) -> MulticlassMeta:

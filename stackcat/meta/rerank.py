@@ -13,7 +13,6 @@ from scipy.optimize import minimize_scalar
 from sklearn.base import _fit_context
 from sklearn.utils._param_validation import Interval, StrOptions
 
-from stackcat._deprecated import DEPRECATED
 from stackcat.meta.base import LOG_FLOOR, _BoostedMeta, check_signals, signal_group
 from stackcat.meta.candidates import CandidateSet, build_candidates, candidate_feature_names
 from stackcat.topk import is_top_k, take_rows
@@ -150,8 +149,6 @@ class RerankMeta(_BoostedMeta):
     verbose : bool or int, default=False
         CatBoost's log and a progress bar over candidate building.
 
-    Deprecated parameters: ``thread_count`` (now ``n_threads``).
-
     Attributes
     ----------
     model_ : catboost.CatBoost or None
@@ -223,7 +220,6 @@ class RerankMeta(_BoostedMeta):
         n_threads: int | None = None,
         random_state: int = 0,
         verbose: bool | int = False,
-        thread_count: int | str = DEPRECATED,
     ) -> None:
         self.top_k = top_k
         self.loss = loss
@@ -243,7 +239,6 @@ class RerankMeta(_BoostedMeta):
         self.n_threads = n_threads
         self.random_state = random_state
         self.verbose = verbose
-        self.thread_count = thread_count
 
     @_fit_context(prefer_skip_nested_validation=True)
     def fit(self, probas: Mapping[str, np.ndarray], y: Any, *, signals: Mapping[str, np.ndarray] | None = None,

@@ -9,15 +9,12 @@ _EXPORTS = {
     "FastTextClassifier": "stackcat.models.fasttext",
     "BertClassifier": "stackcat.models.bert",
     "ImageEmbeddingClassifier": "stackcat.models.image",
-    "ClipImageClassifier": "stackcat.models.clip",  # deprecated alias
     "FusionClassifier": "stackcat.models.fusion",
     "TfidfClassifier": "stackcat.models.lexical",
     "NeighboursClassifier": "stackcat.models.neighbours",
 }
 
-_DEPRECATED = {"ClipImageClassifier"}  # still importable, with a DeprecationWarning
-
-__all__ = sorted(set(_EXPORTS) - _DEPRECATED)
+__all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name: str) -> Any:

@@ -15,7 +15,6 @@ import torch
 from sklearn.utils._param_validation import Interval, Options
 from torch import nn
 
-from stackcat._deprecated import DEPRECATED, renamed_constraint
 from stackcat.features.hub import DEFAULT_TEXT_MODEL
 from stackcat.models._base import as_texts, column_values
 from stackcat.models.batching import mean_pool
@@ -136,10 +135,6 @@ class BertClassifier(TorchClassifier):
         Show a bar per epoch (running loss) and for prediction, on a terminal only; a
         line per epoch goes to the ``"stackcat"`` logger either way.
 
-    Deprecated parameters (one release, with a DeprecationWarning; the old name wins):
-    ``num_threads`` (use ``n_threads``), ``predict_batch_size`` (``encode_batch_size``),
-    ``cache_dir`` (``text_cache_dir``).
-
     Attributes
     ----------
     classes_ : ndarray
@@ -175,10 +170,7 @@ class BertClassifier(TorchClassifier):
     """
 
     # params that change how fast, not what, it learns: left out of the run folder's job keys
-    _runtime_params = ("encode_batch_size", "n_threads", "progress", "text_cache_dir",
-                       "cache_dir", "num_threads", "predict_batch_size")
-    _renamed_params = (("num_threads", "n_threads"), ("predict_batch_size", "encode_batch_size"),
-                       ("cache_dir", "text_cache_dir"))
+    _runtime_params = ("encode_batch_size", "n_threads", "progress", "text_cache_dir")
     _pooled_states = True
 
     _parameter_constraints: dict = {
@@ -204,10 +196,6 @@ class BertClassifier(TorchClassifier):
         "n_threads": [Interval(Integral, 1, None, closed="left"), Options(Integral, {-1}), None],
         "random_state": [Interval(Integral, 0, None, closed="left"), None],
         "progress": ["boolean"],
-        "num_threads": renamed_constraint([Interval(Integral, 1, None, closed="left"), Options(Integral, {-1}),
-                                           None]),
-        "predict_batch_size": renamed_constraint([Interval(Integral, 1, None, closed="left")]),
-        "cache_dir": renamed_constraint([str, os.PathLike, None]),
     }
 
     def __init__(
@@ -234,9 +222,6 @@ class BertClassifier(TorchClassifier):
         n_threads: int | None = None,
         random_state: int | None = 0,
         progress: bool = True,
-        num_threads: Any = DEPRECATED,
-        predict_batch_size: Any = DEPRECATED,
-        cache_dir: Any = DEPRECATED,
     ) -> None:
         self.model_name = model_name
         self.text_column = text_column
@@ -260,9 +245,6 @@ class BertClassifier(TorchClassifier):
         self.n_threads = n_threads
         self.random_state = random_state
         self.progress = progress
-        self.num_threads = num_threads
-        self.predict_batch_size = predict_batch_size
-        self.cache_dir = cache_dir
 
     def _texts(self, X: Any) -> list[str]:
         return [self.text_prefix + text for text in as_texts(column_values(X, self.text_column, what="text"))]

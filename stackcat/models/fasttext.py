@@ -20,7 +20,6 @@ from sklearn.base import BaseEstimator, ClassifierMixin, _fit_context
 from sklearn.utils._param_validation import Interval, Options, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
-from stackcat._deprecated import DEPRECATED, RenamedParamsMixin, renamed_constraint
 from stackcat.data import upweight_title
 from stackcat.models._base import (
     ProbaClassifierMixin,
@@ -97,7 +96,7 @@ def _one_line(text: str) -> str:
     return " ".join(text.split())
 
 
-class FastTextClassifier(RenamedParamsMixin, ProbaClassifierMixin, ClassifierMixin, BaseEstimator):
+class FastTextClassifier(ProbaClassifierMixin, ClassifierMixin, BaseEstimator):
     """Supervised fastText on the product text, with the title's first words up-weighted.
 
     Parameters
@@ -140,8 +139,6 @@ class FastTextClassifier(RenamedParamsMixin, ProbaClassifierMixin, ClassifierMix
         fastText's seed.
     verbose : int, default=0
 
-    Deprecated parameters: ``thread`` (now ``n_threads``).
-
     Attributes
     ----------
     classes_ : ndarray
@@ -166,7 +163,6 @@ class FastTextClassifier(RenamedParamsMixin, ProbaClassifierMixin, ClassifierMix
     # params that change how fast, not what, it learns: left out of the run folder's job keys
     # (`n_threads` is not one: FastText's lock-free threads change the result)
     _runtime_params = ("verbose",)
-    _renamed_params = (("thread", "n_threads"),)
 
     _parameter_constraints: dict = {
         "text_column": [str],
@@ -185,7 +181,6 @@ class FastTextClassifier(RenamedParamsMixin, ProbaClassifierMixin, ClassifierMix
         "pretrained_vectors": [str, os.PathLike, None],
         "normalize": ["boolean"],
         "n_threads": [Interval(Integral, 1, None, closed="left"), Options(Integral, {-1}), None],
-        "thread": renamed_constraint([Interval(Integral, 1, None, closed="left"), None]),
         "random_state": [Interval(Integral, 0, None, closed="left")],
         "verbose": [Interval(Integral, 0, None, closed="left")],
     }
@@ -210,7 +205,6 @@ class FastTextClassifier(RenamedParamsMixin, ProbaClassifierMixin, ClassifierMix
         n_threads: int | None = None,
         random_state: int = 0,
         verbose: int = 0,
-        thread: int | None | str = DEPRECATED,
     ) -> None:
         self.text_column = text_column
         self.title_column = title_column
@@ -230,7 +224,6 @@ class FastTextClassifier(RenamedParamsMixin, ProbaClassifierMixin, ClassifierMix
         self.n_threads = n_threads
         self.random_state = random_state
         self.verbose = verbose
-        self.thread = thread
 
     @_fit_context(prefer_skip_nested_validation=True)
     def fit(self, X: Any, y: Any) -> FastTextClassifier:
@@ -309,7 +302,7 @@ class FastTextClassifier(RenamedParamsMixin, ProbaClassifierMixin, ClassifierMix
         return options
 
     def _threads(self) -> int:
-        threads = self._renamed("n_threads")
+        threads = self.n_threads
         return threads if threads is not None and threads > 0 else os.cpu_count() or 1
 
     def __getstate__(self) -> dict[str, Any]:
@@ -319,7 +312,6 @@ class FastTextClassifier(RenamedParamsMixin, ProbaClassifierMixin, ClassifierMix
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        state = self._upgrade_params(state)
         if isinstance(state.get("model_"), bytes):
             state["model_"] = _model_from_bytes(state["model_"])
         self.__dict__.update(state)

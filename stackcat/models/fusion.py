@@ -29,7 +29,7 @@ Training runs three stages (0 epochs skips one), as in the reference:
 2. ``frozen_epochs``: BERT frozen, everything else trains.
 3. ``epochs``: everything trains (BERT at ``lr``, the rest at ``head_lr``).
 
-With ``freeze_encoder=True`` (formerly ``epochs=0``) BERT never trains, so it never
+With ``freeze_encoder=True`` BERT never trains, so it never
 runs during training either: each distinct text's token states are computed once
 and cached (:mod:`stackcat.features.text_states`, shared with
 ``BertClassifier(freeze_encoder=True)``), and batches are padded cached states;
@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import math
 import os
-import warnings
 from numbers import Integral, Real
 from typing import Any
 
@@ -56,7 +55,6 @@ import torch
 from sklearn.utils._param_validation import Interval, Options
 from torch import nn
 
-from stackcat._deprecated import DEPRECATED, renamed_constraint, renamed_param
 from stackcat.features.hub import DEFAULT_TEXT_MODEL
 from stackcat.features.image_encoders import DEFAULT_IMAGE_ENCODER
 from stackcat.models._base import as_texts, column_values
@@ -195,10 +193,6 @@ class FusionClassifier(TorchClassifier):
     random_state : int or None, default=0
     progress : bool, default=True
 
-    Deprecated parameters (one release, with a DeprecationWarning; the old name wins):
-    ``num_threads`` (use ``n_threads``), ``predict_batch_size`` and ``image_batch_size``
-    (``encode_batch_size``); ``epochs=0`` without ``freeze_encoder`` means ``freeze_encoder=True``.
-
     Attributes
     ----------
     classes_ : ndarray
@@ -233,11 +227,7 @@ class FusionClassifier(TorchClassifier):
 
     # params that change how fast, not what, it learns: left out of the run folder's job keys
     # (`device` too: a run resumed on other hardware keeps its finished folds; issue 14's review)
-    _runtime_params = ("device", "encode_batch_size", "image_cache_dir", "n_threads", "progress", "text_cache_dir",
-                       "image_batch_size", "num_threads", "predict_batch_size")
-    # predict_batch_size first: the prediction batches follow it, the image batches image_batch_size
-    _renamed_params = (("num_threads", "n_threads"), ("predict_batch_size", "encode_batch_size"),
-                       ("image_batch_size", "encode_batch_size"))
+    _runtime_params = ("device", "encode_batch_size", "image_cache_dir", "n_threads", "progress", "text_cache_dir")
 
     _parameter_constraints: dict = {
         "model_name": [str, os.PathLike],
@@ -270,10 +260,6 @@ class FusionClassifier(TorchClassifier):
         "n_threads": [Interval(Integral, 1, None, closed="left"), Options(Integral, {-1}), None],
         "random_state": [Interval(Integral, 0, None, closed="left"), None],
         "progress": ["boolean"],
-        "image_batch_size": renamed_constraint([Interval(Integral, 1, None, closed="left")]),
-        "num_threads": renamed_constraint([Interval(Integral, 1, None, closed="left"), Options(Integral, {-1}),
-                                           None]),
-        "predict_batch_size": renamed_constraint([Interval(Integral, 1, None, closed="left")]),
     }
     _transient_attributes = ("_encoder_cache",)
 
@@ -309,9 +295,6 @@ class FusionClassifier(TorchClassifier):
         n_threads: int | None = None,
         random_state: int | None = 0,
         progress: bool = True,
-        image_batch_size: Any = DEPRECATED,
-        num_threads: Any = DEPRECATED,
-        predict_batch_size: Any = DEPRECATED,
     ) -> None:
         self.model_name = model_name
         self.text_column = text_column
@@ -343,31 +326,14 @@ class FusionClassifier(TorchClassifier):
         self.n_threads = n_threads
         self.random_state = random_state
         self.progress = progress
-        self.image_batch_size = image_batch_size
-        self.num_threads = num_threads
-        self.predict_batch_size = predict_batch_size
 
     def _check_params(self) -> None:
-        last_stage = 0 if self.freeze_encoder else self.epochs  # epochs=0 (the old way to freeze) counts as 0
+        if self.epochs == 0 and not self.freeze_encoder:
+            raise ValueError("epochs=0 with freeze_encoder=False loads BERT for training and never trains it: "
+                             "set freeze_encoder=True (BERT frozen, its token states cached)")
+        last_stage = 0 if self.freeze_encoder else self.epochs
         if self.image_epochs + self.frozen_epochs + last_stage == 0:
             raise ValueError("image_epochs, frozen_epochs and epochs are all 0: nothing to train")
-
-    def _freeze_text_encoder(self) -> bool:
-        if self.freeze_encoder:
-            return True
-        if self.epochs == 0:
-            warnings.warn("FusionClassifier(epochs=0) as the way to freeze BERT is deprecated: use "
-                          "freeze_encoder=True (the old way goes in the next release)", DeprecationWarning,
-                          stacklevel=3)
-            return True
-        return False
-
-    @classmethod
-    def _upgrade_params(cls, params: dict[str, Any]) -> dict[str, Any]:
-        params = super()._upgrade_params(params)
-        if "freeze_encoder" not in params and params.get("epochs") == 0:  # saved before freeze_encoder
-            params["freeze_encoder"] = True
-        return params
 
     def _fit_row_arrays(self, X: Any, n_rows: int) -> dict[str, np.ndarray]:
         self.image_encoder_name_ = self._image_encoder().name
@@ -408,12 +374,9 @@ class FusionClassifier(TorchClassifier):
             paths = [None if _is_missing(p) else str(p)
                      for p in column_values(X, self.image_column, what="image")]
             image_embeddings(paths, get_encoder(self.image_encoder, device=self.device),
-                             cache_dir=self.image_cache_dir, batch_size=self._image_batch_size(),
+                             cache_dir=self.image_cache_dir, batch_size=self.encode_batch_size,
                              device=self.device, progress=self.progress)
         super().warm_cache(X)
-
-    def _image_batch_size(self) -> int:
-        return renamed_param(self, "image_batch_size", "encode_batch_size")
 
     def _image_inputs(self, X: pd.DataFrame, n_rows: int) -> tuple[np.ndarray, np.ndarray]:
         """``(embeddings float32 (n, d), usable bool (n,))`` of the rows' images."""
@@ -426,7 +389,7 @@ class FusionClassifier(TorchClassifier):
                              f"embeddings, but image_encoder gives {encoder.name!r}")
         paths = [None if _is_missing(p) else str(p) for p in paths]
         embeddings, ok = image_embeddings(paths, encoder, cache_dir=self.image_cache_dir,
-                                          batch_size=self._image_batch_size(), device=self.device,
+                                          batch_size=self.encode_batch_size, device=self.device,
                                           progress=self.progress)
         ok = np.asarray(ok, dtype=bool)
         expected = getattr(self, "image_embedding_dim_", None)

@@ -1,7 +1,6 @@
 """ImageEmbeddingClassifier: a frozen image encoder + a logistic-regression head.
 
-Formerly ``ClipImageClassifier`` (``stackcat.models.clip``, kept as a deprecated
-alias): the head is the same whatever the encoder (open_clip, EfficientNet...).
+The head is the same whatever the encoder (open_clip, EfficientNet...).
 """
 
 from __future__ import annotations
@@ -18,7 +17,6 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.utils._param_validation import HasMethods, Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
-from stackcat._deprecated import DEPRECATED, RenamedParamsMixin, renamed_constraint
 from stackcat.core import limit_threads
 from stackcat.features.image_encoders import DEFAULT_IMAGE_ENCODER, get_encoder
 from stackcat.features.images import ImageEmbeddings, image_embeddings
@@ -33,7 +31,7 @@ from stackcat.models._base import (
 _SHOWN_ROWS = 10
 
 
-class ImageEmbeddingClassifier(RenamedParamsMixin, ProbaClassifierMixin, ClassifierMixin, BaseEstimator):
+class ImageEmbeddingClassifier(ProbaClassifierMixin, ClassifierMixin, BaseEstimator):
     """Frozen image embeddings (open_clip by default, any encoder pluggable) + logistic regression.
 
     Each image is embedded once by a frozen encoder (see
@@ -127,9 +125,7 @@ class ImageEmbeddingClassifier(RenamedParamsMixin, ProbaClassifierMixin, Classif
     """
 
     # params that change how fast, not what, it learns: left out of the run folder's job keys
-    _renamed_params = (("n_jobs", "n_threads"), ("batch_size", "encode_batch_size"), ("cache_dir", "image_cache_dir"))
-    _runtime_params = ("encode_batch_size", "image_cache_dir", "n_threads", "progress",
-                       "batch_size", "cache_dir", "n_jobs")
+    _runtime_params = ("encode_batch_size", "image_cache_dir", "n_threads", "progress")
 
     _parameter_constraints: dict = {
         "image_column": [str],
@@ -145,9 +141,6 @@ class ImageEmbeddingClassifier(RenamedParamsMixin, ProbaClassifierMixin, Classif
         "random_state": [Interval(Integral, 0, None, closed="left"), None],
         "n_threads": [Integral, None],
         "progress": ["boolean"],
-        "cache_dir": renamed_constraint([str, os.PathLike, None]),
-        "batch_size": renamed_constraint([Interval(Integral, 1, None, closed="left")]),
-        "n_jobs": renamed_constraint([Integral, None]),
     }
 
     def __init__(
@@ -165,9 +158,6 @@ class ImageEmbeddingClassifier(RenamedParamsMixin, ProbaClassifierMixin, Classif
         random_state: int | None = 0,
         n_threads: int | None = None,
         progress: bool = True,
-        cache_dir: str | os.PathLike | None = DEPRECATED,
-        batch_size: int | str = DEPRECATED,
-        n_jobs: int | None | str = DEPRECATED,
     ) -> None:
         self.image_column = image_column
         self.encoder = encoder
@@ -182,9 +172,6 @@ class ImageEmbeddingClassifier(RenamedParamsMixin, ProbaClassifierMixin, Classif
         self.random_state = random_state
         self.n_threads = n_threads
         self.progress = progress
-        self.cache_dir = cache_dir
-        self.batch_size = batch_size
-        self.n_jobs = n_jobs
 
     @_fit_context(prefer_skip_nested_validation=True)
     def fit(self, X: Any, y: Any) -> ImageEmbeddingClassifier:
@@ -192,7 +179,7 @@ class ImageEmbeddingClassifier(RenamedParamsMixin, ProbaClassifierMixin, Classif
         paths = column_values(X, self.image_column, what="image")
         self.classes_, y_index = encode_labels(y, len(paths))
         self.encoder_ = get_encoder(self.encoder, device=self.device)
-        with limit_threads(self._renamed("n_threads")):
+        with limit_threads(self.n_threads):
             embedded = self._embed(paths)
             self._record_image_status(embedded)
             usable = embedded.ok
@@ -217,7 +204,7 @@ class ImageEmbeddingClassifier(RenamedParamsMixin, ProbaClassifierMixin, Classif
         """
         check_is_fitted(self, "head_")
         paths = column_values(X, self.image_column, what="image")
-        with limit_threads(self._renamed("n_threads")):
+        with limit_threads(self.n_threads):
             embedded = self._embed(paths)
             if self.missing_image == "error":
                 self._raise_for_failed(embedded, paths)
@@ -235,24 +222,18 @@ class ImageEmbeddingClassifier(RenamedParamsMixin, ProbaClassifierMixin, Classif
         The stacking engine calls this in the main process, so that parallel
         fold jobs read the cache instead of each encoding the same images.
         """
-        cache_dir = self._cache_dir()
+        cache_dir = self.image_cache_dir
         if cache_dir is None:
             return
         paths = column_values(X, self.image_column, what="image")
-        with limit_threads(self._renamed("n_threads")):
+        with limit_threads(self.n_threads):
             image_embeddings(list(paths), get_encoder(self.encoder, device=self.device),
-                             cache_dir=cache_dir, batch_size=self._encode_batch_size(), progress=self.progress)
+                             cache_dir=cache_dir, batch_size=self.encode_batch_size, progress=self.progress)
 
     def _embed(self, paths: np.ndarray) -> ImageEmbeddings:
-        return image_embeddings(list(paths), self.encoder_, cache_dir=self._cache_dir(),
-                                batch_size=self._encode_batch_size(), device=self.device,
+        return image_embeddings(list(paths), self.encoder_, cache_dir=self.image_cache_dir,
+                                batch_size=self.encode_batch_size, device=self.device,
                                 progress=self.progress)
-
-    def _cache_dir(self) -> str | os.PathLike | None:
-        return self._renamed("image_cache_dir")
-
-    def _encode_batch_size(self) -> int:
-        return self._renamed("encode_batch_size")
 
     def _record_image_status(self, embedded: ImageEmbeddings) -> None:
         self.image_status_counts_ = embedded.status_counts

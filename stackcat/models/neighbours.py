@@ -16,7 +16,7 @@ flat inner-product index instead, for millions of rows.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from numbers import Integral, Real
 from typing import Any
 
@@ -25,12 +25,6 @@ from sklearn.base import BaseEstimator, ClassifierMixin, _fit_context
 from sklearn.utils._param_validation import HasMethods, Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
-from stackcat._deprecated import (
-    DEPRECATED,
-    RenamedParamsMixin,
-    renamed_constraint,
-    renamed_param,
-)
 from stackcat.features.hub import DEFAULT_TEXT_MODEL
 from stackcat.features.image_encoders import DEFAULT_IMAGE_ENCODER
 from stackcat.models._base import ProbaClassifierMixin, as_texts, column_values, encode_labels
@@ -113,7 +107,7 @@ def neighbour_votes(similarities: np.ndarray, neighbour_labels: np.ndarray, n_cl
     return votes
 
 
-class NeighboursClassifier(RenamedParamsMixin, ProbaClassifierMixin, ClassifierMixin, BaseEstimator):
+class NeighboursClassifier(ProbaClassifierMixin, ClassifierMixin, BaseEstimator):
     """Distance-weighted cosine k-nearest neighbours on cached frozen text or image embeddings.
 
     Each of the ``n_neighbors`` most similar training rows votes for its class
@@ -170,9 +164,6 @@ class NeighboursClassifier(RenamedParamsMixin, ProbaClassifierMixin, ClassifierM
     progress : bool, default=True
         Progress bar while encoding what is not cached.
 
-    Deprecated parameters: ``cache_dir`` (now ``text_cache_dir`` or ``image_cache_dir``,
-    by ``source``), ``batch_size`` (now ``encode_batch_size``).
-
     Attributes
     ----------
     classes_ : ndarray
@@ -205,8 +196,7 @@ class NeighboursClassifier(RenamedParamsMixin, ProbaClassifierMixin, ClassifierM
     """
 
     # params that change how fast, not what, it learns: left out of the run folder's job keys
-    _runtime_params = ("text_cache_dir", "image_cache_dir", "encode_batch_size", "progress",
-                       "cache_dir", "batch_size")
+    _runtime_params = ("text_cache_dir", "image_cache_dir", "encode_batch_size", "progress")
 
     _parameter_constraints: dict = {
         "source": [StrOptions({"text", "image"})],
@@ -226,8 +216,6 @@ class NeighboursClassifier(RenamedParamsMixin, ProbaClassifierMixin, ClassifierM
         "device": [str],
         "encode_batch_size": [Interval(Integral, 1, None, closed="left")],
         "progress": ["boolean"],
-        "cache_dir": renamed_constraint([str, os.PathLike, None]),
-        "batch_size": renamed_constraint([Interval(Integral, 1, None, closed="left")]),
     }
 
     def __init__(
@@ -249,8 +237,6 @@ class NeighboursClassifier(RenamedParamsMixin, ProbaClassifierMixin, ClassifierM
         device: str = "auto",
         encode_batch_size: int = 64,
         progress: bool = True,
-        cache_dir: str | os.PathLike | None = DEPRECATED,
-        batch_size: int | str = DEPRECATED,
     ) -> None:
         self.source = source
         self.text_column = text_column
@@ -269,8 +255,6 @@ class NeighboursClassifier(RenamedParamsMixin, ProbaClassifierMixin, ClassifierM
         self.device = device
         self.encode_batch_size = encode_batch_size
         self.progress = progress
-        self.cache_dir = cache_dir
-        self.batch_size = batch_size
 
     @_fit_context(prefer_skip_nested_validation=True)
     def fit(self, X: Any, y: Any) -> NeighboursClassifier:
@@ -340,28 +324,16 @@ class NeighboursClassifier(RenamedParamsMixin, ProbaClassifierMixin, ClassifierM
 
         prefix = self.text_prefix if prefix is None else prefix
         states = token_states([prefix + text for text in as_texts(np.asarray(texts, dtype=object))],
-                              self.model_name, int(self.max_length), cache_dir=self._cache_dir("text"),
-                              device=self.device, batch_size=self._encode_batch_size(), progress=self.progress)
+                              self.model_name, int(self.max_length), cache_dir=self.text_cache_dir,
+                              device=self.device, batch_size=self.encode_batch_size, progress=self.progress)
         if not states:
             return np.zeros((0, 0), dtype=np.float32)
         return l2_normalized(mean_pooled(states))
 
     def warm_cache(self, X: Any) -> None:
         """Encode every row of ``X`` into the ``source``'s cache folder once, before parallel fold jobs start."""
-        if self._cache_dir(self.source) is not None:
+        if (self.text_cache_dir if self.source == "text" else self.image_cache_dir) is not None:
             self.embed(X)
-
-    @classmethod
-    def _renamed_pairs(cls, params: Mapping[str, Any]) -> Sequence[tuple[str, str]]:
-        # cache_dir was the cache of the source's embeddings
-        return (("batch_size", "encode_batch_size"), ("cache_dir", f"{params.get('source', 'text')}_cache_dir"))
-
-    def _cache_dir(self, source: str) -> str | os.PathLike | None:
-        # the old cache_dir served whatever this model embeds, texts for category names included
-        return renamed_param(self, "cache_dir", f"{source}_cache_dir")
-
-    def _encode_batch_size(self) -> int:
-        return self._renamed("encode_batch_size")
 
     def _values(self, X: Any) -> np.ndarray:
         if self.source == "text":
@@ -375,7 +347,7 @@ class NeighboursClassifier(RenamedParamsMixin, ProbaClassifierMixin, ClassifierM
         from stackcat.features.images import image_embeddings
 
         embedded = image_embeddings(list(values), get_encoder(self.encoder, device=self.device),
-                                    cache_dir=self._cache_dir("image"), batch_size=self._encode_batch_size(),
+                                    cache_dir=self.image_cache_dir, batch_size=self.encode_batch_size,
                                     device=self.device, progress=self.progress)
         return l2_normalized(embedded.embeddings)
 

@@ -103,11 +103,6 @@ class SavableTorchMixin:
     def _save_weights(self, folder: Path) -> None:
         raise NotImplementedError
 
-    @classmethod
-    def _upgrade_params(cls, params: dict[str, Any]) -> dict[str, Any]:
-        """Params saved by an older release, made current (e.g. renamed params); as they are by default."""
-        return params
-
     def _load_weights(self, folder: Path) -> None:
         raise NotImplementedError
 
@@ -171,7 +166,10 @@ class SavableTorchMixin:
         saved = dict(record["params"])
         if (folder / cls._OBJECT_PARAMS_FILE).is_file():
             saved.update(joblib.load(folder / cls._OBJECT_PARAMS_FILE))
-        saved = cls._upgrade_params(saved)
+        unknown = sorted(set(saved) - set(cls._get_param_names()))
+        if unknown:
+            raise ValueError(f"{folder}: saved with params {unknown} that {cls.__name__} no longer has (renamed in "
+                             "stackcat 0.2, see CHANGELOG.md); fit the model again")
         estimator = cls(**{**saved, **params})
         dtype = np.dtype(record["classes_dtype"])
         estimator.classes_ = np.asarray(record["classes"], dtype=dtype)

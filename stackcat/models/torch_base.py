@@ -28,7 +28,6 @@ from sklearn.base import BaseEstimator, ClassifierMixin, _fit_context
 from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
-from stackcat._deprecated import RenamedParamsMixin
 from stackcat.core import encode_labels, label_positions, limit_threads, resolve_device
 from stackcat.features.hub import load_text_encoder, tokenize, usable_max_length
 from stackcat.features.text_states import (
@@ -256,7 +255,7 @@ class CachedStateInputs(TextInputs):
             self._states(texts)
 
 
-class TorchClassifier(RenamedParamsMixin, SavableTorchMixin, ProbaClassifierMixin, ClassifierMixin, BaseEstimator):
+class TorchClassifier(SavableTorchMixin, ProbaClassifierMixin, ClassifierMixin, BaseEstimator):
     """Base of the torch text classifiers: fit, predict_proba, eval set, saving, threads, seeding.
 
     A subclass holds its params (``__init__``), and implements:
@@ -267,14 +266,10 @@ class TorchClassifier(RenamedParamsMixin, SavableTorchMixin, ProbaClassifierMixi
     - ``_stages() -> list[Stage]``: the training stages of ``module_``;
     - ``_row_arrays(X, n_rows) -> dict``: per-row inputs besides the text
       (default none);
-    - ``_freeze_text_encoder() -> bool`` when ``freeze_encoder`` is not the whole
-      story (default: ``freeze_encoder``).
 
     It reads the params ``model_name``, ``max_length``, ``batch_size``,
     ``encode_batch_size``, ``text_cache_dir``, ``n_threads``, ``label_smoothing``,
     ``early_stopping_patience``, ``device``, ``random_state`` and ``progress``.
-    Renamed params are listed in ``_renamed_params`` (``(old, new)`` pairs): a
-    saved folder or a pickle from before the rename loads with the new names.
 
     Examples
     --------
@@ -306,20 +301,6 @@ class TorchClassifier(RenamedParamsMixin, SavableTorchMixin, ProbaClassifierMixi
     def _check_params(self) -> None:
         """Checks across params, before fitting."""
 
-    def _freeze_text_encoder(self) -> bool:
-        return bool(self.freeze_encoder)
-
-    # ---------------------------------------------------------------- params
-
-    def _n_threads(self) -> int | None:
-        return self._renamed("n_threads")
-
-    def _encode_batch_size(self) -> int:
-        return self._renamed("encode_batch_size")
-
-    def _text_cache_dir(self) -> str | os.PathLike | None:
-        return self._renamed("text_cache_dir")
-
 
     # ---------------------------------------------------------------- the input strategy
 
@@ -328,10 +309,10 @@ class TorchClassifier(RenamedParamsMixin, SavableTorchMixin, ProbaClassifierMixi
 
     def _text_inputs(self, *, fitting: bool) -> TextInputs:
         """The input strategy: from ``freeze_encoder`` when fitting, else from what the fit recorded."""
-        cached = self._freeze_text_encoder() if fitting else self._fitted_on_cached_text()
+        cached = self.freeze_encoder if fitting else self._fitted_on_cached_text()
         if cached:
-            return CachedStateInputs(self.model_name, self.max_length, self._text_cache_dir(), self.device,
-                                     self._encode_batch_size(), self.progress, pooled=self._pooled_states,
+            return CachedStateInputs(self.model_name, self.max_length, self.text_cache_dir, self.device,
+                                     self.encode_batch_size, self.progress, pooled=self._pooled_states,
                                      identity=getattr(self, "text_model_identity_", None))
         return TokenInputs(self.model_name, self.max_length, tokenizer=getattr(self, "tokenizer_", None),
                            fitted_max_length=getattr(self, "max_length_", None))
@@ -355,7 +336,7 @@ class TorchClassifier(RenamedParamsMixin, SavableTorchMixin, ProbaClassifierMixi
         for name in _TEXT_ATTRIBUTES:  # from an earlier fit, which may have used the other strategy
             self.__dict__.pop(name, None)
         inputs = self._text_inputs(fitting=True)
-        n_threads = self._n_threads()
+        n_threads = self.n_threads
         with limit_threads(n_threads):
             train, valid = self._training_batches(inputs, X, texts, y_index, eval_set)
             loop = training.TrainingLoop(
@@ -389,7 +370,7 @@ class TorchClassifier(RenamedParamsMixin, SavableTorchMixin, ProbaClassifierMixi
         check_is_fitted(self, "module_")
         texts = self._texts(X)
         inputs = self._text_inputs(fitting=False)
-        n_threads = self._n_threads()
+        n_threads = self.n_threads
         with limit_threads(n_threads):
             rows = inputs.rows(texts)
             loader = self._loader(inputs, rows, self._row_arrays(X, len(texts)), None, shuffle=False,
@@ -406,7 +387,7 @@ class TorchClassifier(RenamedParamsMixin, SavableTorchMixin, ProbaClassifierMixi
         in parallel, so that they read the cache instead of each encoding the
         same texts. Does nothing for a model that fine-tunes its encoder.
         """
-        if self._freeze_text_encoder():
+        if self.freeze_encoder:
             self._text_inputs(fitting=True).warm(self._texts(X))
 
     def _loader(self, inputs: TextInputs, rows: Any, arrays: dict[str, np.ndarray], labels: np.ndarray | None,
@@ -414,7 +395,7 @@ class TorchClassifier(RenamedParamsMixin, SavableTorchMixin, ProbaClassifierMixi
         """Training batches (shuffled, of rows of similar length) or prediction batches (sorted)."""
         lengths = inputs.lengths(rows)
         sampler = (LengthBucketBatchSampler(lengths, self.batch_size, seed=self.random_state) if shuffle
-                   else SortedBatchSampler(lengths, self._encode_batch_size()))
+                   else SortedBatchSampler(lengths, self.encode_batch_size))
         return batch_loader(len(lengths), sampler,
                             inputs.collator(rows, arrays=arrays, labels=labels, with_rows=with_rows))
 
