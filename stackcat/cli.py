@@ -485,7 +485,7 @@ def _demo_models(text_model: str | None, image_encoder: str | None) -> list[str]
 def main(argv: Sequence[str] | None = None) -> int:
     from stackcat.data import DataError
     from stackcat.progress import print_stage_lines
-    from stackcat.runs import RunFolderError
+    from stackcat.runs import OutdatedRunFolderError, RunFolderError
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -500,18 +500,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"\nstackcat {args.command}: stopped by Ctrl-C{_how_to_continue(args)}", file=sys.stderr)
         return EXIT_RUN_ERROR
     except (DataError, RunFolderError, FileNotFoundError, OSError, ValueError, RuntimeError, ImportError) as exc:
-        print(f"stackcat {args.command}: error: {exc}{_how_to_continue(args, failed=True)}", file=sys.stderr)
+        hint = _how_to_continue(args, failed=True, resumable=not isinstance(exc, OutdatedRunFolderError))
+        print(f"stackcat {args.command}: error: {exc}{hint}", file=sys.stderr)
         return EXIT_RUN_ERROR
 
 
-def _how_to_continue(args: argparse.Namespace, failed: bool = False) -> str:
-    """What survives a stopped or failed command, and how to go on from there."""
+def _how_to_continue(args: argparse.Namespace, failed: bool = False, resumable: bool = True) -> str:
+    """What survives a stopped or failed command, and how to go on from there (``resumable``: the
+    run folder's finished jobs can be reused)."""
     from stackcat.runs import MANIFEST
 
     if args.command == "predict":
         return f"; nothing was written to {args.out}"
     run_dir = getattr(args, "run_dir", None)
-    if args.command not in ("fit", "demo") or run_dir is None or not (Path(run_dir) / MANIFEST).exists():
+    if (args.command not in ("fit", "demo") or run_dir is None or not resumable
+            or not (Path(run_dir) / MANIFEST).exists()):
         return ""
     again = "fix the problem, then run" if failed else "run"
     how = "the same command with --resume" if args.command == "fit" else "it again"

@@ -87,6 +87,10 @@ RUNTIME_PARAMS = frozenset({"verbose", "progress", "cache_dir", "image_cache_dir
                             "num_threads", "predict_batch_size", "encode_batch_size", "thread_count"})
 
 
+# The first release whose run folders this one reads: 0.2 renamed params and moved classes, so a
+# folder of an older release holds pickles and job keys of names that are gone.
+OLDEST_READABLE_RELEASE = (0, 2)
+
 SIGNATURE_SUFFIX = ".sig"
 KEY_BYTES = 32
 TEMP_FOLDER = "tmp"
@@ -98,6 +102,10 @@ class RunFolderError(RuntimeError):
 
 class RunFolderConflict(RunFolderError):
     """A new run cannot start in the folder: it is a file, holds a run, or holds files of another kind."""
+
+
+class OutdatedRunFolderError(RunFolderError):
+    """A run folder fitted by a release older than :data:`OLDEST_READABLE_RELEASE`: nothing of it is reused."""
 
 
 class UntrustedFileError(RunFolderError):
@@ -472,12 +480,29 @@ class RunFolder:
         return self.path / MANIFEST
 
     def read_manifest(self) -> dict[str, Any] | None:
+        """The manifest, or None before the first fit wrote one.
+
+        Raises
+        ------
+        RunFolderError
+            The manifest is unreadable.
+        OutdatedRunFolderError
+            The folder was fitted by a release older than
+            :data:`OLDEST_READABLE_RELEASE` (nothing of it is reused).
+        """
         if not self.manifest_path.exists():
             return None
         try:
-            return json.loads(self.manifest_path.read_text(encoding="utf-8"))
+            manifest = json.loads(self.manifest_path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as exc:
             raise RunFolderError(f"{self.manifest_path}: unreadable manifest ({exc})") from exc
+        release = _release(manifest.get("stackcat_version"))
+        if release is not None and release < OLDEST_READABLE_RELEASE:
+            raise OutdatedRunFolderError(
+                f"run folder {self.path}: fitted by stackcat {release[0]}.{release[1]}: fit again; `--resume` "
+                f"reuses nothing (its {MANIFEST} says stackcat {manifest['stackcat_version']}; choose a new "
+                "--run-dir)")
+        return manifest
 
     def write_manifest(self, manifest: Mapping[str, Any]) -> Path:
         return write_json(dict(manifest), self.manifest_path)
@@ -517,6 +542,8 @@ class RunFolder:
         if manifest.exists() and not resume:
             raise RunFolderConflict(f"run folder {path} already holds a run: pass --resume to continue it "
                                     "(finished jobs are reused), or choose another --run-dir")
+        if resume:
+            self.read_manifest()  # a folder of an older release: refused before the table is read
         if path.is_dir() and not manifest.exists() and not self.table_settings_path.exists():
             others = sorted(p.name for p in path.iterdir())
             if others:
@@ -564,9 +591,12 @@ class RunFolder:
         ------
         FileNotFoundError
             The folder has no table settings: it is not a run folder.
+        OutdatedRunFolderError
+            The folder was fitted by an older release (see :meth:`read_manifest`).
         """
         if not self.table_settings_path.exists():
             raise FileNotFoundError(f"{self.path}: not a stackcat run folder (no {TABLE_SETTINGS})")
+        self.read_manifest()  # a folder of an older release: its settings may name what is gone
         return json.loads(self.table_settings_path.read_text(encoding="utf-8"))
 
     def write_data_problems(self, problems: pd.DataFrame | Iterable[Mapping[str, Any]]) -> Path:
@@ -636,6 +666,14 @@ class RunFolder:
 def _write_rows(path: Path, rows: pd.DataFrame | Iterable[Mapping[str, Any]], columns: Sequence[str]) -> Path:
     table = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(list(rows), columns=list(columns))
     return write_text(table[list(columns)].to_csv(index=False), path)
+
+
+def _release(version: Any) -> tuple[int, int] | None:
+    """``(major, minor)`` of a version string ("0.1.0" -> (0, 1)); None when it is not one."""
+    parts = str(version).split(".")[:2] if version is not None else []
+    if len(parts) < 2 or not all(part.isdigit() for part in parts):
+        return None
+    return int(parts[0]), int(parts[1])
 
 
 def _safe_name(name: str) -> str:

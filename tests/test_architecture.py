@@ -25,11 +25,9 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "ground floor": ("stackcat", "stackcat.core", "stackcat.topk", "stackcat.progress", "stackcat.files",
                      "stackcat.runs", "stackcat.models._base"),
     # tables in, frozen features out
-    "data and features": ("stackcat.data", "stackcat.columns", "stackcat.demo", "stackcat.features",
-                          "stackcat.cache", "stackcat.encoders", "stackcat.images", "stackcat.pretrained",
-                          "stackcat._onnx"),
+    "data and features": ("stackcat.data", "stackcat.columns", "stackcat.demo", "stackcat.features"),
     "models": ("stackcat.models",),
-    "meta": ("stackcat.meta", "stackcat.retrieval", "stackcat.taxonomy", "stackcat.metrics"),
+    "meta": ("stackcat.meta", "stackcat.taxonomy", "stackcat.metrics"),
     "stacking": ("stackcat.stacking",),
     "report and presets": ("stackcat.report", "stackcat.review", "stackcat.presets"),
     # a fitted stack ready for production: the predictor, the model bundle, the service

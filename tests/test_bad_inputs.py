@@ -309,9 +309,9 @@ def test_run_folder_from_another_version_warns_and_reuses_finished_jobs(ke_run, 
     run_dir = tmp_path / "old-run"
     shutil.copytree(fitted, run_dir)
     manifest = json.loads((run_dir / MANIFEST).read_text())
-    manifest["stackcat_version"] = manifest["versions"]["stackcat"] = "0.0.1"
+    manifest["stackcat_version"] = manifest["versions"]["stackcat"] = "0.2.0rc1"  # same format, other version
     (run_dir / MANIFEST).write_text(json.dumps(manifest))
-    with pytest.warns(UserWarning, match=rf"other library versions \(stackcat 0\.0\.1 -> {__version__}\)"):
+    with pytest.warns(UserWarning, match=rf"other library versions \(stackcat 0\.2\.0rc1 -> {__version__}\)"):
         code, out, _ = run_cli(["fit", train, "--run-dir", run_dir, "--resume", *FAST], capsys)
     assert code == EXIT_OK and "3 of 3 jobs already done" in out
     assert json.loads((run_dir / MANIFEST).read_text())["versions"]["stackcat"] == __version__

@@ -776,6 +776,7 @@ class StackingCategorizer(ClassifierMixin, _BaseComposition, BaseEstimator):
             files). Unpickling can run code: trust only folders you would run
             code from. See :mod:`stackcat.runs` for the trust model.
         """
+        RunFolder(run_dir).read_manifest()  # a folder of an older release is refused before unpickling
         path = Path(run_dir) / STACKER_FILE
         if not path.exists():
             raise FileNotFoundError(f"{run_dir}: no {STACKER_FILE}; the fit did not finish (run it again to resume)")
