@@ -187,7 +187,8 @@ def test_no_import_runs_up_a_layer(edges):
 def test_the_checks_catch_what_they_look_for():
     up = [Import("stackcat.topk", "stackcat.cli", False, 1)]
     assert layer_of("stackcat.cli") > layer_of("stackcat.topk")
-    assert layer_of("stackcat.features.images") == layer_of("stackcat.images")
+    assert layer_of("stackcat.features.images") == layer_of("stackcat.data")
+    assert layer_of("stackcat.stacking.jobs") == list(LAYERS).index("stacking")
     assert layer_of("stackcat.models.image") == list(LAYERS).index("models")
     assert layer_of("stackcat._labels") == 0
     assert [e for e in up if layer_of(e.target) > layer_of(e.source)] == up
