@@ -62,6 +62,7 @@ import joblib
 import numpy as np
 import pandas as pd
 
+from stackcat import __version__
 from stackcat.core import current_umask  # noqa: F401 - re-exported: its old home
 from stackcat.files import (
     TEMP_SUFFIX,
@@ -79,7 +80,7 @@ DATA_PROBLEMS = "data_problems.csv"
 IMAGE_PROBLEMS = "image_problems.csv"
 DATA_PROBLEM_COLUMNS = ("row", "id", "column", "reason")
 IMAGE_PROBLEM_COLUMNS = ("row", "id", "image_path", "status")
-TRACKED_PACKAGES = ("stackcat", "numpy", "pandas", "scikit-learn", "catboost", "fasttext-numpy2",
+TRACKED_PACKAGES = ("numpy", "pandas", "scikit-learn", "catboost", "fasttext-numpy2",
                     "torch", "transformers", "open_clip_torch", "joblib")
 # Params that change how a model runs, never what it learns: left out of its fingerprint. An
 # estimator class names its own in ``_runtime_params``; this set is for those that do not.
@@ -418,7 +419,8 @@ def param_files_fingerprint(estimator: Any) -> str | None:
 
 
 def package_versions() -> dict[str, str | None]:
-    versions: dict[str, str | None] = {"python": platform.python_version()}
+    # stackcat's own: the code that runs (an editable install's metadata keeps the version it was installed at)
+    versions: dict[str, str | None] = {"python": platform.python_version(), "stackcat": __version__}
     for name in TRACKED_PACKAGES:
         try:
             versions[name] = metadata.version(name)

@@ -180,6 +180,7 @@ def test_manifest_records_versions_and_resuming_with_others_warns(tmp_path):
     manifest = json.loads((run_dir / MANIFEST).read_text())
     assert manifest["versions"] == package_versions()
     assert set(TRACKED_PACKAGES) <= set(manifest["versions"])
+    assert manifest["versions"]["stackcat"] == manifest["stackcat_version"]  # the running code's, not pip's record
     for name in ("numpy", "scikit-learn", "catboost", "fasttext-numpy2", "torch", "joblib"):
         assert manifest["versions"][name], name
     manifest["versions"]["numpy"] = "1.0.0"
