@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from sklearn.base import clone
+from sklearn.base import BaseEstimator, clone
 
 from stackcat.runs import RunFolder, RunFolderError
 from stackcat.stacking import StackingCategorizer, make_folds
@@ -59,9 +59,46 @@ def test_fit_predict_contract_and_scores():
     assert proba.shape == (len(X), len(stack.classes_))
     np.testing.assert_allclose(proba.sum(axis=1), 1, atol=1e-5)
     assert set(stack.predict(X)) <= set(stack.classes_)
-    assert {"nb", "nb_smooth", "average"} <= set(stack.oof_scores_.index)
+    assert {"nb", "nb_smooth", "meta:AverageBlend"} <= set(stack.oof_scores_.index)
     for matrix in stack.oof_.values():
         np.testing.assert_allclose(matrix.sum(axis=1), 1, atol=1e-3)
+
+
+class FirstMember(BaseEstimator):
+    """A meta-learner that passes the first member's probabilities on."""
+
+    def fit(self, probas, y):
+        return self
+
+    def predict_proba(self, probas):
+        return np.asarray(next(iter(probas.values())))
+
+
+class ShiftedAverage(BaseEstimator):
+    """A meta-learner worse than the plain average: its answer moved one class over."""
+
+    def fit(self, probas, y):
+        return self
+
+    def predict_proba(self, probas):
+        return np.roll(np.mean(list(probas.values()), axis=0), 1, axis=1)
+
+
+@pytest.mark.parametrize(("meta", "chosen"), [
+    ("average", "AverageBlend"),
+    (["average", ShiftedAverage()], "AverageBlend"),
+    ([FirstMember(), "average"], "FirstMember"),  # ties go to the first: the plain average is not chosen
+])
+def test_the_plain_average_is_one_row_of_the_results(meta, chosen):
+    X, y = toy_table(n_per_class=10)
+    stack = stack_of([("nb", NaiveBayesText()), ("nb_smooth", NaiveBayesText(alpha=5.0))], meta=meta).fit(X, y)
+    assert type(stack.meta_).__name__ == chosen
+    results = stack.oof_results()
+    mean = np.mean([stack.oof_["nb"], stack.oof_["nb_smooth"]], axis=0)
+    plain = [name for name, proba in results.items() if np.allclose(proba, mean, atol=1e-5)]
+    assert plain == (["meta:AverageBlend"] if chosen == "AverageBlend" else ["average"])
+    assert list(results)[-1] == f"meta:{chosen}" and list(stack.oof_scores_.index) == list(results)
+    assert ("average" in stack.predict_results(X)) == (chosen != "AverageBlend")
 
 
 def test_folds_match_sklearn_stratified_kfold():

@@ -607,14 +607,20 @@ class StackingCategorizer(ClassifierMixin, _BaseComposition, BaseEstimator):
         return comparison_table(self.oof_results(), y_index)
 
     def oof_results(self) -> dict[str, np.ndarray]:
-        """OOF probabilities of each base model, their plain average and the meta-learner."""
+        """OOF probabilities of each base model, their plain average, the other candidate meta-learners
+        and the chosen one (last).
+
+        The plain average is there once: as ``"average"``, or as the chosen
+        meta-learner's row when that is the plain average (``AverageBlend()``).
+        """
         check_is_fitted(self, "oof_")
         results = {name: p if topk.is_top_k(p) else np.asarray(p, dtype=np.float32) for name, p in self.oof_.items()}
-        if len(results) > 1:
-            results["average"] = _plain_average(list(results.values()))
         chosen = f"meta:{type(self.meta_).__name__}"
+        plain = {f"meta:{name}" for name, meta in self._meta_candidates().items() if _is_plain_average(meta)}
+        if len(results) > 1 and not (chosen in plain and self.meta_oof_ is not None):
+            results["average"] = _plain_average(list(results.values()))
         for name, proba in getattr(self, "candidate_meta_oof_", {}).items():
-            if f"meta:{name}" != chosen:
+            if f"meta:{name}" != chosen and f"meta:{name}" not in plain:
                 results[f"meta:{name}"] = proba
         if self.meta_oof_ is not None:
             results[chosen] = self.meta_oof_  # last: the report's headline
@@ -643,10 +649,11 @@ class StackingCategorizer(ClassifierMixin, _BaseComposition, BaseEstimator):
         return notes
 
     def predict_results(self, X: Any) -> dict[str, np.ndarray]:
-        """Test-time probabilities of each base model, their plain average and the meta-learner (last)."""
+        """Test-time probabilities of each base model, their plain average (unless the meta-learner is
+        that) and the meta-learner (last)."""
         base = self.predict_base_proba(X)
         results = dict(base)
-        if len(base) > 1:
+        if len(base) > 1 and not _is_plain_average(self.meta_):
             results["average"] = _plain_average(list(base.values()))
         results[f"meta:{type(self.meta_).__name__}"] = self.predict_proba(X, base)
         return results
@@ -792,6 +799,13 @@ class StackingCategorizer(ClassifierMixin, _BaseComposition, BaseEstimator):
 
 def _label_array(y: Any) -> np.ndarray:
     return np.asarray(y.to_numpy(dtype=object) if isinstance(y, pd.Series) else y, dtype=object)
+
+
+def _is_plain_average(meta: Any) -> bool:
+    """Whether a meta-learner is the plain average of the members (the report's ``"average"`` row)."""
+    from stackcat.meta import AverageBlend
+
+    return isinstance(meta, AverageBlend) and meta.weights is None and not meta.calibrate
 
 
 def _n_workers() -> int:
