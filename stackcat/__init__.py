@@ -10,8 +10,7 @@ Public names are imported lazily so that ``import stackcat`` (and the CLI's
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from stackcat._lazy import lazy_exports
 
 __version__ = "0.2.0"
 
@@ -46,13 +45,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
 
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'stackcat' has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
-
-
-def __dir__() -> list[str]:
-    return __all__
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

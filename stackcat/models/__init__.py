@@ -2,23 +2,12 @@
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from stackcat import _EXPORTS as _PACKAGE_EXPORTS
+from stackcat._lazy import lazy_exports
 
-_EXPORTS = {
-    "FastTextClassifier": "stackcat.models.fasttext",
-    "BertClassifier": "stackcat.models.bert",
-    "ImageEmbeddingClassifier": "stackcat.models.image",
-    "FusionClassifier": "stackcat.models.fusion",
-    "TfidfClassifier": "stackcat.models.lexical",
-    "NeighboursClassifier": "stackcat.models.neighbours",
-}
+# the estimators among stackcat's public names, each loaded on first use
+_EXPORTS = {name: module for name, module in _PACKAGE_EXPORTS.items() if module.startswith(f"{__name__}.")}
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'stackcat.models' has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
