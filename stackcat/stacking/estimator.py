@@ -59,14 +59,14 @@ from stackcat.runs import (
 from stackcat.stacking.jobs import (
     Job,
     JobResult,
-    _read_cached,
     load_job,
     make_folds,
     predict_aligned,
+    read_cached,
     run_job,
     take_rows,
 )
-from stackcat.stacking.meta_choice import _context, accepted, choose_meta, nested_meta_oof
+from stackcat.stacking.meta_choice import accepted, choose_meta, meta_context, nested_meta_oof
 from stackcat.topk import DEFAULT_TOP_K, TOP_K_ABOVE_CLASSES
 
 STACKER_FILE = "stacker.joblib"
@@ -487,11 +487,11 @@ class StackingCategorizer(ClassifierMixin, _BaseComposition, BaseEstimator):
                   signals: dict[str, Any]) -> None:
         candidates = self._meta_candidates()
         ancestors = self.tree_.ancestors if self.tree_ is not None else None
-        self.meta_inputs_ = _context(signals, ancestors)  # for ablations; not saved with the stack
+        self.meta_inputs_ = meta_context(signals, ancestors)  # for ablations; not saved with the stack
         # the job keys determine the OOF matrices exactly, so they key the meta-learner too
         oof_key = digest({name: model_fingerprint(m) for name, m in candidates.items()}, sorted(job_keys), y_index,
                          self.evaluate_meta, sorted(signals), [signals[k] for k in sorted(signals)], ancestors)
-        cached = _read_cached(run.meta_path(oof_key)) if run else None
+        cached = read_cached(run.meta_path(oof_key)) if run else None
         if cached is not None:
             self.meta_, self.meta_oof_, self.candidate_meta_oof_, self.meta_selection_ = cached
             return
@@ -509,7 +509,7 @@ class StackingCategorizer(ClassifierMixin, _BaseComposition, BaseEstimator):
         self.candidate_meta_oof_ = nested
         self.meta_oof_ = nested.get(choice)
         meta = clone(candidates[choice])
-        self.meta_ = meta.fit(self.oof_, y_index, **accepted(meta.fit, _context(signals, ancestors)))
+        self.meta_ = meta.fit(self.oof_, y_index, **accepted(meta.fit, meta_context(signals, ancestors)))
         if run:
             write_joblib((self.meta_, self.meta_oof_, self.candidate_meta_oof_, self.meta_selection_),
                          run.meta_path(oof_key))
@@ -696,7 +696,7 @@ class StackingCategorizer(ClassifierMixin, _BaseComposition, BaseEstimator):
     def _predict_context(self, X: Any) -> dict[str, Any]:
         if not accepted(self.meta_.predict_proba, {"signals": None}):
             return {}
-        return _context(self._predict_signals(X), None)
+        return meta_context(self._predict_signals(X), None)
 
     def _manifest(self, data_key: str, n_rows: int, status: str) -> dict[str, Any]:
         return {

@@ -206,7 +206,7 @@ def _stored_oof(stored: Any) -> Any:
 # --------------------------------------------------------------------------- the estimator
 
 
-def _read_cached(path: Path) -> Any:
+def read_cached(path: Path) -> Any:
     """A cached, signed result, or None when absent, unsigned or damaged (then it is computed again)."""
     if not path.exists():
         return None

@@ -29,9 +29,9 @@ def nested_meta_oof(meta: Any, oof: dict[str, np.ndarray], y_index: np.ndarray,
         inner_rows = np.flatnonzero(fold_of_row != fold)
         inner = clone(meta)
         inner.fit({k: topk.take_rows(v, inner_rows) for k, v in oof.items()}, y_index[inner_rows],
-                  **accepted(inner.fit, _context(signals, ancestors, inner_rows)))
+                  **accepted(inner.fit, meta_context(signals, ancestors, inner_rows)))
         proba = inner.predict_proba({k: topk.take_rows(v, held_out) for k, v in oof.items()},
-                                    **accepted(inner.predict_proba, _context(signals, None, held_out)))
+                                    **accepted(inner.predict_proba, meta_context(signals, None, held_out)))
         parts.append((held_out, proba))
     return topk.put_rows(parts, len(y_index), n_classes)
 
@@ -44,7 +44,7 @@ def accepted(method: Any, context: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in context.items() if k in parameters}
 
 
-def _context(signals: dict[str, np.ndarray] | None, ancestors: np.ndarray | None,
+def meta_context(signals: dict[str, np.ndarray] | None, ancestors: np.ndarray | None,
              rows: np.ndarray | slice = slice(None)) -> dict[str, Any]:
     """Keyword arguments of a meta-learner's fit/predict_proba: only those there are."""
     context: dict[str, Any] = {}
