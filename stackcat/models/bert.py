@@ -12,7 +12,7 @@ from numbers import Integral, Real
 from typing import Any
 
 import torch
-from sklearn.utils._param_validation import Interval, Options
+from sklearn.utils._param_validation import Interval
 from torch import nn
 
 from stackcat.features.hub import DEFAULT_TEXT_MODEL
@@ -174,28 +174,11 @@ class BertClassifier(TorchClassifier):
     _pooled_states = True
 
     _parameter_constraints: dict = {
-        "model_name": [str, os.PathLike],
-        "text_column": [str],
-        "max_length": [Interval(Integral, 2, None, closed="left")],
-        "text_prefix": [str],
+        **TorchClassifier._parameter_constraints,
         "epochs": [Interval(Integral, 1, None, closed="left")],
         "batch_size": [Interval(Integral, 1, None, closed="left")],
-        "lr": [Interval(Real, 0, None, closed="neither")],
         "head_lr": [Interval(Real, 0, None, closed="neither"), None],
-        "weight_decay": [Interval(Real, 0, None, closed="left")],
-        "warmup_ratio": [Interval(Real, 0, 1, closed="both")],
-        "label_smoothing": [Interval(Real, 0, 1, closed="left")],
-        "dropout": [Interval(Real, 0, 1, closed="left")],
-        "freeze_encoder": ["boolean"],
-        "freeze_embeddings": ["boolean"],
         "train_encoder_after": [Interval(Integral, 0, None, closed="left")],
-        "early_stopping_patience": [Interval(Integral, 1, None, closed="left"), None],
-        "encode_batch_size": [Interval(Integral, 1, None, closed="left")],
-        "text_cache_dir": [str, os.PathLike, None],
-        "device": [str],
-        "n_threads": [Interval(Integral, 1, None, closed="left"), Options(Integral, {-1}), None],
-        "random_state": [Interval(Integral, 0, None, closed="left"), None],
-        "progress": ["boolean"],
     }
 
     def __init__(

@@ -52,7 +52,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from sklearn.utils._param_validation import Interval, Options
+from sklearn.utils._param_validation import Interval
 from torch import nn
 
 from stackcat.features.hub import DEFAULT_TEXT_MODEL
@@ -230,36 +230,19 @@ class FusionClassifier(TorchClassifier):
     _runtime_params = ("device", "encode_batch_size", "image_cache_dir", "n_threads", "progress", "text_cache_dir")
 
     _parameter_constraints: dict = {
-        "model_name": [str, os.PathLike],
-        "text_column": [str],
+        **TorchClassifier._parameter_constraints,
         "image_column": [str],
         "image_encoder": "no_validation",  # a spec or an encoder object: get_encoder checks it
         "image_cache_dir": [str, os.PathLike, None],
-        "max_length": [Interval(Integral, 2, None, closed="left")],
-        "text_prefix": [str],
         "image_dim": [Interval(Integral, 1, None, closed="left")],
         "fusion_dim": [Interval(Integral, 1, None, closed="left")],
         "image_tokens": [Interval(Integral, 1, None, closed="left")],
-        "dropout": [Interval(Real, 0, 1, closed="left")],
         "image_epochs": [Interval(Integral, 0, None, closed="left")],
         "frozen_epochs": [Interval(Integral, 0, None, closed="left")],
         "epochs": [Interval(Integral, 0, None, closed="left")],
         "batch_size": [Interval(Integral, 2, None, closed="left")],
-        "lr": [Interval(Real, 0, None, closed="neither")],
         "head_lr": [Interval(Real, 0, None, closed="neither")],
-        "weight_decay": [Interval(Real, 0, None, closed="left")],
         "image_weight_decay": [Interval(Real, 0, None, closed="left")],
-        "freeze_encoder": ["boolean"],
-        "freeze_embeddings": ["boolean"],
-        "warmup_ratio": [Interval(Real, 0, 1, closed="both")],
-        "label_smoothing": [Interval(Real, 0, 1, closed="left")],
-        "early_stopping_patience": [Interval(Integral, 1, None, closed="left"), None],
-        "encode_batch_size": [Interval(Integral, 1, None, closed="left")],
-        "text_cache_dir": [str, os.PathLike, None],
-        "device": [str],
-        "n_threads": [Interval(Integral, 1, None, closed="left"), Options(Integral, {-1}), None],
-        "random_state": [Interval(Integral, 0, None, closed="left"), None],
-        "progress": ["boolean"],
     }
     _transient_attributes = ("_encoder_cache",)
 

@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from numbers import Integral, Real
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from sklearn.base import BaseEstimator, ClassifierMixin, _fit_context
+from sklearn.utils._param_validation import Interval, Options
 from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
@@ -279,6 +281,28 @@ class TorchClassifier(SavableTorchMixin, ProbaClassifierMixin, ClassifierMixin, 
     """
 
     _pooled_states = False  # with a frozen encoder: train on the mean of the token states
+
+    # the params every torch member has; a subclass adds its own: {**TorchClassifier._parameter_constraints, ...}
+    _parameter_constraints: dict = {
+        "model_name": [str, os.PathLike],
+        "text_column": [str],
+        "max_length": [Interval(Integral, 2, None, closed="left")],
+        "text_prefix": [str],
+        "lr": [Interval(Real, 0, None, closed="neither")],
+        "weight_decay": [Interval(Real, 0, None, closed="left")],
+        "warmup_ratio": [Interval(Real, 0, 1, closed="both")],
+        "label_smoothing": [Interval(Real, 0, 1, closed="left")],
+        "dropout": [Interval(Real, 0, 1, closed="left")],
+        "freeze_encoder": ["boolean"],
+        "freeze_embeddings": ["boolean"],
+        "early_stopping_patience": [Interval(Integral, 1, None, closed="left"), None],
+        "encode_batch_size": [Interval(Integral, 1, None, closed="left")],
+        "text_cache_dir": [str, os.PathLike, None],
+        "device": [str],
+        "n_threads": [Interval(Integral, 1, None, closed="left"), Options(Integral, {-1}), None],
+        "random_state": [Interval(Integral, 0, None, closed="left"), None],
+        "progress": ["boolean"],
+    }
 
     # ---------------------------------------------------------------- hooks
 
