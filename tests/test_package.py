@@ -14,6 +14,16 @@ def test_every_public_name_resolves():
         assert getattr(stackcat, name) is not None, name
 
 
+def test_the_models_package_lists_each_estimator_once_and_resolves_it():
+    import stackcat.models
+
+    assert stackcat.models.__all__ == sorted(stackcat.models.__all__)
+    assert set(stackcat.models.__all__) == {name for name in stackcat.__all__ if name.endswith("Classifier")}
+    for name in stackcat.models.__all__:
+        assert getattr(stackcat.models, name) is getattr(stackcat, name), name
+    assert dir(stackcat.models) == stackcat.models.__all__
+
+
 def test_import_is_light():
     code = "import sys, stackcat, stackcat.cli; print('torch' in sys.modules, 'transformers' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
