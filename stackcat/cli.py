@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -75,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--out", type=Path, required=True, help="predictions CSV to write")
     predict.add_argument("--image-dir", help="image folder of this table (default: the one used in fit)")
     predict.add_argument("--chunk-rows", type=int, default=10_000, help="rows per batch (bounds memory)")
+    predict.add_argument("--allow-missing-images", action="store_true",
+                         help="predict even when no row has a usable image although the table names images "
+                              "(the members that read images then predict from the other input; the rows go "
+                              "to review); without it such a table is refused")
     predict.add_argument("--precision", type=float, default=0.99,
                          help="precision wanted from the rows marked 'auto' in the review column: the "
                               "probability threshold that gave it on the run's out-of-fold predictions")
@@ -342,7 +347,7 @@ def _spec_for_table(spec: Any, image_dir: str | None, table: Path) -> Any:
 def run_predict(args: argparse.Namespace) -> int:
     from stackcat.data import read_table_chunks
     from stackcat.files import atomic_path
-    from stackcat.predictor import Predictor
+    from stackcat.predictor import Predictor, concat_image_inputs
     from stackcat.review import AUTO
 
     _refuse_out_over_input(args.out, args.table)
@@ -354,25 +359,49 @@ def run_predict(args: argparse.Namespace) -> int:
     print(review.describe(), file=sys.stderr)
     spec = predictor.spec
     written = accepted = 0
+    images = []
     start = time.perf_counter()
     with atomic_path(args.out) as tmp, open(tmp, "w", encoding="utf-8", newline="") as handle:
         for number, chunk in enumerate(read_table_chunks(args.table, args.chunk_rows)):
             prepared = predictor.prepare(chunk, base_dir=args.table.parent, image_dir=image_dir)
             for error in prepared.errors:
                 print(f"warning: {error}", file=sys.stderr)
-            predictions = _prediction_rows(predictor.predict_prepared(prepared.frame),
+            # the first chunk tells a wrong --image-dir, before any prediction
+            chunk_images = predictor.check_images(prepared, allow_missing=args.allow_missing_images or number > 0)
+            images += [chunk_images] if chunk_images is not None else []
+            predictions = _prediction_rows(predictor.predict_prepared(prepared.frame, images=chunk_images),
                                            spec.id_column or "row", spec.target or "category")
             predictions.to_csv(handle, header=number == 0, index=False)
             written += len(predictions)
             accepted += int((predictions["review"] == AUTO).sum())
             print(f"{written:,} rows predicted ({written / (time.perf_counter() - start):.0f} rows/s)",
                   file=sys.stderr)
+    _report_predict_images(concat_image_inputs(images), args.out)
     share = f"{accepted / written:.1%}" if written else "0%"
     rule = (f"probability >= {review.threshold:.4f} for precision {args.precision:g}" if review.reachable
             else f"precision {args.precision:g} is not reached out of fold")
     print(f"wrote {written:,} predictions to {args.out}: {accepted:,} ({share}) auto-accepted "
           f"(review column 'auto', {rule}), {written - accepted:,} for review")
     return EXIT_OK
+
+
+def image_problems_path(out: Path) -> Path:
+    """Where ``stackcat predict --out OUT`` lists the rows without a usable image: ``OUT-stem.image_problems.csv``."""
+    return out.with_name(f"{out.stem}.image_problems.csv")
+
+
+def _report_predict_images(images: Any, out: Path) -> None:
+    """Counts by status on stderr, the first problems, and every one in the file beside ``--out``."""
+    from stackcat.files import write_text_atomic
+
+    if images is None:
+        return
+    problems = images.problems()
+    path = image_problems_path(out)
+    write_text_atomic(path, problems.to_csv(index=False))
+    print(images.describe() + (f"; listed in {path}" if len(problems) else ""), file=sys.stderr)
+    if images.named:  # without an image column every row is "no_path": the warning said it once
+        _print_image_problems(problems)
 
 
 def _refuse_out_over_input(out: Path, table: Path) -> None:
@@ -490,7 +519,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        with print_stage_lines():  # one line per stage, whether bars are drawn or not
+        with print_stage_lines(), _one_line_warnings():  # one line per stage, whether bars are drawn or not
             return args.handler(args)
     except UsageError as exc:
         parser.print_usage(sys.stderr)
@@ -502,6 +531,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (DataError, RunFolderError, FileNotFoundError, OSError, ValueError, RuntimeError, ImportError) as exc:
         print(f"stackcat {args.command}: error: {exc}{_how_to_continue(args, failed=True)}", file=sys.stderr)
         return EXIT_RUN_ERROR
+
+
+@contextlib.contextmanager
+def _one_line_warnings() -> Iterator[None]:
+    """Warnings as ``warning: MESSAGE`` lines on stderr, not Python's file:line and source line."""
+    import warnings
+
+    previous = warnings.formatwarning
+    warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"
+    try:
+        yield
+    finally:
+        warnings.formatwarning = previous
 
 
 def _how_to_continue(args: argparse.Namespace, failed: bool = False) -> str:
