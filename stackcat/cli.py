@@ -26,6 +26,7 @@ from stackcat import __version__
 
 EXIT_OK, EXIT_RUN_ERROR, EXIT_USAGE = 0, 1, 2
 MAX_PRINTED_PROBLEMS = 10
+TOP_K_SCORED = 5  # the scores' top-k accuracy (stackcat.metrics.TOP_K)
 DEFAULT_MODELS = "fasttext,lexical,bert,image,fusion,knn_text"
 # `stackcat fit` without --models: the members that need no pretrained weights, plus the
 # neighbours of the frozen text encoder where one is named.
@@ -198,6 +199,11 @@ def _check_stack_numbers(args: argparse.Namespace) -> None:
         raise UsageError(f"--folds {args.folds}: out-of-fold stacking needs at least 2 folds")
     if getattr(args, "oof_top_k", None) is not None and args.oof_top_k < 1:
         raise UsageError(f"--oof-top-k {args.oof_top_k}: keep at least 1 probability per product")
+    if getattr(args, "oof_top_k", None) is not None and args.oof_top_k < TOP_K_SCORED:
+        print(f"note: --oof-top-k {args.oof_top_k} keeps fewer than {TOP_K_SCORED} probabilities per product: "
+              f"the scores' top{TOP_K_SCORED}_accuracy is not known (NaN)", file=sys.stderr)
+    if getattr(args, "label_separator", None) is not None and not args.label_separator:
+        raise UsageError("--label-separator '': give the text between the levels of the path labels, e.g. ' > '")
 
 
 def _check_run_folder(run_dir: Path, resume: bool) -> None:
@@ -294,12 +300,13 @@ def _literal(text: str) -> Any:
 
 def _fit_and_report(prepared: Any, models: list[tuple[str, Any]], run_dir: Path,
                     args: argparse.Namespace, source: str) -> int:
+    import numpy as np
+
+    from stackcat.preflight import check_before_jobs
     from stackcat.report import write_run_report
     from stackcat.runs import RunFolder
     from stackcat.stacking import StackingCategorizer
 
-    # another fit working on this folder: refused before any write
-    RunFolder(run_dir).record_table(prepared.spec.to_dict(), source, prepared.problems())
     frame = prepared.frame
     stack = StackingCategorizer(
         models, meta=args.meta, n_splits=args.folds, random_state=getattr(args, "seed", 0),
@@ -308,6 +315,10 @@ def _fit_and_report(prepared: Any, models: list[tuple[str, Any]], run_dir: Path,
         tree=getattr(args, "tree", None), label_separator=getattr(args, "label_separator", None),
         oof_top_k=getattr(args, "oof_top_k", None) or "auto",
     )
+    # the tree, the column params, the signing key, the cluster: before the run folder is written
+    check_before_jobs(stack, frame, np.unique(frame["label"].to_numpy(dtype=object)))
+    # another fit working on this folder: refused before any write
+    RunFolder(run_dir).record_table(prepared.spec.to_dict(), source, prepared.problems())
     start = time.perf_counter()
     stack.fit(frame, frame["label"].to_numpy(dtype=object))
     seconds = time.perf_counter() - start
@@ -519,18 +530,44 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        with print_stage_lines(), _one_line_warnings():  # one line per stage, whether bars are drawn or not
+        # one line per stage, whether bars are drawn or not
+        with print_stage_lines(), _one_line_warnings(), _sigterm_as_ctrl_c():
             return args.handler(args)
     except UsageError as exc:
         parser.print_usage(sys.stderr)
         print(f"stackcat {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        print(f"\nstackcat {args.command}: stopped by Ctrl-C{_how_to_continue(args)}", file=sys.stderr)
+    except KeyboardInterrupt as stop:
+        what = "SIGTERM" if isinstance(stop, Terminated) else "Ctrl-C"
+        print(f"\nstackcat {args.command}: stopped by {what}{_how_to_continue(args)}", file=sys.stderr)
         return EXIT_RUN_ERROR
     except (DataError, RunFolderError, FileNotFoundError, OSError, ValueError, RuntimeError, ImportError) as exc:
         print(f"stackcat {args.command}: error: {exc}{_how_to_continue(args, failed=True)}", file=sys.stderr)
         return EXIT_RUN_ERROR
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``timeout``, ``docker stop``, Slurm), stopping a command the way Ctrl-C does."""
+
+
+@contextlib.contextmanager
+def _sigterm_as_ctrl_c() -> Iterator[None]:
+    """SIGTERM raises :class:`Terminated`: the lock is released and the way to resume is said, as for Ctrl-C."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @contextlib.contextmanager

@@ -30,7 +30,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
                           "stackcat._onnx"),
     "models": ("stackcat.models",),
     "meta": ("stackcat.meta", "stackcat.retrieval", "stackcat.taxonomy", "stackcat.metrics"),
-    "stacking": ("stackcat.stacking",),
+    "stacking": ("stackcat.stacking", "stackcat.preflight"),
     "report and presets": ("stackcat.report", "stackcat.review", "stackcat.presets"),
     # a fitted stack ready for production: the predictor, the model bundle, the service
     "serving": ("stackcat.predictor", "stackcat.bundle", "stackcat.serve"),
