@@ -93,8 +93,8 @@ def _columns_read(estimator: Any) -> Iterator[tuple[str, str]]:
             yield name, value
 
 
-def check_scheduler(address: str, timeout: float = SCHEDULER_TIMEOUT_S) -> None:
-    """Ask ``address`` who it is, as dask does, within ``timeout`` seconds.
+def check_scheduler(address: str, timeout: float | None = None) -> None:
+    """Ask ``address`` who it is, as dask does, within ``timeout`` seconds (:data:`SCHEDULER_TIMEOUT_S`).
 
     Any other server (a dashboard's HTTP port...) makes a dask Client wait
     forever or read its reply as a frame of exabytes.
@@ -108,6 +108,7 @@ def check_scheduler(address: str, timeout: float = SCHEDULER_TIMEOUT_S) -> None:
         import distributed  # noqa: F401
     except ImportError as exc:
         raise ImportError("--scheduler needs dask.distributed: pip install 'stackcat[dask]'") from exc
+    timeout = SCHEDULER_TIMEOUT_S if timeout is None else timeout
     try:
         # a thread of its own: the caller may be inside an event loop (a notebook)
         with ThreadPoolExecutor(1) as pool:

@@ -9,6 +9,8 @@ or named.
 
 from __future__ import annotations
 
+import http.server
+import threading
 import warnings
 
 import numpy as np
@@ -157,3 +159,264 @@ def test_predict_cli_with_a_wrong_image_dir_fails_and_allowed_writes_the_problem
         assert pd.read_csv(image_problems_path(out)).empty
     finally:
         presets.unregister_model("toy_image")
+
+
+# --------------------------------------------------------------------------- a cluster address that is not a scheduler
+
+
+@pytest.fixture
+def http_server():
+    """A plain HTTP server on 127.0.0.1 (a dashboard's port, say): its tcp:// address."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _QuietHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"tcp://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+class _QuietHandler(http.server.BaseHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+def test_a_server_that_is_not_a_dask_scheduler_is_named_within_the_timeout(http_server):
+    from stackcat.preflight import check_scheduler
+
+    with pytest.raises(ConnectionError, match=rf"--scheduler {http_server}: no dask scheduler answered within 1 s"):
+        check_scheduler(http_server, timeout=1)
+    with pytest.raises(ConnectionError, match=r"--scheduler http://127\.0\.0\.1:1: cannot reach a dask scheduler "
+                                              r"there \(ValueError: unknown address scheme 'http'"):
+        check_scheduler("http://127.0.0.1:1", timeout=1)
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("toy_model_in_the_cli")
+def test_fit_with_a_scheduler_address_that_is_an_http_server_fails_naming_it(http_server, tmp_path, capsys,
+                                                                            monkeypatch):
+    import time
+
+    from stackcat import preflight
+
+    from toy_models import write_toy_csv
+
+    monkeypatch.setattr(preflight, "SCHEDULER_TIMEOUT_S", 2.0)
+    table = write_toy_csv(tmp_path / "train.csv")
+    started = time.monotonic()
+    code, _, err = run_cli(["fit", table, "--run-dir", tmp_path / "run", "--target", "label", "--text-columns",
+                            "text", "--models", "toy", "--folds", "2", "--no-progress", "--scheduler", http_server],
+                           capsys)
+    assert code == EXIT_RUN_ERROR
+    assert f"--scheduler {http_server}: no dask scheduler answered within 2 s" in err
+    assert time.monotonic() - started < 60  # was: no output, forever
+    assert not (tmp_path / "run" / "jobs").exists()
+
+
+# --------------------------------------------------------------------------- checked before the first job
+
+
+@pytest.fixture
+def fits(tmp_path):
+    """A folder where every fit of the toy model leaves a file: empty means no job ran."""
+    folder = tmp_path / "fits"
+    folder.mkdir()
+    return folder
+
+
+def fit_stack(tmp_path, fits, X=None, y=None, **params):
+    if X is None:
+        X, y = toy_table(n_per_class=6)
+    models = params.pop("models", None) or [("nb", NaiveBayesText(calls_dir=str(fits)))]
+    stack = StackingCategorizer(models, meta="average", n_splits=2, progress=False, run_dir=tmp_path / "run",
+                                **params)
+    return stack.fit(X, y)
+
+
+def test_a_param_naming_a_missing_column_is_refused_before_any_job(tmp_path, fits):
+    from stackcat.preflight import PreflightError
+
+    models = [("nb", NaiveBayesText(calls_dir=str(fits))), ("titles", NaiveBayesText(text_column="name"))]
+    with pytest.raises(PreflightError, match=r"estimator 'titles': text_column='name' names no column of the input "
+                                             r"\(it has \['id', 'text'\]\)"):
+        fit_stack(tmp_path, fits, models=models)
+    assert not any(fits.iterdir()) and not (tmp_path / "run").exists()
+
+
+TREE_FILES = {
+    "a cycle": ("id,parent_id,title\nclass 0,class 1,a\nclass 1,class 0,b\nclass 2,,c\nclass 3,,d\n",
+                r"the tree has a cycle through category 'class 0'"),
+    "an empty file": ("", r"cannot read it as a table \(EmptyDataError"),
+    "a header only": ("id,parent_id,title\n", r"has no rows"),
+    "no parent column": ("id,title\nclass 0,a\n", r"the tree has no column 'parent_id'; it has \['id', 'title'\]"),
+    "a label not in it": ("id,parent_id,title\nclass 0,,a\n", r"category 'class 1' is not a node of the tree"),
+}
+
+
+@pytest.mark.parametrize("case", TREE_FILES)
+def test_a_tree_file_that_cannot_work_is_named_before_any_job(tmp_path, fits, case):
+    from stackcat.taxonomy import TreeError
+
+    text, message = TREE_FILES[case]
+    tree = tmp_path / "tree.csv"
+    tree.write_text(text)
+    with pytest.raises(TreeError, match=rf"tree file {tree}: .*{message}|tree file {tree} {message}"):
+        fit_stack(tmp_path, fits, tree=tree)
+    assert not any(fits.iterdir())
+
+
+def test_a_self_parent_ends_the_path_like_an_empty_parent(tmp_path, fits):
+    tree = tmp_path / "tree.csv"
+    tree.write_text("id,parent_id,title\ntop,top,All\n" + "".join(f"class {c},top,c{c}\n" for c in range(4)))
+    assert fit_stack(tmp_path, fits, tree=tree).tree_.names == ["c0", "c1", "c2", "c3"]
+
+
+@pytest.mark.parametrize(("labels", "separator", "message"), [
+    (["a > x", "a > y"], "", r"the label separator is empty"),
+    (["shirts", "jeans"], " > ", r"the label separator ' > ' occurs in none of the 2 categories"),
+    (["Apparel > Topwear > Shirts", "Shirts"], " > ",
+     r"category 'Shirts' is the end of the path 'Apparel > Topwear > Shirts': one category under two names"),
+    (["A > Topwear > Shirts", "Topwear > Shirts", "A > Jeans"], " > ", r"'Topwear > Shirts' is the end of the path"),
+    (["A > x", "A >x", "A > y"], " > ", r"spelled apart only by spaces around '>'"),
+])
+def test_path_labels_that_cannot_mean_a_tree_are_refused_before_any_job(tmp_path, fits, labels, separator,
+                                                                        message):
+    from stackcat.taxonomy import TreeError
+
+    X, _ = toy_table(n_per_class=6)
+    y = np.resize(np.asarray(labels, dtype=object), len(X))
+    with pytest.raises(TreeError, match=message):
+        fit_stack(tmp_path, fits, X=X, y=y, label_separator=separator)
+    assert not any(fits.iterdir())
+
+
+def test_paths_of_different_depths_in_different_branches_are_kept(tmp_path, fits):
+    X, _ = toy_table(n_per_class=6)
+    labels = ["Baby > Towels", "Home > Bath > Towels", "Home > Curtains", "Shirts"]
+    stack = fit_stack(tmp_path, fits, X=X, y=np.resize(np.asarray(labels, dtype=object), len(X)),
+                      label_separator=" > ")
+    assert sorted(stack.tree_.names) == sorted(labels)
+
+
+def test_a_signing_key_that_cannot_be_created_is_named_before_any_job(tmp_path, fits, monkeypatch):
+    from stackcat.runs import RunFolderError
+
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the key's folder should be")
+    monkeypatch.setenv("STACKCAT_KEY_FILE", str(blocker / "key"))
+    with pytest.raises(RunFolderError, match=rf"cannot create the signing key {blocker / 'key'} .*set "
+                                             r"STACKCAT_KEY_FILE to a file path you can write"):
+        fit_stack(tmp_path, fits)
+    assert not any(fits.iterdir())
+
+
+# --------------------------------------------------------------------------- wrong meaning, no warning
+
+
+@pytest.mark.parametrize(("role", "described"), [
+    ({"text_columns": ["text", "label"]}, "the text columns"),
+    ({"text_columns": ["text"], "attribute_columns": ["label"]}, "the attribute columns"),
+    ({"text_columns": ["text"], "id_column": "label"}, "the id column"),
+])
+def test_the_target_among_the_input_columns_is_refused(role, described):
+    from stackcat.data import prepare_table
+
+    X, y = toy_table(n_per_class=3)
+    with pytest.raises(DataError, match=rf"the target column 'label' is also one of {described}.*read the answer"):
+        prepare_table(X.assign(label=y), TableSpec(target="label", **role))
+
+
+def test_numeric_labels_1_and_1_0_are_one_class_beside_a_fraction():
+    from stackcat.data import prepare_table
+
+    raw = pd.DataFrame({"text": ["a b", "c d", "e f", "g h"], "y": ["1", "1.0", "1.5", "2.00"]}, dtype=object)
+    with pytest.warns(UserWarning, match=r"'1' \+ '1\.0' -> '1'"):
+        prepared = prepare_table(raw, TableSpec(text_columns=["text"], target="y"))
+    assert prepared.frame["label"].tolist() == ["1", "1", "1.5", "2"]
+
+
+def test_an_id_column_with_an_empty_and_a_repeated_cell_is_still_the_id():
+    from stackcat.columns import infer_spec
+
+    n = 200
+    rng = np.random.default_rng(0)
+    words = np.array(["red", "blue", "cotton", "linen", "shirt", "jeans", "slim", "classic", "summer"])
+    raw = pd.DataFrame({
+        "sku": [f"SKU-{i}" for i in range(n)],
+        "name": [" ".join(rng.choice(words, 4)) for _ in range(n)],
+        "type": rng.choice(["shirt", "jeans"], n),
+    }, dtype=object)
+    raw.loc[3, "sku"] = ""
+    raw.loc[7, "sku"] = "SKU-6"
+    spec = infer_spec(raw, target="type").spec
+    assert spec.id_column == "sku" and "sku" not in spec.text_columns
+    numbered = raw.assign(sku=None, product_id=[str(i) for i in range(n)]).drop(columns="sku")
+    numbered.loc[5, "product_id"] = ""
+    assert infer_spec(numbered, target="type").spec.id_column == "product_id"
+
+
+def test_a_number_column_unique_but_for_a_few_cells_is_not_an_id_without_an_id_name():
+    from stackcat.columns import infer_spec
+
+    n = 200
+    raw = pd.DataFrame({"name": [f"red cotton shirt {i % 7}" for i in range(n)], "price": [str(100 + i) for i in range(n)],
+                        "type": ["shirt", "jeans"] * (n // 2)}, dtype=object)
+    raw.loc[3, "price"] = "101"
+    assert infer_spec(raw, target="type").spec.id_column is None
+
+
+def test_top_5_accuracy_is_not_known_with_fewer_than_5_probabilities_kept(tmp_path, fits):
+    from stackcat.metrics import score
+    from stackcat.topk import top_k_rows
+
+    proba = np.array([[0.4, 0.3, 0.2, 0.06, 0.04, 0.0]] * 2)
+    truth = np.array([4, 5])
+    assert score(truth, proba)["top5_accuracy"] == 0.5
+    assert np.isnan(score(truth, top_k_rows(proba, 2))["top5_accuracy"])
+    assert score(truth, top_k_rows(proba, 5))["top5_accuracy"] == 0.5
+    X, y = toy_table(n_per_class=6, n_classes=7)
+    stack = fit_stack(tmp_path, fits, X=X, y=y, oof_top_k=2)
+    assert stack.oof_scores_["top5_accuracy"].isna().all()
+
+
+@pytest.mark.usefixtures("toy_model_in_the_cli")
+def test_sigterm_stops_a_fit_as_ctrl_c_does(tmp_path, capsys, monkeypatch):
+    import os
+    import signal
+
+    from toy_models import write_toy_csv
+
+    fit, calls = NaiveBayesText.fit, []
+
+    def terminated_on_third_fit(self, X, y):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return fit(self, X, y)
+
+    monkeypatch.setattr(NaiveBayesText, "fit", terminated_on_third_fit)
+    table = write_toy_csv(tmp_path / "train.csv")
+    run_dir = tmp_path / "run"
+    code, _, err = run_cli(["fit", table, "--run-dir", run_dir, "--target", "label", "--text-columns", "text",
+                            "--models", "toy", "--folds", "5", "--meta", "average", "--no-progress"], capsys)
+    assert code == EXIT_RUN_ERROR
+    assert f"stopped by SIGTERM; finished jobs are saved in {run_dir}" in err and "--resume" in err
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_onnxruntime_telemetry_is_switched_off_before_a_session(tmp_path, monkeypatch):
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    from onnx import TensorProto, helper
+
+    from stackcat.features import onnx_backend
+
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "identity",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    path = tmp_path / "identity.onnx"
+    onnx.save(helper.make_model(graph), path)
+    switched_off = []
+    monkeypatch.setattr(ort, "disable_telemetry_events", lambda: switched_off.append(True))
+    onnx_backend.inference_session(path, threads=1)
+    onnx_backend.clear_sessions()
+    assert switched_off
