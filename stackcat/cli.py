@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from stackcat import __version__
 
 EXIT_OK, EXIT_RUN_ERROR, EXIT_USAGE = 0, 1, 2
 MAX_PRINTED_PROBLEMS = 10
+TOP_K_SCORED = 5  # the scores' top-k accuracy (stackcat.metrics.TOP_K)
 DEFAULT_MODELS = "fasttext,lexical,bert,image,fusion,knn_text"
 # `stackcat fit` without --models: the members that need no pretrained weights, plus the
 # neighbours of the frozen text encoder where one is named.
@@ -75,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--out", type=Path, required=True, help="predictions CSV to write")
     predict.add_argument("--image-dir", help="image folder of this table (default: the one used in fit)")
     predict.add_argument("--chunk-rows", type=int, default=10_000, help="rows per batch (bounds memory)")
+    predict.add_argument("--allow-missing-images", action="store_true",
+                         help="predict even when no row has a usable image although the table names images "
+                              "(the members that read images then predict from the other input; the rows go "
+                              "to review); without it such a table is refused")
     predict.add_argument("--precision", type=float, default=0.99,
                          help="precision wanted from the rows marked 'auto' in the review column: the "
                               "probability threshold that gave it on the run's out-of-fold predictions")
@@ -193,6 +199,11 @@ def _check_stack_numbers(args: argparse.Namespace) -> None:
         raise UsageError(f"--folds {args.folds}: out-of-fold stacking needs at least 2 folds")
     if getattr(args, "oof_top_k", None) is not None and args.oof_top_k < 1:
         raise UsageError(f"--oof-top-k {args.oof_top_k}: keep at least 1 probability per product")
+    if getattr(args, "oof_top_k", None) is not None and args.oof_top_k < TOP_K_SCORED:
+        print(f"note: --oof-top-k {args.oof_top_k} keeps fewer than {TOP_K_SCORED} probabilities per product: "
+              f"the scores' top{TOP_K_SCORED}_accuracy is not known (NaN)", file=sys.stderr)
+    if getattr(args, "label_separator", None) is not None and not args.label_separator:
+        raise UsageError("--label-separator '': give the text between the levels of the path labels, e.g. ' > '")
 
 
 def _check_run_folder(run_dir: Path, resume: bool) -> None:
@@ -289,12 +300,13 @@ def _literal(text: str) -> Any:
 
 def _fit_and_report(prepared: Any, models: list[tuple[str, Any]], run_dir: Path,
                     args: argparse.Namespace, source: str) -> int:
+    import numpy as np
+
+    from stackcat.preflight import check_before_jobs
     from stackcat.report import write_run_report
     from stackcat.runs import RunFolder
     from stackcat.stacking import StackingCategorizer
 
-    # another fit working on this folder: refused before any write
-    RunFolder(run_dir).record_table(prepared.spec.to_dict(), source, prepared.problems())
     frame = prepared.frame
     stack = StackingCategorizer(
         models, meta=args.meta, n_splits=args.folds, random_state=getattr(args, "seed", 0),
@@ -303,6 +315,10 @@ def _fit_and_report(prepared: Any, models: list[tuple[str, Any]], run_dir: Path,
         tree=getattr(args, "tree", None), label_separator=getattr(args, "label_separator", None),
         oof_top_k=getattr(args, "oof_top_k", None) or "auto",
     )
+    # the tree, the column params, the signing key, the cluster: before the run folder is written
+    check_before_jobs(stack, frame, np.unique(frame["label"].to_numpy(dtype=object)))
+    # another fit working on this folder: refused before any write
+    RunFolder(run_dir).record_table(prepared.spec.to_dict(), source, prepared.problems())
     start = time.perf_counter()
     stack.fit(frame, frame["label"].to_numpy(dtype=object))
     seconds = time.perf_counter() - start
@@ -342,7 +358,7 @@ def _spec_for_table(spec: Any, image_dir: str | None, table: Path) -> Any:
 def run_predict(args: argparse.Namespace) -> int:
     from stackcat.data import read_table_chunks
     from stackcat.files import atomic_path
-    from stackcat.predictor import Predictor
+    from stackcat.predictor import Predictor, concat_image_inputs
     from stackcat.review import AUTO
 
     _refuse_out_over_input(args.out, args.table)
@@ -354,25 +370,49 @@ def run_predict(args: argparse.Namespace) -> int:
     print(review.describe(), file=sys.stderr)
     spec = predictor.spec
     written = accepted = 0
+    images = []
     start = time.perf_counter()
     with atomic_path(args.out) as tmp, open(tmp, "w", encoding="utf-8", newline="") as handle:
         for number, chunk in enumerate(read_table_chunks(args.table, args.chunk_rows)):
             prepared = predictor.prepare(chunk, base_dir=args.table.parent, image_dir=image_dir)
             for error in prepared.errors:
                 print(f"warning: {error}", file=sys.stderr)
-            predictions = _prediction_rows(predictor.predict_prepared(prepared.frame),
+            # the first chunk tells a wrong --image-dir, before any prediction
+            chunk_images = predictor.check_images(prepared, allow_missing=args.allow_missing_images or number > 0)
+            images += [chunk_images] if chunk_images is not None else []
+            predictions = _prediction_rows(predictor.predict_prepared(prepared.frame, images=chunk_images),
                                            spec.id_column or "row", spec.target or "category")
             predictions.to_csv(handle, header=number == 0, index=False)
             written += len(predictions)
             accepted += int((predictions["review"] == AUTO).sum())
             print(f"{written:,} rows predicted ({written / (time.perf_counter() - start):.0f} rows/s)",
                   file=sys.stderr)
+    _report_predict_images(concat_image_inputs(images), args.out)
     share = f"{accepted / written:.1%}" if written else "0%"
     rule = (f"probability >= {review.threshold:.4f} for precision {args.precision:g}" if review.reachable
             else f"precision {args.precision:g} is not reached out of fold")
     print(f"wrote {written:,} predictions to {args.out}: {accepted:,} ({share}) auto-accepted "
           f"(review column 'auto', {rule}), {written - accepted:,} for review")
     return EXIT_OK
+
+
+def image_problems_path(out: Path) -> Path:
+    """Where ``stackcat predict --out OUT`` lists the rows without a usable image: ``OUT-stem.image_problems.csv``."""
+    return out.with_name(f"{out.stem}.image_problems.csv")
+
+
+def _report_predict_images(images: Any, out: Path) -> None:
+    """Counts by status on stderr, the first problems, and every one in the file beside ``--out``."""
+    from stackcat.files import write_text_atomic
+
+    if images is None:
+        return
+    problems = images.problems()
+    path = image_problems_path(out)
+    write_text_atomic(path, problems.to_csv(index=False))
+    print(images.describe() + (f"; listed in {path}" if len(problems) else ""), file=sys.stderr)
+    if images.named:  # without an image column every row is "no_path": the warning said it once
+        _print_image_problems(problems)
 
 
 def _refuse_out_over_input(out: Path, table: Path) -> None:
@@ -490,19 +530,58 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        with print_stage_lines():  # one line per stage, whether bars are drawn or not
+        # one line per stage, whether bars are drawn or not
+        with print_stage_lines(), _one_line_warnings(), _sigterm_as_ctrl_c():
             return args.handler(args)
     except UsageError as exc:
         parser.print_usage(sys.stderr)
         print(f"stackcat {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        print(f"\nstackcat {args.command}: stopped by Ctrl-C{_how_to_continue(args)}", file=sys.stderr)
+    except KeyboardInterrupt as stop:
+        what = "SIGTERM" if isinstance(stop, Terminated) else "Ctrl-C"
+        print(f"\nstackcat {args.command}: stopped by {what}{_how_to_continue(args)}", file=sys.stderr)
         return EXIT_RUN_ERROR
     except (DataError, RunFolderError, FileNotFoundError, OSError, ValueError, RuntimeError, ImportError) as exc:
         hint = _how_to_continue(args, failed=True, resumable=not isinstance(exc, OutdatedRunFolderError))
         print(f"stackcat {args.command}: error: {exc}{hint}", file=sys.stderr)
         return EXIT_RUN_ERROR
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``timeout``, ``docker stop``, Slurm), stopping a command the way Ctrl-C does."""
+
+
+@contextlib.contextmanager
+def _sigterm_as_ctrl_c() -> Iterator[None]:
+    """SIGTERM raises :class:`Terminated`: the lock is released and the way to resume is said, as for Ctrl-C."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def _one_line_warnings() -> Iterator[None]:
+    """Warnings as ``warning: MESSAGE`` lines on stderr, not Python's file:line and source line."""
+    import warnings
+
+    previous = warnings.formatwarning
+    warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"
+    try:
+        yield
+    finally:
+        warnings.formatwarning = previous
 
 
 def _how_to_continue(args: argparse.Namespace, failed: bool = False, resumable: bool = True) -> str:

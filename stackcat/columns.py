@@ -43,6 +43,8 @@ FREE_TEXT_WORDS = 3.0  # mean words per value from which a column is free text
 ATTRIBUTE_SHARE = 0.5  # at most this share of distinct values for an attribute
 MAX_ATTRIBUTE_VALUES = 1000
 MAX_NUMBER_VALUES = 50  # a number column with more distinct values is not an attribute
+# an id column may have this share of bad cells (empty, or repeating an earlier id): one in 100
+ID_BAD_SHARE = 0.01
 
 _ID_NAME = re.compile(r"^(id|sku|ean|upc|gtin|asin|code)$|[_\- ](id|code|sku)$|[a-z]Id$|^id[_\- ]", re.IGNORECASE)
 _TITLE_NAME = re.compile(r"title|name|heading|caption", re.IGNORECASE)
@@ -179,8 +181,8 @@ def _role_of(column: str, values: np.ndarray, image_root: Path) -> _Role:
     if sum(t.lower().endswith(IMAGE_SUFFIXES) for t in texts) >= IMAGE_SHARE * len(texts):
         return _image_role(column, texts, image_root)
     words = float(np.mean([len(t.split()) for t in texts]))
-    if distinct == len(values) and words == 1.0:
-        return _Role(column, "id", "id: unique values without spaces")
+    if _nearly_unique(distinct, len(values)) and words == 1.0:
+        return _Role(column, "id", "id: unique values without spaces" + _bad_ids(distinct, len(values)))
     if words >= FREE_TEXT_WORDS or distinct > ATTRIBUTE_SHARE * len(present) or distinct > MAX_ATTRIBUTE_VALUES:
         rank = 0 if _TITLE_NAME.search(column) else 2 if _DESCRIPTION_NAME.search(column) else 1
         return _Role(column, "text", f"free text ({words:.1f} words per value, {distinct} distinct "
@@ -190,12 +192,23 @@ def _role_of(column: str, values: np.ndarray, image_root: Path) -> _Role:
 
 def _number_role(column: str, numbers: pd.Series, distinct: int, n_rows: int, n_present: int) -> _Role:
     integral = bool((numbers == numbers.round()).all())
-    if integral and distinct == n_rows:
-        return _Role(column, "id", "id: unique whole numbers")
+    # numbers may be unique by chance (prices): a few bad cells only in a column named like an id
+    if integral and (distinct == n_rows or (_ID_NAME.search(column) and _nearly_unique(distinct, n_rows))):
+        return _Role(column, "id", "id: unique whole numbers" + _bad_ids(distinct, n_rows))
     if distinct <= MAX_NUMBER_VALUES and distinct <= ATTRIBUTE_SHARE * n_present:
         return _Role(column, "attribute", f"attribute: a number with {distinct} distinct values")
     return _Role(column, "unused", f"not used: a number with {distinct} distinct values (the models read "
                                    "text; add it with --attribute-columns to read it as words)")
+
+
+def _nearly_unique(distinct: int, n_rows: int) -> bool:
+    """Unique but for a few bad cells (empty or repeated): at most :data:`ID_BAD_SHARE` of the rows."""
+    return n_rows - distinct <= int(ID_BAD_SHARE * n_rows)
+
+
+def _bad_ids(distinct: int, n_rows: int) -> str:
+    bad = n_rows - distinct
+    return f" ({bad} empty or repeated: those rows are reported)" if bad else ""
 
 
 def _image_role(column: str, texts: Sequence[str], image_root: Path) -> _Role:

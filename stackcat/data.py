@@ -613,6 +613,8 @@ def prepare_table(frame: pd.DataFrame, spec: TableSpec, *, with_target: bool = T
     """
     if with_target and not spec.target:
         raise DataError("no target column named: say which column holds the category (--target)")
+    if with_target:
+        _refuse_target_as_input(spec)
     _refuse_duplicate_names(list(frame.columns), "the table")
     require_columns(frame, spec.required_columns(with_target), source="the table")
     first_row = _first_row_number(frame)
@@ -642,6 +644,23 @@ def prepare_table(frame: pd.DataFrame, spec: TableSpec, *, with_target: bool = T
             raise DataError(f"no usable training rows: each of the {len(frame)} rows has a problem:\n"
                             f"{_listed(errors)}")
     return PreparedTable(frame=out, errors=errors, spec=spec, n_input_rows=len(frame))
+
+
+_INPUT_ROLES = (("text_columns", "the text columns (--text-columns)"),
+                ("attribute_columns", "the attribute columns (--attribute-columns)"),
+                ("id_column", "the id column (--id-column)"), ("image_column", "the image column (--image-column)"),
+                ("json_column", "the JSON text column"))
+
+
+def _refuse_target_as_input(spec: TableSpec) -> None:
+    """The category among the model's input would be a leak: out-of-fold accuracy 1.0, useless on new rows."""
+    for field_name, described in _INPUT_ROLES:
+        value = getattr(spec, field_name)
+        named = value if isinstance(value, tuple) else (value,)
+        if spec.target in named:
+            raise DataError(f"the target column {spec.target!r} is also one of {described}: the models would "
+                            "read the answer (out-of-fold accuracy 1.0, useless on new products); remove it "
+                            "from there")
 
 
 def _listed(errors: Sequence[RowError]) -> str:
@@ -815,7 +834,11 @@ def _labels(column: pd.Series, name: str, ids: np.ndarray, errors: list[RowError
 
 
 def normalize_label(label: str) -> str:
-    """A label as a class name: surrounding whitespace stripped, Unicode NFC.
+    """A label as a class name: surrounding whitespace stripped, Unicode NFC, ``1.0`` written ``1``.
+
+    A whole number written as a float is the same category as the integer,
+    whatever the other labels of the column are (``"1"`` beside ``"1.0"`` and
+    ``"1.5"`` is one class, not two).
 
     Examples
     --------
@@ -823,8 +846,11 @@ def normalize_label(label: str) -> str:
     True
     >>> normalize_label("Cafe\u0301") == "Caf\u00e9"
     True
+    >>> normalize_label("1.0"), normalize_label("1.5"), normalize_label("007")
+    ('1', '1.5', '007')
     """
-    return unicodedata.normalize("NFC", label.strip())
+    label = unicodedata.normalize("NFC", label.strip())
+    return str(int(float(label))) if _INTEGRAL_FLOAT_TEXT.fullmatch(label) else label
 
 
 def _warn_merged_labels(raw: Sequence[str | None], labels: np.ndarray, name: str) -> None:
@@ -838,8 +864,8 @@ def _warn_merged_labels(raw: Sequence[str | None], labels: np.ndarray, name: str
     shown = "; ".join(f"{' + '.join(map(repr, found))} -> {label!r}"
                       for label, found in sorted(merged.items())[:10])
     more = f" ... and {len(merged) - 10} more" if len(merged) > 10 else ""
-    warnings.warn(f"target column {name!r}: labels that differ only in surrounding whitespace or Unicode "
-                  f"form are one category: {shown}{more}", stacklevel=4)
+    warnings.warn(f"target column {name!r}: labels that differ only in surrounding whitespace, Unicode "
+                  f"form or a whole number's '.0' are one category: {shown}{more}", stacklevel=4)
 
 
 def _is_missing(value: Any) -> bool:

@@ -91,6 +91,30 @@ def true_class_rank(y_true: np.ndarray, proba: Any) -> np.ndarray:
     return ranks
 
 
+def top_k_accuracy(y_true: np.ndarray, proba: Any, k: int = TOP_K) -> float:
+    """Share of rows whose true class ranks among the ``k`` first (ties count against it).
+
+    NaN when a top-k matrix keeps fewer than ``k`` classes of a row whose
+    true class it does not store: whether that class was in the first ``k``
+    is not known (``--oof-top-k 2`` cannot give a top-5 accuracy).
+
+    Examples
+    --------
+    >>> from stackcat.topk import top_k_rows
+    >>> proba = np.array([[0.5, 0.3, 0.2], [0.1, 0.2, 0.7]])
+    >>> top_k_accuracy(np.array([2, 0]), proba, 2), top_k_accuracy(np.array([2, 0]), top_k_rows(proba, 1), 2)
+    (0.0, nan)
+    """
+    if not len(y_true):
+        return 0.0
+    ranks = true_class_rank(y_true, proba)
+    if is_top_k(proba):
+        stored = np.diff(proba.tocsr().indptr)
+        if ((ranks >= stored) & (stored < min(k, proba.shape[1]))).any():
+            return float("nan")
+    return float(np.mean(ranks < k))
+
+
 def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, n_bins: int = ECE_BINS) -> float:
     """ECE over ``n_bins`` equal-width bins of the top-1 probability, bins (lo, hi]."""
     bins = reliability_bins(confidence, correct, n_bins)
@@ -189,7 +213,7 @@ def score(y_true: Any, proba: Any, classes: Sequence[Any] | None = None) -> dict
         "weighted_f1": float(np.sum(f1 * support) / max(support.sum(), 1)),
         "macro_f1": float(f1[seen].mean()) if seen.any() else 0.0,
         "accuracy": float(correct.mean()) if len(y) else 0.0,
-        f"top{TOP_K}_accuracy": float(np.mean(true_class_rank(y, proba) < TOP_K)) if len(y) else 0.0,
+        f"top{TOP_K}_accuracy": top_k_accuracy(y, proba, TOP_K),
         "ece": expected_calibration_error(confidence, correct),
     }
     curve = precision_coverage_curve(confidence, correct)

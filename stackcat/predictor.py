@@ -14,7 +14,9 @@ Examples
 
 from __future__ import annotations
 
-from dataclasses import replace
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,64 @@ from stackcat.topk import dense_rows
 
 DEFAULT_PRECISION = 0.99
 DEFAULT_TOP_K = 5
+USABLE_IMAGE = "ok"
+
+
+@dataclass(frozen=True)
+class ImageInput:
+    """The images of the rows to predict, as the run's members that read images see them.
+
+    Parameters
+    ----------
+    members : tuple of str
+        The members of the stack that read images (``image``, ``fusion``...).
+    statuses : DataFrame
+        ``row, id, image_path, status`` per row (:data:`stackcat.features.images.IMAGE_STATUSES`).
+    named : bool
+        Whether the table named images at all (an image column or an image
+        folder); False for a table without its photo column.
+
+    Examples
+    --------
+    >>> statuses = pd.DataFrame({"row": [0, 1], "id": ["a", "b"], "image_path": ["a.jpg", None],
+    ...                          "status": ["ok", "no_path"]})
+    >>> ImageInput(("image",), statuses, named=True).counts()
+    {'ok': 1, 'no_path': 1}
+    """
+
+    members: tuple[str, ...]
+    statuses: pd.DataFrame
+    named: bool = True
+
+    @property
+    def unusable(self) -> np.ndarray:
+        """Per row: True where the image members predict without an image (so the row goes to review)."""
+        return self.statuses["status"].to_numpy(dtype=object) != USABLE_IMAGE
+
+    def counts(self) -> dict[str, int]:
+        """Rows per image status, most common first."""
+        return {str(k): int(v) for k, v in self.statuses["status"].value_counts(sort=True).items()}
+
+    def problems(self) -> pd.DataFrame:
+        """The rows without a usable image: ``row, id, image_path, status``."""
+        return self.statuses.loc[self.unusable].reset_index(drop=True)
+
+    def describe(self) -> str:
+        """One line: the counts by status and what happens to rows without a usable image."""
+        counts = ", ".join(f"{n:,} {status}" for status, n in self.counts().items())
+        line = f"images of {len(self.statuses):,} rows: {counts}"
+        if self.unusable.any():
+            line += (f"; {', '.join(self.members)} predict rows without a usable image from their other input, "
+                     "and those rows go to review")
+        return line
+
+
+def concat_image_inputs(parts: Sequence[ImageInput]) -> ImageInput | None:
+    """The image input of a whole table predicted in chunks (None when no member reads images)."""
+    if not parts:
+        return None
+    return ImageInput(parts[0].members, pd.concat([p.statuses for p in parts], ignore_index=True),
+                      named=any(p.named for p in parts))
 
 
 class Predictor:
@@ -63,6 +123,7 @@ class Predictor:
         self.model_version = model_version or f"stackcat-{__version__}"
         self.source = source
         self.review = self._review_at(precision)
+        self._said_no_image_column = False
 
     # -- loading ---------------------------------------------------------------
 
@@ -113,6 +174,13 @@ class Predictor:
                              "n_train": (np.asarray(counts, dtype=int) if counts is not None
                                          else np.zeros(len(self.classes), dtype=int))})
 
+    @property
+    def image_members(self) -> tuple[str, ...]:
+        """Names of the members that read images (from their declared file columns)."""
+        from stackcat.runs import file_columns_of
+
+        return tuple(name for name, estimator in self.stack.estimators if file_columns_of(estimator))
+
     def with_precision(self, precision: float) -> Predictor:
         """The same predictor with another review precision."""
         other = object.__new__(Predictor)
@@ -126,27 +194,82 @@ class Predictor:
     # -- predicting ------------------------------------------------------------
 
     def prepare(self, raw: pd.DataFrame, *, base_dir: str | Path | None = None, image_dir: str | None = None) -> Any:
-        """``raw`` rows (columns named as in the training table) as the stack's input (a PreparedTable)."""
+        """``raw`` rows (columns named as in the training table) as the stack's input (a PreparedTable).
+
+        A table without the run's image column is predicted without images
+        (one warning), or, with ``image_dir``, with ``<image_dir>/<id>.jpg``
+        as in fit.
+        """
         from stackcat.data import prepare_table
 
-        spec = replace(self.spec, image_dir=image_dir) if image_dir else self.spec
-        return prepare_table(raw, spec, with_target=False, base_dir=base_dir)
+        return prepare_table(raw, self._spec_for(raw.columns, image_dir), with_target=False, base_dir=base_dir)
 
-    def predict_prepared(self, frame: pd.DataFrame, *, top_k: int = DEFAULT_TOP_K) -> pd.DataFrame:
+    def _spec_for(self, columns: Any, image_dir: str | None) -> Any:
+        spec = replace(self.spec, image_dir=image_dir) if image_dir else self.spec
+        if not spec.image_column or spec.image_column in columns:
+            return spec
+        # without the photo column: images by id in the folder given now, else none
+        spec = replace(spec, image_column=None, image_dir=image_dir)
+        members = self.image_members
+        if members and not self._said_no_image_column:
+            self._said_no_image_column = True
+            where = (f"images are read as {image_dir}/<id>{spec.image_suffix}" if image_dir
+                     else "the rows are predicted without images and go to review")
+            warnings.warn(f"the table has no image column {self.spec.image_column!r}, which "
+                          f"{', '.join(members)} read: {where}", stacklevel=3)
+        return spec
+
+    def check_images(self, prepared: Any, *, allow_missing: bool = False) -> ImageInput | None:
+        """The image status of each prepared row; None when no member reads images.
+
+        Raises
+        ------
+        DataError
+            When the table names images (a column, or an image folder) but
+            not one row has a usable image: a wrong ``--image-dir`` would
+            otherwise give every product the same category. ``allow_missing``
+            says that predicting from the other input alone is intended.
+        """
+        from stackcat.data import DataError
+        from stackcat.features.images import image_statuses
+
+        members = self.image_members
+        if not members:
+            return None
+        frame = prepared.frame
+        paths = frame["image_path"].tolist()
+        statuses = pd.DataFrame({"row": frame.index, "id": frame["id"].to_numpy(dtype=object),
+                                 "image_path": paths, "status": image_statuses(paths)})
+        named = bool(prepared.spec.image_column or prepared.spec.image_dir)
+        images = ImageInput(members, statuses, named=named)
+        if named and len(statuses) and images.unusable.all() and not allow_missing:
+            raise DataError(_no_usable_image_message(images, prepared.spec))
+        return images
+
+    def predict_prepared(self, frame: pd.DataFrame, *, top_k: int = DEFAULT_TOP_K,
+                         images: ImageInput | None = None) -> pd.DataFrame:
         """Top-k categories of a prepared frame: one row per product.
 
         Columns: ``id``, ``category``, ``probability``, ``review`` (``auto`` /
         ``review``), ``top_categories``, ``top_probabilities``, ``top_paths``
-        (lists of ``top_k``).
+        (lists of ``top_k``). A row without a usable image goes to ``review``
+        when a member reads images; ``images`` (from :meth:`check_images`)
+        saves reading the image files' headers a second time.
         """
         if frame.empty:
             return _empty_predictions()
+        if images is None and self.image_members:
+            from stackcat.data import PreparedTable
+
+            images = self.check_images(PreparedTable(frame=frame, spec=self.spec), allow_missing=True)
         proba = dense_rows(self.stack.predict_proba(frame), slice(None), spread=False)
         k = min(top_k, proba.shape[1])
         top = np.argsort(-proba, axis=1, kind="stable")[:, :k]
         top_proba = np.take_along_axis(proba, top, axis=1)
         paths = np.asarray(self.category_paths, dtype=object)
         review = review_marks(top_proba[:, 0], self.review.threshold)
+        if images is not None:
+            review[images.unusable] = REVIEW
         return pd.DataFrame({
             "id": frame["id"].to_numpy(dtype=object),
             "category": [_plain(c) for c in self.classes[top[:, 0]]],
@@ -158,10 +281,27 @@ class Predictor:
         })
 
     def categorize(self, raw: pd.DataFrame, *, top_k: int = DEFAULT_TOP_K, base_dir: str | Path | None = None,
-                   image_dir: str | None = None) -> pd.DataFrame:
-        """Top-k categories of raw products (see :meth:`predict_prepared` for the columns)."""
+                   image_dir: str | None = None, allow_missing_images: bool = False) -> pd.DataFrame:
+        """Top-k categories of raw products (see :meth:`predict_prepared` for the columns).
+
+        Refused (:class:`~stackcat.data.DataError`) when the rows name images
+        but none is usable, unless ``allow_missing_images``.
+        """
         prepared = self.prepare(raw, base_dir=base_dir, image_dir=image_dir)
-        return self.predict_prepared(prepared.frame, top_k=top_k)
+        images = self.check_images(prepared, allow_missing=allow_missing_images)
+        return self.predict_prepared(prepared.frame, top_k=top_k, images=images)
+
+
+def _no_usable_image_message(images: ImageInput, spec: Any) -> str:
+    counts = ", ".join(f"{n:,} {status}" for status, n in images.counts().items())
+    example = next((p for p in images.statuses["image_path"] if p is not None), None)
+    source = (f"image column {spec.image_column!r}" if spec.image_column
+              else f"image folder {spec.image_dir} (<id>{spec.image_suffix})")
+    return (f"none of the {len(images.statuses):,} rows has a usable image ({counts}"
+            f"{f'; e.g. {example}' if example else ''}) in the {source}, and {', '.join(images.members)} "
+            "read images: every product would get the same few categories. Check --image-dir (or the "
+            "image column), or pass --allow-missing-images to predict from the other input alone "
+            "(the rows then go to review)")
 
 
 def _empty_predictions() -> pd.DataFrame:
@@ -174,4 +314,4 @@ def _plain(value: Any) -> Any:
     return value.item() if hasattr(value, "item") else value
 
 
-__all__ = ["DEFAULT_PRECISION", "DEFAULT_TOP_K", "Predictor", "REVIEW"]
+__all__ = ["DEFAULT_PRECISION", "DEFAULT_TOP_K", "ImageInput", "Predictor", "REVIEW", "concat_image_inputs"]

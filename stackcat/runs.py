@@ -192,8 +192,23 @@ def key_path() -> Path:
 
 
 def signing_key() -> bytes:
-    """This user's secret signing key, created (32 random bytes as hex, mode 0600) on first use."""
+    """This user's secret signing key, created (32 random bytes as hex, mode 0600) on first use.
+
+    A key that cannot be created or read (a read-only home folder) is a
+    :class:`RunFolderError` naming the file and ``STACKCAT_KEY_FILE``.
+    """
     path = key_path()
+    try:
+        return _read_or_create_key(path)
+    except OSError as exc:
+        raise RunFolderError(
+            f"cannot {'read' if path.exists() else 'create'} the signing key {path} ({type(exc).__name__}: "
+            f"{exc.strerror or exc}): run folders are signed with it; set STACKCAT_KEY_FILE to a file "
+            "path you can write (e.g. STACKCAT_KEY_FILE=/tmp/$USER-stackcat-key), or make that folder "
+            "writable") from exc
+
+
+def _read_or_create_key(path: Path) -> bytes:
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         try:

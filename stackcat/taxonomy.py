@@ -98,13 +98,20 @@ class CategoryTree:
         (e.g. ``"A/B"`` beside ``"A > B"``) is an error naming it.
         """
         classes = sorted({str(label) for label in labels})
+        if not separator:
+            raise TreeError("the label separator is empty: give the text between the levels of the paths, "
+                            "e.g. ' > ' (--label-separator ' > ')")
         sep = separator.strip() or separator
+        if classes and not any(sep in label for label in classes):
+            raise TreeError(f"the label separator {separator!r} occurs in none of the {len(classes)} categories "
+                            f"(e.g. {classes[:3]}): are the labels paths, and is that their separator?")
         paths = []
         for label in classes:
             parts = [_normal(part) for part in label.split(sep)]
             if any(not part for part in parts):
                 raise TreeError(f"category {label!r}: an empty level between separators {separator!r}")
             paths.append(["\x1f".join(parts[: i + 1]) for i in range(len(parts))])
+        _refuse_shortened_paths(classes, paths, separator)
         single = [label for label, path in zip(classes, paths, strict=True) if len(path) == 1]
         if single and len(single) < len(classes):
             others = [s for s in _OTHER_SEPARATORS if s.strip() != sep and s.strip() in single[0]]
@@ -166,11 +173,20 @@ class CategoryTree:
     def read(cls, path: str | Path, labels: Sequence[Any], **columns: str) -> CategoryTree:
         """:meth:`from_frame` on a CSV or Parquet node table."""
         path = Path(path)
-        if not path.exists():
-            raise FileNotFoundError(f"tree file {path} does not exist")
-        frame = (pd.read_parquet(path) if path.suffix.lower() in (".parquet", ".pq")
-                 else pd.read_csv(path, dtype=str, keep_default_na=False))
-        return cls.from_frame(frame, labels, **columns)
+        if not path.is_file():
+            raise FileNotFoundError(f"tree file {path} does not exist" if not path.exists()
+                                    else f"tree file {path} is not a file")
+        try:
+            frame = (pd.read_parquet(path) if path.suffix.lower() in (".parquet", ".pq")
+                     else pd.read_csv(path, dtype=str, keep_default_na=False))
+        except (ValueError, OSError) as exc:  # pandas' EmptyDataError and ParserError are ValueErrors
+            raise TreeError(f"tree file {path}: cannot read it as a table ({type(exc).__name__}: {exc})") from exc
+        if frame.empty:
+            raise TreeError(f"tree file {path} has no rows: it needs one row per node (id, parent_id, title)")
+        try:
+            return cls.from_frame(frame, labels, **columns)
+        except TreeError as exc:
+            raise TreeError(f"tree file {path}: {exc}") from exc
 
     # -- views -------------------------------------------------------------------
 
@@ -192,6 +208,39 @@ class CategoryTree:
             keep = max(len(path) - level, 1)
             out.append(" > ".join(self.titles.get(k, k) for k in path[:keep]))
         return np.asarray(out, dtype=object)
+
+
+def category_tree(tree: Any, label_separator: str | None, classes: Sequence[Any]) -> CategoryTree | None:
+    """The tree of a stack's ``classes``: from a tree (or its file), from path labels, or None.
+
+    Examples
+    --------
+    >>> category_tree(None, " > ", ["A > x", "A > y"]).names
+    ['A > x', 'A > y']
+    """
+    if isinstance(tree, (str, Path)):
+        return CategoryTree.read(tree, classes).aligned(classes)
+    if tree is not None:
+        return tree.aligned(classes)
+    if label_separator is not None:
+        return CategoryTree.from_paths(classes, label_separator).aligned(classes)
+    return None
+
+
+def _refuse_shortened_paths(classes: Sequence[str], paths: Sequence[Sequence[str]], separator: str) -> None:
+    """A label that is the end of a longer one (``Shirts`` beside ``Apparel > Topwear > Shirts``) is one
+    category under two names: its products would be split between two classes."""
+    by_depth = sorted(zip(paths, classes, strict=True), key=lambda pair: len(pair[0]))
+    ends: dict[tuple[str, ...], str] = {}
+    for path, label in reversed(by_depth):  # deepest first
+        parts = tuple(path[-1].split("\x1f"))
+        longer = ends.get(parts)
+        if longer is not None:
+            raise TreeError(f"category {label!r} is the end of the path {longer!r}: one category under two "
+                            f"names (labels of mixed depth, or spelled apart only by spaces around "
+                            f"{separator.strip()!r}); write every label as its full path with {separator!r}")
+        for start in range(len(parts)):
+            ends.setdefault(parts[start:], label)
 
 
 def _normal(text: str) -> str:

@@ -28,7 +28,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "data and features": ("stackcat.data", "stackcat.columns", "stackcat.demo", "stackcat.features"),
     "models": ("stackcat.models",),
     "meta": ("stackcat.meta", "stackcat.taxonomy", "stackcat.metrics"),
-    "stacking": ("stackcat.stacking",),
+    "stacking": ("stackcat.stacking", "stackcat.preflight"),
     "report and presets": ("stackcat.report", "stackcat.review", "stackcat.presets"),
     # a fitted stack ready for production: the predictor, the model bundle, the service
     "serving": ("stackcat.predictor", "stackcat.bundle", "stackcat.serve"),

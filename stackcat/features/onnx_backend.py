@@ -208,6 +208,8 @@ def inference_session(path: Path, threads: int) -> Any:
         if key in _sessions:
             _sessions.move_to_end(key)
             return _sessions[key]
+        # onnxruntime's telemetry writes outside the run folder and the cache (ETW events on Windows)
+        ort.disable_telemetry_events()
         options = ort.SessionOptions()
         options.intra_op_num_threads = int(threads)
         options.inter_op_num_threads = 1

@@ -295,6 +295,10 @@ class NeighboursClassifier(ProbaClassifierMixin, ClassifierMixin, BaseEstimator)
             proba[usable] = (1.0 - self.smoothing) * votes + self.smoothing * self.class_prior_
         return proba
 
+    def file_columns(self) -> list[str]:
+        """Columns of X whose files this model reads: the image column, for ``source="image"`` only."""
+        return [self.image_column] if self.source == "image" else []
+
     def kneighbors_similarities(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Cosines and ``index_`` rows of the ``n_neighbors`` nearest training rows of unit ``queries``."""
         check_is_fitted(self, "index_")

@@ -41,6 +41,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from stackcat import __version__, topk
 from stackcat.core import encode_labels, label_positions
+from stackcat.preflight import check_before_jobs
 from stackcat.progress import log_stage, progress_bar
 from stackcat.runs import (
     RunFolder,
@@ -272,6 +273,7 @@ class StackingCategorizer(ClassifierMixin, _BaseComposition, BaseEstimator):
         self.rare_classes_ = self.classes_[counts < self.n_splits]
         self._oof_storage = self._storage_dtype(n_rows)
         self.oof_top_k_ = self._resolved_top_k()
+        self.tree_ = check_before_jobs(self, X, self.classes_)  # the tree, params, key, cluster: now
         data_key = frame_fingerprint(X, labels)
         run = RunFolder(self.run_dir) if self.run_dir is not None else None
         with run.locked() if run else contextlib.nullcontext():
@@ -283,7 +285,6 @@ class StackingCategorizer(ClassifierMixin, _BaseComposition, BaseEstimator):
             jobs = self._plan_jobs(data_key, X)
             results = self._run_jobs(jobs, X, labels, run)
             self._collect(results, n_rows)
-            self.tree_ = self._category_tree()
             signals = self._fit_signals(X, y_index)
             self._fit_meta_explained(y_index, [job.key for job in jobs], run, signals)
             self.oof_scores_ = self._score_table(y_index)
@@ -535,17 +536,6 @@ class StackingCategorizer(ClassifierMixin, _BaseComposition, BaseEstimator):
                 raise ValueError(f"meta lists {name} twice; give each meta-learner once")
             candidates[name] = meta
         return candidates
-
-    def _category_tree(self) -> Any:
-        from stackcat.taxonomy import CategoryTree
-
-        if isinstance(self.tree, (str, Path)):
-            return CategoryTree.read(self.tree, self.classes_).aligned(self.classes_)
-        if self.tree is not None:
-            return self.tree.aligned(self.classes_)
-        if self.label_separator is not None:
-            return CategoryTree.from_paths(self.classes_, self.label_separator).aligned(self.classes_)
-        return None
 
     def _embedders(self) -> dict[str, Any]:
         """Members that can embed their input (``embed(X)``), by name."""
