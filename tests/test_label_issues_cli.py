@@ -6,14 +6,13 @@ import shutil
 from pathlib import Path
 
 import pytest
+from test_label_issues import first_row_of_each_class, fit_stack, swap_labels, words_table
 
 from stackcat.cli import EXIT_OK, EXIT_RUN_ERROR, EXIT_USAGE, main
 from stackcat.data import TableSpec, prepare_table
 from stackcat.label_issues import LABEL_ISSUES
 from stackcat.lookalikes import LOOKALIKES
 from stackcat.report import catalogue_sections
-
-from test_label_issues import first_row_of_each_class, fit_stack, swap_labels, words_table
 
 
 @pytest.fixture
