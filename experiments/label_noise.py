@@ -22,7 +22,8 @@ probabilities (its default ``prune_by_noise_rate`` and ``confident_learning``).
 Then the members are refitted on all training rows with the noisy labels, with the
 flagged rows dropped, and with them relabelled to the suggested class; their plain
 average is scored against the clean test labels (and the clean-label refit is the
-ceiling). Last, the time of ``rank_label_issues`` on a 44,446 x 143 matrix.
+ceiling). Last, the time of ``rank_label_issues`` and ``lookalike_categories`` on a random
+44,446 x 143 probability matrix.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from sklearn.model_selection import StratifiedKFold
 
 from stackcat.data import TableSpec, prepare_table, read_table
 from stackcat.label_issues import rank_label_issues, stack_probabilities
+from stackcat.lookalikes import lookalike_categories
 from stackcat.models.fasttext import FastTextClassifier
 from stackcat.models.lexical import TfidfClassifier
 from stackcat.stacking import StackingCategorizer, predict_aligned
@@ -173,6 +175,10 @@ def main() -> None:
     results["clean_refit_accuracy"] = refit_accuracy(train, y_clean, test, y_test, args.epochs)
     clean_errors = int((clean_stack.classes_[np.asarray(clean_proba).argmax(axis=1)] != y_clean).sum())
     results["clean_oof_errors"] = clean_errors
+    clean_ranking = rank_label_issues(clean_proba, clean_stack.oof_target_)
+    suspects = np.zeros(len(train), dtype=bool)  # flagged before any noise: the catalogue's own suspects
+    suspects[clean_ranking.loc[clean_ranking["flagged"], "row"].to_numpy()] = True
+    results["clean_flagged"] = int(suspects.sum())
     print(f"clean labels: OOF errors {clean_errors}, refit test accuracy {results['clean_refit_accuracy']:.4f} "
           f"({time.perf_counter() - started:.0f} s)", flush=True)
     for kind in args.noise.split(","):
@@ -189,8 +195,13 @@ def main() -> None:
         keep[flagged_rows] = False
         relabelled = noisy.copy()
         relabelled[flagged_rows] = stack.classes_[ranking.loc[ranking["flagged"], "suggested"].to_numpy()]
+        false_positives = np.zeros(len(train), dtype=bool)
+        false_positives[flagged_rows] = True
+        false_positives &= ~flipped
         entry = {
             "flipped": int(flipped.sum()), "source": source, "stack": stack_scores, "lexical": lexical_scores,
+            "false_positives": int(false_positives.sum()),
+            "false_positives_flagged_on_clean_labels": int((false_positives & suspects).sum()),
             "cleanlab_stack": cleanlab_scores(proba, y_index, flipped),
             "relabelled_correctly": float((relabelled[flagged_rows] == y_clean[flagged_rows])[
                 flipped[flagged_rows]].mean()) if flipped[flagged_rows].any() else 0.0,
@@ -206,11 +217,16 @@ def main() -> None:
         results[kind] = entry
         print(f"{kind}: {json.dumps(entry, indent=1)} ({time.perf_counter() - started:.0f} s)", flush=True)
     timing = np.random.default_rng(1).dirichlet(np.full(143, 0.05), size=44_446).astype(np.float32)
+    timing_labels = np.random.default_rng(2).integers(0, 143, 44_446)
     start = time.perf_counter()
-    rank_label_issues(timing, np.random.default_rng(2).integers(0, 143, 44_446))
+    rank_label_issues(timing, timing_labels)
     results["rank_seconds_44446x143"] = time.perf_counter() - start
+    start = time.perf_counter()
+    lookalike_categories(timing, timing_labels, [f"category {c}" for c in range(143)])
+    results["lookalikes_seconds_44446x143"] = time.perf_counter() - start
     results["total_seconds"] = time.perf_counter() - started
-    print(f"rank_label_issues on 44,446 x 143: {results['rank_seconds_44446x143']:.2f} s; "
+    print(f"rank_label_issues on 44,446 x 143: {results['rank_seconds_44446x143']:.2f} s, lookalike_categories "
+          f"{results['lookalikes_seconds_44446x143']:.2f} s; "
           f"total {results['total_seconds']:.0f} s", flush=True)
     out = args.out or Path(f"experiments/results/label_noise_{args.subset}{'_' + str(args.rows) if args.rows else ''}.json")
     out.write_text(json.dumps(results, indent=1) + "\n")

@@ -82,7 +82,10 @@ def singular_key(name: Any) -> str:
 
 def name_similarity(a: Any, b: Any) -> float:
     """1 - Levenshtein distance / longer length, on :func:`normal_name` without spaces (1.0: equal)."""
-    a, b = normal_name(a).replace(" ", ""), normal_name(b).replace(" ", "")
+    return _similarity(normal_name(a).replace(" ", ""), normal_name(b).replace(" ", ""))
+
+
+def _similarity(a: str, b: str) -> float:
     if not a and not b:
         return 1.0
     previous = list(range(len(b) + 1))
@@ -176,39 +179,49 @@ def lookalike_categories(proba: Any, y_index: np.ndarray, classes: Sequence[Any]
     ids = np.arange(len(y_index)) if ids is None else np.asarray(ids, dtype=object)
     predicted = row_argmax(proba)
     wrong = np.flatnonzero(predicted != y_index)
-    counts = pd.Series(1, index=pd.MultiIndex.from_arrays([y_index[wrong], predicted[wrong]])).groupby(level=[0, 1]).sum()
-    names = leaf_names(classes, tree)
+    codes, code_counts = np.unique(y_index[wrong] * len(classes) + predicted[wrong], return_counts=True)
+    counts = {divmod(int(code), len(classes)): int(n) for code, n in zip(codes, code_counts, strict=True)}
+    names = [_Name(name) for name in leaf_names(classes, tree)]
     nearest = _nearest_names(name_embeddings)
-    confidence = values_at(proba, predicted)
+    examples = _examples_by_pair(wrong, y_index, predicted, values_at(proba, predicted), ids)
     rows = []
     for (a, b), a_as_b in counts.items():
-        b_as_a = int(counts.get((b, a), 0))
+        b_as_a = counts.get((b, a), 0)
         if a > b or a_as_b < min_each_way or b_as_a < min_each_way:
             continue
-        reasons = _reasons(names[a], names[b], _same_parent(tree, a, b), nearest, a, b)
+        similarity = _similarity(names[a].flat, names[b].flat)
+        reasons = _reasons(names[a], names[b], similarity, _same_parent(tree, a, b), nearest, a, b)
         if not reasons:
             continue
         merge = bool(MERGE_REASONS & set(reasons)) and _same_parent(tree, a, b) is not False
         rows.append({
             "category_a": str(classes[a]), "category_b": str(classes[b]), "a_as_b": int(a_as_b), "b_as_a": b_as_a,
             "total": int(a_as_b) + b_as_a, "reasons": "; ".join(reasons), "action": "merge" if merge else "clarify",
-            "name_similarity": round(name_similarity(names[a], names[b]), 4),
+            "name_similarity": round(similarity, 4),
             "name_cosine": (round(float(_cosine(name_embeddings, a, b)), 4) if name_embeddings is not None
                             else float("nan")),
-            "examples_a_as_b": _examples(wrong, y_index, predicted, confidence, ids, a, b),
-            "examples_b_as_a": _examples(wrong, y_index, predicted, confidence, ids, b, a)})
+            "examples_a_as_b": examples.get((a, b), "[]"), "examples_b_as_a": examples.get((b, a), "[]")})
     pairs = pd.DataFrame(rows, columns=list(LOOKALIKE_COLUMNS))
     return pairs.sort_values(["total", "category_a", "category_b"], ascending=[False, True, True], ignore_index=True)
 
 
-def _reasons(name_a: str, name_b: str, same_parent: bool | None, nearest: np.ndarray | None,
-             a: int, b: int) -> list[str]:
+class _Name:
+    """A category name's normal forms, computed once."""
+
+    def __init__(self, name: str) -> None:
+        self.normal = normal_name(name)
+        self.singular = " ".join(_singular(word) for word in self.normal.split())
+        self.flat = self.normal.replace(" ", "")
+
+
+def _reasons(name_a: _Name, name_b: _Name, similarity: float, same_parent: bool | None,
+             nearest: np.ndarray | None, a: int, b: int) -> list[str]:
     reasons = []
-    if normal_name(name_a) == normal_name(name_b):
+    if name_a.normal == name_b.normal:
         reasons.append("same name")
-    elif singular_key(name_a) == singular_key(name_b):
+    elif name_a.singular == name_b.singular:
         reasons.append("singular/plural")
-    elif name_similarity(name_a, name_b) >= SIMILAR_NAME:
+    elif similarity >= SIMILAR_NAME:
         reasons.append("similar names")
     if nearest is not None and nearest[a] == b and nearest[b] == a:
         reasons.append("nearest names")
@@ -238,11 +251,16 @@ def _cosine(embeddings: np.ndarray, a: int, b: int) -> float:
     return float(unit[0] @ unit[1])
 
 
-def _examples(wrong: np.ndarray, y_index: np.ndarray, predicted: np.ndarray, confidence: np.ndarray,
-              ids: np.ndarray, true: int, as_class: int) -> str:
-    rows = wrong[(y_index[wrong] == true) & (predicted[wrong] == as_class)]
-    rows = rows[np.argsort(-confidence[rows], kind="stable")][:EXAMPLES_PER_DIRECTION]
-    return json.dumps([_plain(ids[row]) for row in rows], ensure_ascii=False)
+def _examples_by_pair(wrong: np.ndarray, y_index: np.ndarray, predicted: np.ndarray, confidence: np.ndarray,
+                      ids: np.ndarray) -> dict[tuple[int, int], str]:
+    """(true, predicted) -> JSON list of the ids of its most confidently confused rows."""
+    rows = wrong[np.argsort(-confidence[wrong], kind="stable")]
+    chosen: dict[tuple[int, int], list[Any]] = {}
+    for row in rows:
+        listed = chosen.setdefault((int(y_index[row]), int(predicted[row])), [])
+        if len(listed) < EXAMPLES_PER_DIRECTION:
+            listed.append(_plain(ids[row]))
+    return {pair: json.dumps(listed, ensure_ascii=False) for pair, listed in chosen.items()}
 
 
 def _plain(value: Any) -> Any:
