@@ -149,6 +149,22 @@ def refit_accuracy(frame: pd.DataFrame, labels: np.ndarray, test: pd.DataFrame, 
     return float((predicted == test_labels).mean())
 
 
+def top_cleaning(ranking: pd.DataFrame, classes: np.ndarray, train: pd.DataFrame, noisy: np.ndarray,
+                 test: pd.DataFrame, y_test: np.ndarray, epochs: int) -> dict[str, float]:
+    """Refit accuracy after dropping or relabelling the top 1/2/5% of the ranking (flagged or not)."""
+    out = {}
+    for share in TOP_SHARES:
+        top = ranking.head(round(share * len(ranking)))
+        keep = np.ones(len(train), dtype=bool)
+        keep[top["row"].to_numpy()] = False
+        relabelled = noisy.copy()
+        relabelled[top["row"].to_numpy()] = classes[top["suggested"].to_numpy()]
+        out[f"dropped_top_{share:.0%}"] = refit_accuracy(train[keep].reset_index(drop=True), noisy[keep], test,
+                                                         y_test, epochs)
+        out[f"relabelled_top_{share:.0%}"] = refit_accuracy(train, relabelled, test, y_test, epochs)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=Path("../../shared/data/myntra"))
@@ -158,6 +174,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--noise", default="uniform,confusable")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--clean-top", action="store_true",
+                        help="also refit after dropping / relabelling the top 1/2/5%% of the ranking")
     args = parser.parse_args()
     started = time.perf_counter()
     rng = np.random.default_rng(args.seed)
@@ -210,6 +228,8 @@ def main() -> None:
                                                args.epochs),
             "accuracy_relabelled": refit_accuracy(train, relabelled, test, y_test, args.epochs),
         }
+        if args.clean_top:
+            entry["accuracy_top"] = top_cleaning(ranking, stack.classes_, train, noisy, test, y_test, args.epochs)
         cost = results["clean_refit_accuracy"] - entry["accuracy_noisy"]
         for way in ("dropped", "relabelled"):
             entry[f"recovered_{way}"] = ((entry[f"accuracy_{way}"] - entry["accuracy_noisy"]) / cost

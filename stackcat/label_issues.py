@@ -17,9 +17,13 @@ catalogue team can act on, by confident learning (Northcutt et al. 2021):
 Every product is ranked by ``score = p_suggested - p_given`` (the negated
 normalized margin; from -1, surely right, to 1, surely wrong), where the
 suggested label is the likeliest class other than the given one. Measured on
-Myntra with injected noise (``experiments/label_noise.py``), this is as good
-as ``cleanlab.filter.find_label_issues`` and needs no dense matrix: top-k
-(sparse) out-of-fold matrices (:mod:`stackcat.topk`) work in blocks of rows.
+Myntra with 5% injected noise (``experiments/label_noise.py``, RESULTS.md
+section 15): the cut flags the same rows as cleanlab's ``confident_learning``
+filter (cleanlab's default ``prune_by_noise_rate`` is 2-3 points more precise
+for up to 2 points less recall), and the margin ranks the most-confusable noise
+better than self-confidence (precision in the top 5%: 0.89 against 0.80).
+Unlike cleanlab it needs no dense matrix: top-k (sparse) out-of-fold matrices
+(:mod:`stackcat.topk`) are read in blocks of rows.
 
 :func:`write_label_issues` writes ``label_issues.csv`` into a run folder
 (columns :data:`LABEL_ISSUE_COLUMNS`, the flagged rows, most suspect first)
