@@ -167,7 +167,7 @@ def top_cleaning(ranking: pd.DataFrame, classes: np.ndarray, train: pd.DataFrame
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=Path("../../shared/data/myntra"))
+    parser.add_argument("--data", type=Path, default=Path("../shared/data/myntra"))
     parser.add_argument("--subset", choices=["images", "all"], default="images")
     parser.add_argument("--rows", type=int, default=None, help="a random sample of N rows")
     parser.add_argument("--epochs", type=int, default=10, help="fastText epochs")

@@ -1,6 +1,6 @@
 """Look-alike categories and suspected label errors on real path labels: Myntra's tree.
 
-    PYTHONPATH=$PWD python experiments/lookalikes_myntra.py --out artifacts/lookalikes_myntra
+    PYTHONPATH=$PWD python -W ignore experiments/lookalikes_myntra.py --out artifacts/lookalikes_myntra
 
 Labels are paths ``masterCategory > subCategory > articleType`` (the image subset,
 text only), so the tree is read from them (``label_separator=" > "``); the stack is
@@ -34,7 +34,7 @@ def path_labelled(data_dir: Path) -> pd.DataFrame:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=Path("../../shared/data/myntra"))
+    parser.add_argument("--data", type=Path, default=Path("../shared/data/myntra"))
     parser.add_argument("--out", type=Path, default=Path("artifacts/lookalikes_myntra"))
     parser.add_argument("--epochs", type=int, default=10)
     args = parser.parse_args()
