@@ -1,4 +1,4 @@
-"""The ``stackcat`` command line: ``fit``, ``predict``, ``evaluate`` and ``demo``.
+"""The ``stackcat`` command line: ``fit``, ``predict``, ``evaluate``, ``label-issues`` and ``demo``.
 
 Output: a line per stage on stdout (time-stamped: texts and images encoded,
 each job, each epoch, with counts and rates), bars on a terminal only (see
@@ -93,6 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--image-dir", help="image folder of this table (default: the one used in fit)")
     _add_trust_option(evaluate)
     evaluate.set_defaults(handler=run_evaluate)
+
+    issues = commands.add_parser("label-issues", help="print a run's suspected label errors and look-alike "
+                                                      "categories (from its out-of-fold predictions)")
+    issues.add_argument("run_dir", type=Path)
+    issues.add_argument("--top", type=int, default=20, help="rows of each list to print (default: 20)")
+    issues.set_defaults(handler=run_label_issues)
 
     demo = commands.add_parser("demo", help="fit the whole stack on the embedded demo data and write its report")
     demo.add_argument("--run-dir", type=Path, default=Path("artifacts/demo"))
@@ -468,6 +474,43 @@ def run_evaluate(args: argparse.Namespace) -> int:
     print(comparison_table(evaluation.results, evaluation.y_index).round(4).to_string())
     print(f"report: {report.path}")
     return EXIT_OK
+
+
+# --------------------------------------------------------------------------- label issues
+
+
+def run_label_issues(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from stackcat.label_issues import LABEL_ISSUES, read_label_issues
+    from stackcat.lookalikes import LOOKALIKES, read_lookalikes
+
+    if args.top < 1:
+        raise UsageError(f"--top {args.top}: expected a number of rows >= 1")
+    paths = {name: args.run_dir / name for name in (LABEL_ISSUES, LOOKALIKES)}
+    missing = [str(path) for path in paths.values() if not path.is_file()]
+    if missing:
+        raise FileNotFoundError(f"{', '.join(missing)} not found: is {args.run_dir} a finished run folder? A run "
+                                "fitted before stackcat wrote these files gets them from `stackcat fit` run again "
+                                "with --resume (its jobs are reused)")
+    issues = read_label_issues(paths[LABEL_ISSUES])
+    pairs = read_lookalikes(paths[LOOKALIKES])
+    print(f"{len(issues):,} suspected label errors in {paths[LABEL_ISSUES]} (most suspect first):")
+    if len(issues):
+        print(_one_line_cells(issues.head(args.top)).to_string(index=False, float_format="{:.3f}".format))
+    print(f"\n{len(pairs):,} look-alike category pairs in {paths[LOOKALIKES]}:")
+    if len(pairs):
+        shown = pairs.head(args.top)[["category_a", "category_b", "a_as_b", "b_as_a", "reasons", "action"]]
+        print(_one_line_cells(pd.DataFrame(shown)).to_string(index=False))
+    return EXIT_OK
+
+
+def _one_line_cells(table: Any) -> Any:
+    """Text cells with their line breaks shown as \\n, so that one product stays on one printed line."""
+    table = table.copy()
+    for column in table.select_dtypes(include=["object", "string"]).columns:
+        table[column] = [str(v).replace("\r", "\\r").replace("\n", "\\n") for v in table[column]]
+    return table
 
 
 # --------------------------------------------------------------------------- demo

@@ -5,7 +5,9 @@ and the meta-learner into one markdown page with its figures; the numbers come
 from :mod:`stackcat.metrics`. :func:`write_run_report` writes that report for a
 fitted :class:`~stackcat.stacking.StackingCategorizer` (its out-of-fold results,
 or a labelled table), with the notes ``stackcat fit`` and ``evaluate`` give it:
-data, folds, job times, images, the meta-learner's choice. Plots are matplotlib
+data, folds, job times, images, the meta-learner's choice, and (out of fold) the
+catalogue's own mistakes: suspected label errors and look-alike categories
+(:mod:`stackcat.label_issues`, :mod:`stackcat.lookalikes`). Plots are matplotlib
 ``Figure`` objects (no pyplot state, Agg rendering); every file is written
 atomically.
 """
@@ -95,6 +97,7 @@ def write_report(
     headline: str | None = None,
     average: str | None = "average",
     base_models: Sequence[str] | None = None,
+    sections: Sequence[str] = (),
 ) -> Path:
     """Write ``report.md``, ``per_class_f1.csv`` and the PNG plots into ``run_dir``.
 
@@ -127,6 +130,8 @@ def write_report(
     base_models : sequence of str, optional
         Keys of the single base models; default every key that is neither the
         headline nor ``average``.
+    sections : sequence of str
+        Markdown lines appended to the report (e.g. :func:`catalogue_sections`).
 
     Returns
     -------
@@ -185,6 +190,7 @@ def write_report(
         _atomic_save_figure(make_figure(), run_dir / PLOTS[key])
 
     text = _report_markdown(title, notes, table, headline, best_single, average, per_class, classes, y, probas)
+    text += "\n".join(["", *sections]) if sections else ""
     path = run_dir / "report.md"
     write_text_atomic(path, text)
     return path
@@ -243,9 +249,23 @@ def write_run_report(stack: StackingCategorizer, prepared: PreparedTable, out_di
         notes.append(unseen)
     # the members, not the meta candidates, are the "single models" the stack is compared with
     members = [name for name in stack.oof_ if name in results]
+    sections = catalogue_sections(stack, prepared, out_dir) if evaluation is None else []
     path = write_report(out_dir, results, y_index, stack.classes_, y_kind="indices",
-                        train_counts=stack.class_counts_, notes=notes, base_models=members or None)
+                        train_counts=stack.class_counts_, notes=notes, base_models=members or None,
+                        sections=sections)
     return RunReport(path, image_problems)
+
+
+def catalogue_sections(stack: StackingCategorizer, prepared: PreparedTable, run_dir: str | os.PathLike) -> list[str]:
+    """The catalogue's own mistakes, from the out-of-fold probabilities: writes ``label_issues.csv`` and
+    ``lookalike_categories.csv`` into ``run_dir``; returns the report's two sections."""
+    from stackcat.label_issues import stack_probabilities, write_label_issues
+    from stackcat.lookalikes import write_lookalikes
+
+    source, proba = stack_probabilities(stack)
+    _, issue_lines = write_label_issues(stack, prepared, run_dir)
+    _, lookalike_lines = write_lookalikes(stack, prepared, run_dir, proba, source)
+    return issue_lines + lookalike_lines
 
 
 def unseen_labels_note(evaluation: Evaluation) -> str | None:

@@ -29,7 +29,8 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "models": ("stackcat.models",),
     "meta": ("stackcat.meta", "stackcat.taxonomy", "stackcat.metrics"),
     "stacking": ("stackcat.stacking", "stackcat.preflight"),
-    "report and presets": ("stackcat.report", "stackcat.review", "stackcat.presets"),
+    "report and presets": ("stackcat.report", "stackcat.review", "stackcat.presets", "stackcat.label_issues",
+                           "stackcat.lookalikes"),
     # a fitted stack ready for production: the predictor, the model bundle, the service
     "serving": ("stackcat.predictor", "stackcat.bundle", "stackcat.serve"),
     "cli": ("stackcat.cli", "stackcat.__main__"),
