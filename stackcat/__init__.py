@@ -43,6 +43,8 @@ _EXPORTS = {
     "build_models": "stackcat.presets",
     "register_model": "stackcat.presets",
     "load_demo": "stackcat.demo",
+    "load": "stackcat.predictor",
+    "Predictor": "stackcat.predictor",
 }
 
 _DEPRECATED = {"ClipImageClassifier"}  # still importable, with a DeprecationWarning
