@@ -1,4 +1,4 @@
-"""The ``stackcat`` command line: ``fit``, ``predict``, ``evaluate`` and ``demo``.
+"""The ``stackcat`` command line: ``fit``, ``predict``, ``evaluate``, ``export`` and ``demo``.
 
 Output: a line per stage on stdout (time-stamped: texts and images encoded,
 each job, each epoch, with counts and rates), bars on a terminal only (see
@@ -69,8 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_stack_options(fit)
     fit.set_defaults(handler=run_fit)
 
-    predict = commands.add_parser("predict", help="predict a table with a fitted run folder")
-    predict.add_argument("run_dir", type=Path)
+    predict = commands.add_parser("predict", help="predict a table with a model bundle or a fitted run folder")
+    predict.add_argument("run_dir", type=Path, metavar="MODEL", help="a bundle (stackcat export) or a run folder")
     predict.add_argument("table", type=Path, help="table to categorize")
     predict.add_argument("--out", type=Path, required=True, help="predictions CSV to write")
     predict.add_argument("--image-dir", help="image folder of this table (default: the one used in fit)")
@@ -82,11 +82,24 @@ def build_parser() -> argparse.ArgumentParser:
     predict.set_defaults(handler=run_predict)
 
     evaluate = commands.add_parser("evaluate", help="score a run: its out-of-fold results, or a labelled table")
-    evaluate.add_argument("run_dir", type=Path)
+    evaluate.add_argument("run_dir", type=Path, metavar="MODEL", help="a bundle or a run folder")
     evaluate.add_argument("table", type=Path, nargs="?", help="labelled table (default: the run's OOF results)")
     evaluate.add_argument("--image-dir", help="image folder of this table (default: the one used in fit)")
+    evaluate.add_argument("--report-dir", type=Path,
+                          help="where the report goes (default: evaluation-<table> in the run folder, or "
+                               "<bundle>-evaluation-<table> beside a bundle, which is never written to)")
     _add_trust_option(evaluate)
     evaluate.set_defaults(handler=run_evaluate)
+
+    export = commands.add_parser("export", help="write a run folder's fitted stack as a model bundle: "
+                                                "files that cannot run code when loaded, with their sha256")
+    export.add_argument("run_dir", type=Path, metavar="RUN", help="a fitted run folder")
+    export.add_argument("out", type=Path, help="the bundle's folder (must not exist)")
+    export.add_argument("--quantize-fasttext", action="store_true",
+                        help="store fastText members quantized (.ftz): several times smaller, "
+                             "slightly different probabilities")
+    _add_trust_option(export)
+    export.set_defaults(handler=run_export)
 
     demo = commands.add_parser("demo", help="fit the whole stack on the embedded demo data and write its report")
     demo.add_argument("--run-dir", type=Path, default=Path("artifacts/demo"))
@@ -324,15 +337,6 @@ def _print_image_problems(problems: Any) -> None:
 # --------------------------------------------------------------------------- predict / evaluate
 
 
-def _load_run(run_dir: Path, trusted: bool = False) -> tuple[Any, Any]:
-    from stackcat.data import TableSpec
-    from stackcat.runs import RunFolder
-    from stackcat.stacking import StackingCategorizer
-
-    settings = RunFolder(run_dir).read_table_settings()
-    return StackingCategorizer.load(run_dir, trusted=trusted), TableSpec.from_dict(settings["spec"])
-
-
 def _spec_for_table(spec: Any, image_dir: str | None, table: Path) -> Any:
     if image_dir:
         return replace(spec, image_dir=str((table.parent / image_dir).resolve()))
@@ -404,12 +408,17 @@ def _plain(value: Any) -> Any:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
+    from stackcat.bundle import is_bundle
     from stackcat.data import DataError, prepare_table, read_table
     from stackcat.metrics import comparison_table
+    from stackcat.predictor import Predictor
     from stackcat.report import unseen_labels_note, write_run_report
 
-    stack, spec = _load_run(args.run_dir, trusted=args.trust_run_dir)
+    predictor = Predictor.load(args.run_dir, trusted=args.trust_run_dir)
+    stack, spec = predictor.stack, predictor.spec
     if args.table is None:
+        if getattr(stack, "oof_scores_", None) is None:
+            raise DataError(f"{args.run_dir} keeps no out-of-fold scores: give a labelled table to score")
         print(stack.oof_scores_.round(4).to_string())
         return EXIT_OK
     spec = _spec_for_table(spec, args.image_dir, args.table)
@@ -423,10 +432,28 @@ def run_evaluate(args: argparse.Namespace) -> int:
         raise DataError(f"{args.table}: no row has a category seen in training "
                         f"(the run knows {len(stack.classes_)}, e.g. {[_plain(c) for c in stack.classes_[:5]]}): "
                         "nothing to score. Is it the right run folder and target column?")
-    report = write_run_report(stack, prepared, args.run_dir / f"evaluation-{args.table.stem}", evaluation=evaluation)
+    report_dir = args.report_dir or (
+        args.run_dir.parent / f"{args.run_dir.name}-evaluation-{args.table.stem}" if is_bundle(args.run_dir)
+        else args.run_dir / f"evaluation-{args.table.stem}")
+    report = write_run_report(stack, prepared, report_dir, evaluation=evaluation)
     _print_image_problems(report.image_problems)
     print(comparison_table(evaluation.results, evaluation.y_index).round(4).to_string())
     print(f"report: {report.path}")
+    return EXIT_OK
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from stackcat.bundle import export_run, is_bundle
+    from stackcat.bundle.manifest import read_manifest
+
+    if is_bundle(args.run_dir):
+        raise UsageError(f"{args.run_dir} is a bundle already; export reads a run folder")
+    start = time.perf_counter()
+    out = export_run(args.run_dir, args.out, trusted=args.trust_run_dir, quantize_fasttext=args.quantize_fasttext)
+    manifest = read_manifest(out)
+    size = sum(entry["bytes"] for entry in manifest["files"].values())
+    print(f"wrote bundle {out} ({manifest['model_version']}): {len(manifest['files'])} files, "
+          f"{size / 1e6:.1f} MB, in {time.perf_counter() - start:.1f} s")
     return EXIT_OK
 
 

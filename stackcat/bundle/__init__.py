@@ -51,9 +51,10 @@ __all__ = ["FORMAT_VERSION", "MANIFEST_FILE", "BundleError", "export_run", "is_b
 STATE_FILE = "predictor.json"
 ARRAYS_FILE = "arrays.npz"
 
-# The stack's fitted attributes that predicting needs; its OOF matrices and fit records stay in the run folder.
+# The stack's fitted attributes that predicting and its report need; its OOF matrices stay in the run folder.
 _STACK_FITTED = ("classes_", "class_counts_", "rare_classes_", "oof_top_k_", "_oof_storage", "fold_models_",
-                 "tree_", "retrieval_index_", "name_embeddings_", "meta_")
+                 "tree_", "retrieval_index_", "name_embeddings_", "meta_", "jobs_", "oof_scores_",
+                 "meta_selection_")
 # Params that name where a fit ran; a bundle is loaded elsewhere.
 _STACK_RESET = {"run_dir": None, "n_jobs": 1, "backend": None, "scheduler": None}
 # Embedding caches are a fit's speed-up: a bundle reads and writes none.
@@ -119,7 +120,6 @@ def _write_contents(predictor: Predictor, folder: Path, quantize_fasttext: bool)
     state = {
         "spec": predictor.spec.to_dict(),
         "review_source": predictor.review_source,
-        "oof_scores": _scores_records(getattr(predictor.stack, "oof_scores_", None)),
         "stack": stack_state,
     }
     (folder / STATE_FILE).write_text(json.dumps(state, indent=1, ensure_ascii=False), encoding="utf-8")
@@ -159,13 +159,6 @@ def _drop_cache_params(node: Any) -> None:
             _drop_cache_params(value)
 
 
-def _scores_records(scores: Any) -> list[dict[str, Any]] | None:
-    if scores is None:
-        return None
-    frame = scores.reset_index()
-    return json.loads(frame.to_json(orient="records"))
-
-
 def _model_version(folder: Path) -> str:
     """``bundle-<12 hex>``: a digest of the content, the same for the same fitted model."""
     import hashlib
@@ -203,12 +196,6 @@ def load_bundle(path: str | os.PathLike, *, precision: float | None = None) -> P
         correct = store.get("review.oof_correct")
     except (KeyError, TypeError, ValueError) as exc:
         raise BundleError(f"{folder}: {exc}") from exc
-    scores = state.get("oof_scores")
-    if scores is not None:
-        import pandas as pd
-
-        frame = pd.DataFrame.from_records(scores)
-        stack.oof_scores_ = frame.set_index(frame.columns[0])
     return Predictor(stack, spec, oof_confidence=confidence, oof_correct=correct,
                      review_source=state["review_source"],
                      precision=DEFAULT_PRECISION if precision is None else precision,

@@ -152,7 +152,19 @@ class _Encoder:
             return {"t": "numpy_type", "v": value.__name__}
         if isinstance(value, np.dtype):
             return {"t": "dtype", "v": value.str}
+        if type(value).__name__ == "DataFrame" and type(value).__module__.startswith("pandas"):
+            return self._frame(value, key)
         return self._object(value, key)
+
+    def _frame(self, frame: Any, key: str) -> dict[str, Any]:
+        """A small table (fit timings, scores) column by column; text columns as JSON lists."""
+        def column(values: Any, name: str) -> Any:
+            array = values.to_numpy(dtype=object) if values.dtype.kind not in "biuf" else values.to_numpy()
+            return self._array(array, f"{key}.{name}")
+
+        return {"t": "frame", "columns": [str(c) for c in frame.columns], "index_name": frame.index.name,
+                "index": column(frame.index, "index"),
+                "data": [column(frame[c], f"column{i}") for i, c in enumerate(frame.columns)]}
 
     def _array(self, value: np.ndarray, key: str) -> Any:
         if value.dtype == object:
@@ -292,6 +304,13 @@ class _Decoder:
 
     def _decode_items(self, node: dict) -> dict:
         return {self.decode(k): self.decode(v) for k, v in node["v"]}
+
+    def _decode_frame(self, node: dict) -> Any:
+        import pandas as pd
+
+        index = pd.Index(self.decode(node["index"]), name=node["index_name"])
+        return pd.DataFrame({name: self.decode(values) for name, values in zip(node["columns"], node["data"],
+                                                                                strict=True)}, index=index)
 
     def _decode_numpy_type(self, node: dict) -> type:
         if node["v"] not in _NUMPY_TYPES:
