@@ -10,8 +10,6 @@ import joblib
 import numpy as np
 import pandas as pd
 import pytest
-from tiny_bert import build_tiny_bert
-from toy_models import NaiveBayesText, toy_table
 
 import stackcat
 from stackcat.bundle import BundleError, is_bundle, load_bundle, save_bundle
@@ -25,6 +23,9 @@ from stackcat.models.lexical import TfidfClassifier
 from stackcat.models.neighbours import NeighboursClassifier
 from stackcat.predictor import Predictor
 from stackcat.stacking import StackingCategorizer
+
+from tiny_bert import build_tiny_bert
+from toy_models import NaiveBayesText, toy_table
 
 SPEC = TableSpec(text_columns=("text",), target="label", id_column="id", image_column=None)
 
