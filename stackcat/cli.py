@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--precision", type=float, default=0.99,
                          help="precision wanted from the rows marked 'auto' in the review column: the "
                               "probability threshold that gave it on the run's out-of-fold predictions")
+    predict.add_argument("--scheduler", help="address of a dask.distributed scheduler (tcp://host:8786): chunks "
+                                             "of --chunk-rows go to its workers, which load MODEL once (give a "
+                                             "path every worker can read); ids and order are kept")
     _add_trust_option(predict)
     predict.set_defaults(handler=run_predict)
 
@@ -344,7 +347,7 @@ def _spec_for_table(spec: Any, image_dir: str | None, table: Path) -> Any:
 
 
 def run_predict(args: argparse.Namespace) -> int:
-    from stackcat.data import read_table_chunks
+    from stackcat.batch import predicted_chunks
     from stackcat.files import atomic_path
     from stackcat.predictor import Predictor
     from stackcat.review import AUTO
@@ -359,13 +362,13 @@ def run_predict(args: argparse.Namespace) -> int:
     spec = predictor.spec
     written = accepted = 0
     start = time.perf_counter()
+    chunks = predicted_chunks(predictor, args.run_dir, args.table, chunk_rows=args.chunk_rows, image_dir=image_dir,
+                              scheduler=args.scheduler, trusted=args.trust_run_dir)
     with atomic_path(args.out) as tmp, open(tmp, "w", encoding="utf-8", newline="") as handle:
-        for number, chunk in enumerate(read_table_chunks(args.table, args.chunk_rows)):
-            prepared = predictor.prepare(chunk, base_dir=args.table.parent, image_dir=image_dir)
-            for error in prepared.errors:
+        for number, (errors, predicted) in enumerate(chunks):
+            for error in errors:
                 print(f"warning: {error}", file=sys.stderr)
-            predictions = _prediction_rows(predictor.predict_prepared(prepared.frame),
-                                           spec.id_column or "row", spec.target or "category")
+            predictions = _prediction_rows(predicted, spec.id_column or "row", spec.target or "category")
             predictions.to_csv(handle, header=number == 0, index=False)
             written += len(predictions)
             accepted += int((predictions["review"] == AUTO).sum())
