@@ -87,6 +87,9 @@ def main() -> None:
     parser.add_argument("--refit-run", type=Path, help="the demo fitted with refit=True")
     parser.add_argument("--myntra", type=Path, default=Path("/work/shared/data/myntra"))
     parser.add_argument("--holdout", type=int, default=1000, help="held-out products to predict")
+    parser.add_argument("--quantize", choices=["none", "refit", "all"], default="refit",
+                        help="which runs also get a quantized-fastText bundle (quantizing takes minutes per "
+                             "fastText model: five for fold models, one for refit)")
     parser.add_argument("--json", type=Path, help="also write the table here")
     args = parser.parse_args()
 
@@ -100,7 +103,8 @@ def main() -> None:
             result = measure(f"run folder ({label})", run, products, baseline)
             baseline = result["_top1"] if baseline is None else baseline
             rows.append(result)
-            for quantize in (False, True):
+            quantized = args.quantize == "all" or (args.quantize == "refit" and label == "refit")
+            for quantize in (False, True) if quantized else (False,):
                 start = time.perf_counter()
                 bundle = export_run(run, Path(scratch) / f"{label}-{quantize}", trusted=True,
                                     quantize_fasttext=quantize)

