@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -41,6 +39,7 @@ from stackcat.bundle.manifest import (
     check_manifest,
     write_manifest,
 )
+from stackcat.files import atomic_folder
 
 if TYPE_CHECKING:
     from stackcat.predictor import Predictor
@@ -70,7 +69,8 @@ def save_bundle(predictor: Predictor, path: str | os.PathLike, *, quantize_fastt
     """Write ``predictor`` as a bundle into the new folder ``path``; returns it.
 
     The bundle is written into a temporary folder beside ``path`` and renamed
-    into place once complete: a crash leaves no half bundle.
+    into place once complete (:func:`stackcat.files.atomic_folder`): a crash
+    leaves no half bundle.
 
     Parameters
     ----------
@@ -91,21 +91,10 @@ def save_bundle(predictor: Predictor, path: str | os.PathLike, *, quantize_fastt
         When the stack holds an object no bundle can store (a custom estimator class),
         named with where it sits.
     """
-    target = Path(path)
-    if target.exists() and (not target.is_dir() or any(target.iterdir())):
-        raise FileExistsError(f"{target} exists and is not an empty folder; give the bundle a new folder")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
-    try:
+    with atomic_folder(path) as scratch:
         fields = _write_contents(predictor, scratch, quantize_fasttext)
         write_manifest(scratch, fields)
-        if target.exists():
-            target.rmdir()
-        os.rename(scratch, target)
-    except BaseException:
-        shutil.rmtree(scratch, ignore_errors=True)
-        raise
-    return target
+    return Path(path)
 
 
 def _write_contents(predictor: Predictor, folder: Path, quantize_fasttext: bool) -> dict[str, Any]:
