@@ -113,7 +113,7 @@ def _write_contents(predictor: Predictor, folder: Path, quantize_fasttext: bool)
     }
     (folder / STATE_FILE).write_text(json.dumps(state, indent=1, ensure_ascii=False), encoding="utf-8")
     store.write(folder / ARRAYS_FILE)
-    return {"stackcat_version": __version__, "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+    return {"stackcat_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "source": predictor.source, "fasttext_quantized": quantize_fasttext, "versions": package_versions(),
             "model_version": _model_version(folder), "text_models": _text_models(predictor.stack)}
 
