@@ -223,3 +223,32 @@ def test_torch_and_neighbour_members_round_trip(tmp_path):
     Path(tiny_model).rename(tmp_path / "moved")
     with pytest.raises(BundleError, match=f"frozen text model {tiny_model}, which is not on this machine"):
         load_bundle(folder)
+
+
+@pytest.mark.slow
+def test_image_and_fusion_members_round_trip(tmp_path):
+    """An image head and the fusion net on a tiny random-init open_clip ViT referenced by its folder."""
+    from stackcat.models.fusion import FusionClassifier
+    from stackcat.models.image import ImageEmbeddingClassifier
+
+    from tiny_images import tiny_open_clip_dir, toy_image_dataset
+
+    paths, labels = toy_image_dataset(tmp_path / "images", per_class=6)
+    X = pd.DataFrame({"id": np.arange(len(paths)).astype(object),
+                      "text": [f"{label} item {i}" for i, label in enumerate(labels)],
+                      "image_path": paths}, dtype=object)
+    tiny_model = str(build_tiny_bert(tmp_path / "tiny-bert", X["text"]))
+    encoder = f"local-dir:{tiny_open_clip_dir(tmp_path / 'tiny-vit')}"
+    estimators = [("image", ImageEmbeddingClassifier(encoder=encoder, progress=False, device="cpu")),
+                  ("fusion", FusionClassifier(model_name=tiny_model, image_encoder=encoder, max_length=16,
+                                              fusion_dim=16, image_dim=8, image_tokens=2, batch_size=8,
+                                              image_epochs=1, frozen_epochs=1, epochs=1, progress=False,
+                                              n_threads=1, device="cpu"))]
+    stack = StackingCategorizer(estimators, meta="average", n_splits=3, progress=False, verbose=0).fit(
+        X, np.array(labels, dtype=object))
+    spec = TableSpec(text_columns=("text",), target="label", id_column="id", image_column="image_path")
+    predictor = Predictor.from_stack(stack, spec)
+    loaded = load_bundle(predictor.save(tmp_path / "model"))
+    before, after = predictor.stack.predict_results(X), loaded.stack.predict_results(X)
+    for name in before:
+        assert np.abs(np.asarray(before[name]) - np.asarray(after[name])).max() <= 1e-6, name
