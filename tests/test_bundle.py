@@ -30,8 +30,11 @@ from toy_models import NaiveBayesText, toy_table
 SPEC = TableSpec(text_columns=("text",), target="label", id_column="id", image_column=None)
 
 
-def fit_predictor(estimators, meta="average", **params) -> tuple[Predictor, pd.DataFrame]:
+def fit_predictor(estimators, meta="average", tree=False, **params) -> tuple[Predictor, pd.DataFrame]:
     X, y = toy_table(n_per_class=10, n_classes=4, rare=(2,))
+    if tree:  # labels are paths of a two-level tree
+        y = np.array([f"group {int(label[-1]) % 2} > {label}" for label in y], dtype=object)
+        params["label_separator"] = " > "
     stack = StackingCategorizer(estimators, meta=meta, n_splits=3, progress=False, verbose=0, **params)
     stack.fit(X, y)
     return Predictor.from_stack(stack, SPEC, source="memory"), toy_table(n_per_class=3, n_classes=5, seed=1)[0]
@@ -39,10 +42,10 @@ def fit_predictor(estimators, meta="average", **params) -> tuple[Predictor, pd.D
 
 @pytest.fixture(scope="module")
 def fitted():
-    """FastText and TF-IDF members, a CatBoost meta."""
+    """FastText and TF-IDF members, a CatBoost meta, a category tree."""
     estimators = [("fasttext", FastTextClassifier(n_threads=1, dim=8, epoch=5, bucket=1000)),
                   ("lexical", TfidfClassifier(max_iter=50))]
-    return fit_predictor(estimators, meta=MulticlassMeta(iterations=30))
+    return fit_predictor(estimators, meta=MulticlassMeta(iterations=30), tree=True)
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +72,7 @@ def test_bundle_predicts_what_the_stack_predicts(fitted, bundle):
     assert got["review"].tolist() == expected["review"].tolist()
     assert loaded.review.threshold == predictor.review.threshold
     assert loaded.categories().equals(predictor.categories())
+    assert loaded.category_paths == predictor.category_paths and loaded.category_paths[0] == "group 0 > class 0"
     assert loaded.model_version.startswith("bundle-") and loaded.model_version in (bundle / MANIFEST_FILE).read_text()
 
 
@@ -81,7 +85,7 @@ def test_bundle_holds_no_pickle_and_loads_without_unpickling(bundle, monkeypatch
     assert is_bundle(bundle)
     suffixes = {p.suffix for p in bundle.rglob("*") if p.is_file()}
     assert suffixes <= {".json", ".npz", ".bin", ".ftz", ".cbm", ".safetensors"}, suffixes
-    assert load_bundle(bundle).stack.classes_.tolist() == ["class 0", "class 1", "class 2", "class 3", "class 4"]
+    assert load_bundle(bundle).stack.classes_.tolist() == sorted(f"group {k % 2} > class {k}" for k in range(5))
 
 
 def test_a_changed_file_is_refused_by_name(bundle, tmp_path):
