@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["ArrayStore", "BundleFormatError", "decode", "encode", "encode_object", "known_classes"]
+__all__ = ["ArrayStore", "BundleFormatError", "decode", "encode", "encode_object", "known_class", "known_classes"]
 
 _PRIMITIVES = (str, int, float, bool, type(None))
 
@@ -65,34 +65,57 @@ class ArrayStore:
             return cls({key: npz[key] for key in npz.files})
 
 
+# Every class a bundle may hold, by the name written in its JSON (``module.QualifiedName``). A name read
+# from a file is looked up here first; only then is its module imported (lazily: a bundle without torch
+# members loads without importing torch).
+_KNOWN_CLASSES = frozenset({
+    "stackcat.stacking.StackingCategorizer",
+    "stackcat.models.fasttext.FastTextClassifier",
+    "stackcat.models.lexical.TfidfClassifier",
+    "stackcat.models.bert.BertClassifier",
+    "stackcat.models.fusion.FusionClassifier",
+    "stackcat.models.image.ImageEmbeddingClassifier",
+    "stackcat.models.neighbours.NeighboursClassifier",
+    "stackcat.meta.learners.AverageBlend",
+    "stackcat.meta.learners.EnsembleSelection",
+    "stackcat.meta.learners.MulticlassMeta",
+    "stackcat.meta.rerank.RerankMeta",
+    "stackcat.meta.retrieval.NeighbourIndex",
+    "stackcat.taxonomy.CategoryTree",
+    "stackcat.features.image_encoders.EfficientNetLite0Encoder",
+    "stackcat.features.image_encoders.OpenClipEncoder",
+    "sklearn.pipeline.FeatureUnion",
+    "sklearn.pipeline.Pipeline",
+    "sklearn.feature_extraction.text.TfidfVectorizer",
+    "sklearn.feature_extraction.text.TfidfTransformer",
+    "sklearn.feature_extraction.text.CountVectorizer",
+    "sklearn.linear_model._logistic.LogisticRegression",
+    "sklearn.preprocessing._data.StandardScaler",
+    "sklearn.preprocessing._label.LabelEncoder",
+    "catboost.core.CatBoost",
+    "catboost.core.CatBoostClassifier",
+    "catboost.core.CatBoostRanker",
+    "catboost.core.CatBoostRegressor",
+})
+
+
+def known_classes() -> frozenset[str]:
+    """The names (``module.QualifiedName``) of every class a bundle may hold."""
+    return _KNOWN_CLASSES
+
+
 @cache
-def known_classes() -> dict[str, type]:
-    """Every class a bundle may hold, by the name written in its JSON."""
-    from catboost import CatBoost, CatBoostClassifier, CatBoostRanker, CatBoostRegressor
-    from sklearn.feature_extraction.text import CountVectorizer, TfidfTransformer, TfidfVectorizer
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import FeatureUnion, Pipeline
-    from sklearn.preprocessing import LabelEncoder, StandardScaler
+def known_class(name: str) -> type:
+    """The class of a known ``name``; a name outside :func:`known_classes` is refused, never imported."""
+    import importlib
 
-    from stackcat.features.image_encoders import EfficientNetLite0Encoder, OpenClipEncoder
-    from stackcat.meta.learners import AverageBlend, EnsembleSelection, MulticlassMeta
-    from stackcat.meta.rerank import RerankMeta
-    from stackcat.meta.retrieval import NeighbourIndex
-    from stackcat.models.bert import BertClassifier
-    from stackcat.models.fasttext import FastTextClassifier
-    from stackcat.models.fusion import FusionClassifier
-    from stackcat.models.image import ImageEmbeddingClassifier
-    from stackcat.models.lexical import TfidfClassifier
-    from stackcat.models.neighbours import NeighboursClassifier
-    from stackcat.stacking import StackingCategorizer
-    from stackcat.taxonomy import CategoryTree
-
-    classes = [StackingCategorizer, FastTextClassifier, TfidfClassifier, BertClassifier, FusionClassifier,
-               ImageEmbeddingClassifier, NeighboursClassifier, AverageBlend, EnsembleSelection, MulticlassMeta,
-               RerankMeta, NeighbourIndex, CategoryTree, EfficientNetLite0Encoder, OpenClipEncoder,
-               FeatureUnion, Pipeline, TfidfVectorizer, TfidfTransformer, CountVectorizer, LogisticRegression,
-               StandardScaler, LabelEncoder, CatBoost, CatBoostClassifier, CatBoostRanker, CatBoostRegressor]
-    return {f"{cls.__module__}.{cls.__qualname__}": cls for cls in classes}
+    if name not in _KNOWN_CLASSES:
+        raise BundleFormatError(f"the bundle holds a {name}, which this release does not load")
+    module, _, attribute = name.rpartition(".")
+    cls = getattr(importlib.import_module(module), attribute, None)
+    if not isinstance(cls, type) or f"{cls.__module__}.{cls.__qualname__}" != name:
+        raise BundleFormatError(f"{name} is not where this release expects it; export the bundle again")
+    return cls
 
 
 _NUMPY_TYPES = {name: getattr(np, name) for name in
@@ -341,10 +364,7 @@ class _Decoder:
         return obj
 
     def _class(self, name: str) -> type:
-        classes = known_classes()
-        if name not in classes:
-            raise BundleFormatError(f"the bundle holds a {name}, which this release does not load")
-        return classes[name]
+        return known_class(name)
 
     def _file(self, relative: str) -> Path:
         if self.folder is None:
