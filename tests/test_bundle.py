@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import warnings
 from pathlib import Path
 
 import joblib
@@ -62,7 +63,9 @@ def copy_of(bundle: Path, tmp_path: Path) -> Path:
 
 def test_bundle_predicts_what_the_stack_predicts(fitted, bundle):
     predictor, X = fitted
-    loaded = stackcat.load(bundle)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # same package versions: no warning
+        loaded = stackcat.load(bundle)
     before, after = predictor.stack.predict_results(X), loaded.stack.predict_results(X)
     assert list(before) == list(after)
     for name in before:
@@ -117,6 +120,15 @@ def test_a_newer_format_is_refused_with_a_clear_message(bundle, tmp_path):
     manifest["format_version"] = 99
     (folder / MANIFEST_FILE).write_text(json.dumps(manifest))
     with pytest.raises(BundleError, match="format version 99 is newer than this stackcat .* upgrade stackcat"):
+        load_bundle(folder)
+
+
+def test_a_bundle_from_other_package_versions_loads_with_a_warning_naming_them(bundle, tmp_path):
+    folder = copy_of(bundle, tmp_path)
+    manifest = json.loads((folder / MANIFEST_FILE).read_text())
+    manifest["versions"]["scikit-learn"] = "0.0.1"
+    (folder / MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.warns(UserWarning, match=r"written with scikit-learn 0\.0\.1 \(here "):
         load_bundle(folder)
 
 

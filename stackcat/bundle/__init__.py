@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -154,6 +155,23 @@ def _check_text_models(manifest: dict[str, Any], folder: Path) -> None:
                               "e5-small), then load the bundle again")
 
 
+# Packages whose objects a bundle rebuilds from their state: another version may lay it out differently.
+_STATE_PACKAGES = ("scikit-learn", "catboost", "fasttext-numpy2", "torch", "transformers", "open_clip_torch")
+
+
+def _warn_about_versions(manifest: dict[str, Any], folder: Path) -> None:
+    from stackcat.runs import package_versions
+
+    written = manifest.get("versions") or {}
+    here = package_versions()
+    changed = [f"{name} {written[name]} (here {here.get(name)})" for name in _STATE_PACKAGES
+               if written.get(name) and here.get(name) and written[name] != here.get(name)]
+    if changed:
+        warnings.warn(f"{folder} was written with {', '.join(changed)}: its models are rebuilt from their "
+                      "state, which another version may read differently; check its predictions "
+                      "(stackcat evaluate BUNDLE labelled.csv) or export it again here", stacklevel=3)
+
+
 def _drop_cache_params(node: Any) -> None:
     """Set every member's embedding cache folder to None in an encoded tree."""
     if isinstance(node, list):
@@ -198,6 +216,7 @@ def load_bundle(path: str | os.PathLike, *, precision: float | None = None) -> P
     folder = Path(path)
     manifest = check_manifest(folder)
     _check_text_models(manifest, folder)
+    _warn_about_versions(manifest, folder)
     try:
         state = json.loads((folder / STATE_FILE).read_text(encoding="utf-8"))
         store = ArrayStore.read(folder / ARRAYS_FILE)
