@@ -44,6 +44,8 @@ _EXPORTS = {
     "build_models": "stackcat.presets",
     "register_model": "stackcat.presets",
     "load_demo": "stackcat.demo",
+    "load": "stackcat.predictor",
+    "Predictor": "stackcat.predictor",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

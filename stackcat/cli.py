@@ -1,4 +1,4 @@
-"""The ``stackcat`` command line: ``fit``, ``predict``, ``evaluate``, ``label-issues`` and ``demo``.
+"""The ``stackcat`` command line: ``fit``, ``predict``, ``evaluate``, ``export``, ``label-issues`` and ``demo``.
 
 Output: a line per stage on stdout (time-stamped: texts and images encoded,
 each job, each epoch, with counts and rates), bars on a terminal only (see
@@ -71,8 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_stack_options(fit)
     fit.set_defaults(handler=run_fit)
 
-    predict = commands.add_parser("predict", help="predict a table with a fitted run folder")
-    predict.add_argument("run_dir", type=Path)
+    predict = commands.add_parser("predict", help="predict a table with a model bundle or a fitted run folder")
+    predict.add_argument("run_dir", type=Path, metavar="MODEL", help="a bundle (stackcat export) or a run folder")
     predict.add_argument("table", type=Path, help="table to categorize")
     predict.add_argument("--out", type=Path, required=True, help="predictions CSV to write")
     predict.add_argument("--image-dir", help="image folder of this table (default: the one used in fit)")
@@ -84,13 +84,19 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--precision", type=float, default=0.99,
                          help="precision wanted from the rows marked 'auto' in the review column: the "
                               "probability threshold that gave it on the run's out-of-fold predictions")
+    predict.add_argument("--scheduler", help="address of a dask.distributed scheduler (tcp://host:8786): chunks "
+                                             "of --chunk-rows go to its workers, which load MODEL once (give a "
+                                             "path every worker can read); ids and order are kept")
     _add_trust_option(predict)
     predict.set_defaults(handler=run_predict)
 
     evaluate = commands.add_parser("evaluate", help="score a run: its out-of-fold results, or a labelled table")
-    evaluate.add_argument("run_dir", type=Path)
+    evaluate.add_argument("run_dir", type=Path, metavar="MODEL", help="a bundle or a run folder")
     evaluate.add_argument("table", type=Path, nargs="?", help="labelled table (default: the run's OOF results)")
     evaluate.add_argument("--image-dir", help="image folder of this table (default: the one used in fit)")
+    evaluate.add_argument("--report-dir", type=Path,
+                          help="where the report goes (default: evaluation-<table> in the run folder, or "
+                               "<bundle>-evaluation-<table> beside a bundle, which is never written to)")
     _add_trust_option(evaluate)
     evaluate.set_defaults(handler=run_evaluate)
 
@@ -99,6 +105,15 @@ def build_parser() -> argparse.ArgumentParser:
     issues.add_argument("run_dir", type=Path)
     issues.add_argument("--top", type=int, default=20, help="rows of each list to print (default: 20)")
     issues.set_defaults(handler=run_label_issues)
+    export = commands.add_parser("export", help="write a run folder's fitted stack as a model bundle: "
+                                                "files that cannot run code when loaded, with their sha256")
+    export.add_argument("run_dir", type=Path, metavar="RUN", help="a fitted run folder")
+    export.add_argument("out", type=Path, help="the bundle's folder (must not exist)")
+    export.add_argument("--quantize-fasttext", action="store_true",
+                        help="store fastText members quantized (.ftz): several times smaller, "
+                             "slightly different probabilities")
+    _add_trust_option(export)
+    export.set_defaults(handler=run_export)
 
     demo = commands.add_parser("demo", help="fit the whole stack on the embedded demo data and write its report")
     demo.add_argument("--run-dir", type=Path, default=Path("artifacts/demo"))
@@ -346,15 +361,6 @@ def _print_image_problems(problems: Any) -> None:
 # --------------------------------------------------------------------------- predict / evaluate
 
 
-def _load_run(run_dir: Path, trusted: bool = False) -> tuple[Any, Any]:
-    from stackcat.data import TableSpec
-    from stackcat.runs import RunFolder
-    from stackcat.stacking import StackingCategorizer
-
-    settings = RunFolder(run_dir).read_table_settings()
-    return StackingCategorizer.load(run_dir, trusted=trusted), TableSpec.from_dict(settings["spec"])
-
-
 def _spec_for_table(spec: Any, image_dir: str | None, table: Path) -> Any:
     if image_dir:
         return replace(spec, image_dir=str((table.parent / image_dir).resolve()))
@@ -362,7 +368,7 @@ def _spec_for_table(spec: Any, image_dir: str | None, table: Path) -> Any:
 
 
 def run_predict(args: argparse.Namespace) -> int:
-    from stackcat.data import read_table_chunks
+    from stackcat.batch import predicted_chunks
     from stackcat.files import atomic_path
     from stackcat.predictor import Predictor, concat_image_inputs
     from stackcat.review import AUTO
@@ -378,16 +384,15 @@ def run_predict(args: argparse.Namespace) -> int:
     written = accepted = 0
     images = []
     start = time.perf_counter()
+    chunks = predicted_chunks(predictor, args.run_dir, args.table, chunk_rows=args.chunk_rows, image_dir=image_dir,
+                              scheduler=args.scheduler, trusted=args.trust_run_dir,
+                              allow_missing_images=args.allow_missing_images)
     with atomic_path(args.out) as tmp, open(tmp, "w", encoding="utf-8", newline="") as handle:
-        for number, chunk in enumerate(read_table_chunks(args.table, args.chunk_rows)):
-            prepared = predictor.prepare(chunk, base_dir=args.table.parent, image_dir=image_dir)
-            for error in prepared.errors:
+        for number, (errors, predicted, chunk_images) in enumerate(chunks):
+            for error in errors:
                 print(f"warning: {error}", file=sys.stderr)
-            # the first chunk tells a wrong --image-dir, before any prediction
-            chunk_images = predictor.check_images(prepared, allow_missing=args.allow_missing_images or number > 0)
             images += [chunk_images] if chunk_images is not None else []
-            predictions = _prediction_rows(predictor.predict_prepared(prepared.frame, images=chunk_images),
-                                           spec.id_column or "row", spec.target or "category")
+            predictions = _prediction_rows(predicted, spec.id_column or "row", spec.target or "category")
             predictions.to_csv(handle, header=number == 0, index=False)
             written += len(predictions)
             accepted += int((predictions["review"] == AUTO).sum())
@@ -450,12 +455,17 @@ def _plain(value: Any) -> Any:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
+    from stackcat.bundle import is_bundle
     from stackcat.data import DataError, prepare_table, read_table
     from stackcat.metrics import comparison_table
+    from stackcat.predictor import Predictor
     from stackcat.report import unseen_labels_note, write_run_report
 
-    stack, spec = _load_run(args.run_dir, trusted=args.trust_run_dir)
+    predictor = Predictor.load(args.run_dir, trusted=args.trust_run_dir)
+    stack, spec = predictor.stack, predictor.spec
     if args.table is None:
+        if getattr(stack, "oof_scores_", None) is None:
+            raise DataError(f"{args.run_dir} keeps no out-of-fold scores: give a labelled table to score")
         print(stack.oof_scores_.round(4).to_string())
         return EXIT_OK
     spec = _spec_for_table(spec, args.image_dir, args.table)
@@ -469,7 +479,10 @@ def run_evaluate(args: argparse.Namespace) -> int:
         raise DataError(f"{args.table}: no row has a category seen in training "
                         f"(the run knows {len(stack.classes_)}, e.g. {[_plain(c) for c in stack.classes_[:5]]}): "
                         "nothing to score. Is it the right run folder and target column?")
-    report = write_run_report(stack, prepared, args.run_dir / f"evaluation-{args.table.stem}", evaluation=evaluation)
+    report_dir = args.report_dir or (
+        args.run_dir.parent / f"{args.run_dir.name}-evaluation-{args.table.stem}" if is_bundle(args.run_dir)
+        else args.run_dir / f"evaluation-{args.table.stem}")
+    report = write_run_report(stack, prepared, report_dir, evaluation=evaluation)
     _print_image_problems(report.image_problems)
     print(comparison_table(evaluation.results, evaluation.y_index).round(4).to_string())
     print(f"report: {report.path}")
@@ -511,6 +524,21 @@ def _one_line_cells(table: Any) -> Any:
     for column in table.select_dtypes(include=["object", "string"]).columns:
         table[column] = [str(v).replace("\r", "\\r").replace("\n", "\\n") for v in table[column]]
     return table
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from stackcat.bundle import export_run, is_bundle
+    from stackcat.bundle.manifest import read_manifest
+
+    if is_bundle(args.run_dir):
+        raise UsageError(f"{args.run_dir} is a bundle already; export reads a run folder")
+    start = time.perf_counter()
+    out = export_run(args.run_dir, args.out, trusted=args.trust_run_dir, quantize_fasttext=args.quantize_fasttext)
+    manifest = read_manifest(out)
+    size = sum(entry["bytes"] for entry in manifest["files"].values())
+    print(f"wrote bundle {out} ({manifest['model_version']}): {len(manifest['files'])} files, "
+          f"{size / 1e6:.1f} MB, in {time.perf_counter() - start:.1f} s")
+    return EXIT_OK
 
 
 # --------------------------------------------------------------------------- demo

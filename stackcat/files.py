@@ -33,6 +33,7 @@ from stackcat.core import current_umask
 __all__ = [
     "TEMP_SUFFIX",
     "as_file_path",
+    "atomic_folder",
     "atomic_path",
     "digest",
     "file_content_hash",
@@ -89,6 +90,50 @@ def atomic_path(path: str | os.PathLike, *, suffix: str = TEMP_SUFFIX) -> Iterat
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary folder next to ``path``; on success it is renamed onto ``path`` (new or empty).
+
+    On any error the temporary folder is removed: ``path`` never holds half a
+    folder. The files written inside should be flushed by their writers (the
+    last one fsynced) when a crash of the machine must not leave them empty.
+
+    Raises
+    ------
+    FileExistsError
+        When ``path`` exists and is not an empty folder (checked before and after writing).
+
+    Examples
+    --------
+    >>> import tempfile, os
+    >>> target = os.path.join(tempfile.mkdtemp(), "bundle")
+    >>> with atomic_folder(target) as tmp:
+    ...     _ = (tmp / "a.txt").write_text("whole")
+    >>> sorted(os.listdir(target))
+    ['a.txt']
+    """
+    import shutil
+
+    path = Path(path)
+    _refuse_used_folder(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o777 & ~current_umask())
+        _refuse_used_folder(path)
+        if path.exists():
+            path.rmdir()
+        os.rename(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _refuse_used_folder(path: Path) -> None:
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise FileExistsError(f"{path} exists and is not an empty folder; give a new folder")
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:

@@ -140,18 +140,49 @@ class Predictor:
 
     @classmethod
     def load(cls, path: str | Path, *, trusted: bool = False, precision: float = DEFAULT_PRECISION) -> Predictor:
-        """The predictor of a run folder (or, see :mod:`stackcat.bundle`, a model bundle)."""
+        """The predictor of a model bundle (:mod:`stackcat.bundle`) or of a run folder.
+
+        Parameters
+        ----------
+        path : str or Path
+            A bundle (a folder with ``bundle.json``: its files' sha256 are
+            checked, nothing is unpickled) or a run folder.
+        trusted : bool, default=False
+            Run folders only: load pickles that do not carry this user's signature.
+        precision : float, default=0.99
+            The review rule's precision.
+        """
+        from stackcat.bundle import is_bundle, load_bundle
+
+        if is_bundle(path):
+            return load_bundle(path, precision=precision)
+        return cls._load_run(Path(path), trusted=trusted, precision=precision)
+
+    @classmethod
+    def _load_run(cls, path: Path, *, trusted: bool, precision: float) -> Predictor:
         from stackcat.data import TableSpec
         from stackcat.runs import RunFolder
         from stackcat.stacking import StackingCategorizer
 
-        path = Path(path)
         settings = RunFolder(path).read_table_settings()
         stack = StackingCategorizer.load(path, trusted=trusted)
         manifest = RunFolder(path).read_manifest() or {}
         version = f"run:{path.resolve().name}@{manifest.get('updated', 'unknown')}"
         return cls.from_stack(stack, TableSpec.from_dict(settings["spec"]), precision=precision,
                               model_version=version, source=str(path))
+
+    def save(self, path: str | Path, *, quantize_fasttext: bool = False) -> Path:
+        """Write this predictor as a model bundle into the new folder ``path`` (see :mod:`stackcat.bundle`).
+
+        Examples
+        --------
+        >>> Predictor.load("artifacts/demo").save("artifacts/demo-bundle")   # doctest: +SKIP
+        >>> Predictor.load("artifacts/demo-bundle").model_version             # doctest: +SKIP
+        'bundle-3f1c2a9b7d10'
+        """
+        from stackcat.bundle import save_bundle
+
+        return save_bundle(self, path, quantize_fasttext=quantize_fasttext)
 
     # -- what it knows ---------------------------------------------------------
 
@@ -304,6 +335,18 @@ def _no_usable_image_message(images: ImageInput, spec: Any) -> str:
             "(the rows then go to review)")
 
 
+def load(path: str | Path, *, trusted: bool = False, precision: float = DEFAULT_PRECISION) -> Predictor:
+    """The :class:`Predictor` of a model bundle or a run folder (``stackcat.load``).
+
+    Examples
+    --------
+    >>> import stackcat
+    >>> predictor = stackcat.load("artifacts/demo-bundle")                     # doctest: +SKIP
+    >>> predictor.categorize(pd.DataFrame({"productDisplayName": ["Nike red tee"]}))  # doctest: +SKIP
+    """
+    return Predictor.load(path, trusted=trusted, precision=precision)
+
+
 def _empty_predictions() -> pd.DataFrame:
     return pd.DataFrame({name: pd.Series(dtype=object) for name in
                          ("id", "category", "probability", "review", "top_categories", "top_probabilities",
@@ -314,4 +357,4 @@ def _plain(value: Any) -> Any:
     return value.item() if hasattr(value, "item") else value
 
 
-__all__ = ["DEFAULT_PRECISION", "DEFAULT_TOP_K", "ImageInput", "Predictor", "REVIEW", "concat_image_inputs"]
+__all__ = ["DEFAULT_PRECISION", "DEFAULT_TOP_K", "ImageInput", "Predictor", "REVIEW", "concat_image_inputs", "load"]

@@ -248,7 +248,7 @@ def write_run_report(stack: StackingCategorizer, prepared: PreparedTable, out_di
     if unseen:
         notes.append(unseen)
     # the members, not the meta candidates, are the "single models" the stack is compared with
-    members = [name for name in stack.oof_ if name in results]
+    members = [name for name, _ in stack.estimators if name in results]
     sections = catalogue_sections(stack, prepared, out_dir) if evaluation is None else []
     path = write_report(out_dir, results, y_index, stack.classes_, y_kind="indices",
                         train_counts=stack.class_counts_, notes=notes, base_models=members or None,

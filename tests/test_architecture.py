@@ -32,7 +32,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "report and presets": ("stackcat.report", "stackcat.review", "stackcat.presets", "stackcat.label_issues",
                            "stackcat.lookalikes"),
     # a fitted stack ready for production: the predictor, the model bundle, the service
-    "serving": ("stackcat.predictor", "stackcat.bundle", "stackcat.serve"),
+    "serving": ("stackcat.predictor", "stackcat.bundle", "stackcat.batch", "stackcat.serve"),
     "cli": ("stackcat.cli", "stackcat.__main__"),
 }
 # A private top-level module (``stackcat/_name.py``) not listed above is a ground-floor helper.
