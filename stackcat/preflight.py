@@ -82,13 +82,18 @@ def missing_columns_of(estimators: Sequence[tuple[str, Any]], X: Any) -> list[st
 
 
 def _columns_read(estimator: Any) -> Iterator[tuple[str, str]]:
-    """The (param, column) pairs of ``estimator``'s column params; an image column only if it reads images."""
+    """The (param, column) pairs of ``estimator``'s column params; an image column only if it reads images.
+
+    A column the estimator reads only when present (its ``optional_columns``,
+    e.g. FastText's ``title_column``) is not required.
+    """
     if not hasattr(estimator, "get_params"):
         return
     files = set(file_columns_of(estimator))
+    optional = set(getattr(estimator, "optional_columns", ()))
     for name, value in estimator.get_params(deep=True).items():
         leaf = name.split("__")[-1]
-        if isinstance(value, str) and leaf.endswith(COLUMN_PARAM_SUFFIX) and (
+        if isinstance(value, str) and leaf.endswith(COLUMN_PARAM_SUFFIX) and leaf not in optional and (
                 leaf not in FILE_COLUMN_PARAMS or value in files):
             yield name, value
 

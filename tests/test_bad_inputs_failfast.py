@@ -420,3 +420,12 @@ def test_onnxruntime_telemetry_is_switched_off_before_a_session(tmp_path, monkey
     onnx_backend.inference_session(path, threads=1)
     onnx_backend.clear_sessions()
     assert switched_off
+
+
+def test_a_column_an_estimator_reads_only_when_present_is_not_required():
+    from stackcat.models.fasttext import FastTextClassifier
+    from stackcat.preflight import missing_columns_of
+
+    X = pd.DataFrame({"text": ["a red shirt", "blue jeans"]})
+    assert missing_columns_of([("fasttext", FastTextClassifier())], X) == []  # title_column="title" is optional
+    assert missing_columns_of([("fasttext", FastTextClassifier(text_column="body"))], X) != []

@@ -268,3 +268,10 @@ def test_image_and_fusion_members_round_trip(tmp_path):
     before, after = predictor.stack.predict_results(X), loaded.stack.predict_results(X)
     for name in before:
         assert np.abs(np.asarray(before[name]) - np.asarray(after[name])).max() <= 1e-6, name
+
+
+def test_every_known_class_of_stackcat_is_where_the_list_says():
+    from stackcat.bundle.codec import known_class, known_classes
+
+    for name in sorted(n for n in known_classes() if n.startswith("stackcat.")):
+        assert f"{known_class(name).__module__}.{known_class(name).__qualname__}" == name

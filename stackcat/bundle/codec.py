@@ -69,7 +69,7 @@ class ArrayStore:
 # from a file is looked up here first; only then is its module imported (lazily: a bundle without torch
 # members loads without importing torch).
 _KNOWN_CLASSES = frozenset({
-    "stackcat.stacking.StackingCategorizer",
+    "stackcat.stacking.estimator.StackingCategorizer",
     "stackcat.models.fasttext.FastTextClassifier",
     "stackcat.models.lexical.TfidfClassifier",
     "stackcat.models.bert.BertClassifier",
@@ -83,6 +83,7 @@ _KNOWN_CLASSES = frozenset({
     "stackcat.meta.retrieval.NeighbourIndex",
     "stackcat.taxonomy.CategoryTree",
     "stackcat.features.image_encoders.EfficientNetLite0Encoder",
+    "stackcat.features.image_encoders.EfficientNetLite2Encoder",
     "stackcat.features.image_encoders.OpenClipEncoder",
     "sklearn.pipeline.FeatureUnion",
     "sklearn.pipeline.Pipeline",

@@ -163,6 +163,8 @@ class FastTextClassifier(ProbaClassifierMixin, ClassifierMixin, BaseEstimator):
     # params that change how fast, not what, it learns: left out of the run folder's job keys
     # (`n_threads` is not one: FastText's lock-free threads change the result)
     _runtime_params = ("verbose",)
+    # read when the input has it (the title words are up-weighted), not required
+    optional_columns = ("title_column",)
 
     _parameter_constraints: dict = {
         "text_column": [str],
