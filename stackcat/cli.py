@@ -123,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--folds", type=int, default=5)
     demo.add_argument("--meta", default="auto", choices=META_CHOICES)
     demo.add_argument("--n-jobs", type=int, default=1)
+    demo.add_argument("--no-refit", dest="refit", action="store_false",
+                      help="skip the models refitted on all rows (the demo's bundle then holds the fold models: "
+                           "about 5x larger and slower to serve)")
     demo.add_argument("--no-progress", action="store_true")
     demo.set_defaults(handler=run_demo)
     return parser
