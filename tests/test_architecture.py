@@ -27,7 +27,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     # tables in, frozen features out
     "data and features": ("stackcat.data", "stackcat.columns", "stackcat.demo", "stackcat.features",
                           "stackcat.cache", "stackcat.encoders", "stackcat.images", "stackcat.pretrained",
-                          "stackcat._onnx"),
+                          "stackcat._onnx", "stackcat.corrections"),
     "models": ("stackcat.models",),
     "meta": ("stackcat.meta", "stackcat.retrieval", "stackcat.taxonomy", "stackcat.metrics"),
     "stacking": ("stackcat.stacking",),
