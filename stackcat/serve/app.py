@@ -67,6 +67,12 @@ STATIC_DIR = Path(__file__).parent / "static"
 LOG = logging.getLogger("stackcat.serve")
 
 
+def service_spec(predictor: Any) -> Any:
+    """The fit's table spec without its image columns: the service places images itself (checked paths,
+    uploads), so ``prepare_table`` reads none."""
+    return replace(predictor.spec, image_column=None, image_dir=None)
+
+
 class Service:
     """What the routes share: the predictor, the batcher, the image policy, the stores."""
 
@@ -75,8 +81,7 @@ class Service:
                  max_products: int, metrics: Metrics) -> None:
         self.predictor = predictor
         self.fields = ProductFields.from_spec(predictor.spec)
-        # the service places images itself (checked paths, uploads): prepare_table reads none
-        self.spec = replace(predictor.spec, image_column=None, image_dir=None)
+        self.spec = service_spec(predictor)
         self.token = token
         self.store = store
         self.images = images

@@ -12,8 +12,10 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-from stackcat.serve.app import DEFAULT_MAX_BODY_BYTES, create_app
+from stackcat.data import prepare_table
+from stackcat.serve.app import DEFAULT_MAX_BODY_BYTES, create_app, service_spec
 from stackcat.serve.batching import DEFAULT_WINDOW_S
 
 DEFAULT_HOST = "127.0.0.1"
@@ -44,6 +46,7 @@ def serve(model: str | Path, *, host: str = DEFAULT_HOST, port: int = DEFAULT_PO
         raise FileNotFoundError(f"--products {products}: no such file")
     start = time.perf_counter()
     predictor = Predictor.load(model, trusted=trusted, precision=precision)
+    warm_up(predictor)
     app = create_app(predictor, token=token, corrections=corrections, image_roots=image_roots,
                      products=products, batch_window_ms=batch_window_ms, max_body_bytes=max_body_bytes)
     print(f"loaded {model} ({predictor.model_version}, {len(predictor.classes):,} categories) in "
@@ -51,6 +54,16 @@ def serve(model: str | Path, *, host: str = DEFAULT_HOST, port: int = DEFAULT_PO
     _allow_connections(MAX_CONNECTIONS + 64)
     uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False,
                 limit_concurrency=MAX_CONNECTIONS, backlog=MAX_CONNECTIONS, timeout_keep_alive=KEEP_ALIVE_S)
+
+
+def warm_up(predictor: Any) -> None:
+    """Predict one made-up product: every model file is read (and checked) now, not on the first request."""
+    import pandas as pd
+
+    spec = service_spec(predictor)
+    raw = pd.DataFrame({column: ["warm up"] for column in spec.required_columns(with_target=False)}, dtype=object)
+    frame = prepare_table(raw, spec, with_target=False).frame
+    predictor.predict_prepared(frame)
 
 
 def _allow_connections(wanted: int) -> None:
