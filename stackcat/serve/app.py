@@ -288,9 +288,9 @@ async def _payload_and_uploads(request: Request) -> tuple[Any, dict[int, bytes]]
 
 
 def _prediction(row: Any, top_k: int, service: Service) -> dict[str, Any]:
-    top = [{"category": str(c), "probability": float(p), "path": path}
+    top = [{"category": str(c), "probability": round(float(p), 6), "path": path}
            for c, p, path in zip(row.top_categories, row.top_probabilities, row.top_paths)][:top_k]
-    return {"id": _plain_id(row.id), "category": str(row.category), "probability": float(row.probability),
+    return {"id": _plain_id(row.id), "category": str(row.category), "probability": round(float(row.probability), 6),
             "review": row.review, "top": top}
 
 

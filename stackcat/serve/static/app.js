@@ -112,6 +112,7 @@ async function openQueueFile() {
   if (!file) return;
   const form = new FormData();
   form.append("file", file);
+  $("queue-file").value = "";  // choosing the same file again reopens it
   await loadQueue(() => call("/v1/queue", { method: "POST", body: form }), file.name);
 }
 
