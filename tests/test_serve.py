@@ -219,3 +219,35 @@ def test_an_unexpected_failure_is_a_json_500_without_traceback(predictor):
         assert answer.status_code == 500
         assert "Traceback" not in answer.text and answer.json()["error"].startswith("internal error")
         assert broken.get("/health").status_code == 200
+
+
+def test_requests_arriving_while_the_model_is_busy_form_the_next_batch():
+    import asyncio
+    import time as clock
+
+    import pandas as pd
+
+    from stackcat.serve.batching import MicroBatcher
+
+    sizes = []
+
+    def slow_model(frame):
+        sizes.append(len(frame))
+        clock.sleep(0.2)
+        return frame
+
+    async def run():
+        batcher = MicroBatcher(slow_model, window_s=0.001)
+        await batcher.start()
+        first = asyncio.create_task(batcher.predict(pd.DataFrame({"x": [0]})))
+        await asyncio.sleep(0.05)  # the first batch is being predicted
+        later = [asyncio.create_task(batcher.predict(pd.DataFrame({"x": [i]}))) for i in range(1, 11)]
+        await asyncio.sleep(0.01)
+        even_later = asyncio.create_task(batcher.predict(pd.DataFrame({"x": [11, 12]})))
+        answers = await asyncio.gather(first, *later, even_later)
+        await batcher.stop()
+        return [a["x"].tolist() for a in answers]
+
+    answers = asyncio.run(run())
+    assert answers == [[i] for i in range(11)] + [[11, 12]]
+    assert sizes == [1, 12]

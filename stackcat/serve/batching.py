@@ -82,21 +82,37 @@ class MicroBatcher:
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
+        running: asyncio.Future | None = None  # the batch being predicted
         while True:
             batch = [await self._queue.get()]
             rows = len(batch[0][0])
             deadline = loop.time() + self.window_s
+            # Collect for the window, and for as long as the worker is still busy with the last batch:
+            # under load a batch holds every request that arrived meanwhile.
             while rows < self.max_rows:
+                busy = running is not None and not running.done()
                 remaining = deadline - loop.time()
-                if remaining <= 0:
+                if remaining <= 0 and not busy:
                     break
-                try:
-                    item = await asyncio.wait_for(self._queue.get(), remaining)
-                except asyncio.TimeoutError:
-                    break
-                batch.append(item)
-                rows += len(item[0])
-            await self._predict_batch(loop, batch)
+                item = await self._next_item(running if busy else None, None if busy else remaining)
+                if item is not None:
+                    batch.append(item)
+                    rows += len(item[0])
+            if running is not None:
+                await running
+            running = asyncio.ensure_future(self._predict_batch(loop, batch))
+
+    async def _next_item(self, running: asyncio.Future | None, timeout: float | None) -> tuple | None:
+        """The next queued request, or None when ``running`` finished or ``timeout`` passed first."""
+        getter = asyncio.ensure_future(self._queue.get())
+        waits = {getter} if running is None else {getter, running}
+        await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        if getter.done():
+            return getter.result()
+        getter.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await getter
+        return None
 
     async def _predict_batch(self, loop: asyncio.AbstractEventLoop, batch: list) -> None:
         live = [(frame, future) for frame, future in batch if not future.done()]  # a client that left
