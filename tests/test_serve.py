@@ -11,10 +11,11 @@ import zlib
 
 import pytest
 from PIL import Image
-from serve_fixtures import toy_predictor
 from starlette.testclient import TestClient
 
 from stackcat.serve import create_app
+
+from serve_fixtures import toy_predictor
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ import httpx
 import pandas as pd
 import pytest
 from PIL import Image
+
 from serve_fixtures import toy_predictor
 from serve_process import free_port
 

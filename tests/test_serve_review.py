@@ -8,13 +8,14 @@ import sqlite3
 import pandas as pd
 import pytest
 from PIL import Image
-from serve_fixtures import toy_predictor
 from starlette.testclient import TestClient
 
 from stackcat.corrections import apply_corrections, read_corrections
 from stackcat.data import DataError, TableSpec
 from stackcat.serve import create_app
 from stackcat.serve.store import CorrectionStore
+
+from serve_fixtures import toy_predictor
 
 
 @pytest.fixture(scope="module")

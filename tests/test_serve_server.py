@@ -10,6 +10,7 @@ import threading
 
 import httpx
 import pytest
+
 from serve_process import REPO, ServerProcess, free_port
 
 pytestmark = pytest.mark.slow
