@@ -252,3 +252,15 @@ def test_requests_arriving_while_the_model_is_busy_form_the_next_batch():
     answers = asyncio.run(run())
     assert answers == [[i] for i in range(11)] + [[11, 12]]
     assert sizes == [1, 12]
+
+
+def test_serve_refuses_bad_arguments_before_loading_the_model(tmp_path, capsys):
+    from stackcat.cli import EXIT_RUN_ERROR, EXIT_USAGE, main
+
+    assert main(["serve", str(tmp_path), "--port", "70000"]) == EXIT_USAGE
+    assert "--port 70000" in capsys.readouterr().err
+    assert main(["serve", str(tmp_path), "--precision", "2"]) == EXIT_USAGE
+    assert main(["serve", str(tmp_path), "--image-root", str(tmp_path / "nope")]) == EXIT_RUN_ERROR
+    assert "--image-root" in capsys.readouterr().err
+    assert main(["serve", str(tmp_path), "--products", str(tmp_path / "nope.csv")]) == EXIT_RUN_ERROR
+    assert "--products" in capsys.readouterr().err
