@@ -63,6 +63,8 @@ from stackcat.serve.queue import PendingQueue, ProductTable, queue_items, with_p
 from stackcat.serve.store import CorrectionStore
 
 DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
+# The column of a raw micro-batch holding each product's checked image file (not a training column).
+IMAGE_FILE = "__stackcat_image_file"
 STATIC_DIR = Path(__file__).parent / "static"
 LOG = logging.getLogger("stackcat.serve")
 
@@ -93,15 +95,23 @@ class Service:
         self.batcher = MicroBatcher(self._predict, window_s=window_s, max_rows=max_batch_rows,
                                     on_batch=metrics.observe_batch)
 
-    def _predict(self, frame: pd.DataFrame) -> pd.DataFrame:
-        return self.predictor.predict_prepared(frame, top_k=MAX_TOP_K)
+    def _predict(self, raw: pd.DataFrame) -> pd.DataFrame:
+        """Predictions of a micro-batch of raw products, with each product's ``title`` and ``text``.
 
-    def prepared(self, products: list[dict[str, Any]], image_paths: list[str | None]) -> pd.DataFrame:
+        Preparing the batch here, in the worker thread, keeps the event loop free to read requests.
+        """
+        frame = prepare_table(raw, self.spec, with_target=False).frame
+        frame["image_path"] = raw[IMAGE_FILE].to_numpy(dtype=object)
+        predictions = self.predictor.predict_prepared(frame, top_k=MAX_TOP_K)
+        return predictions.assign(title=frame["title"].to_numpy(dtype=object),
+                                  text=frame["text"].to_numpy(dtype=object))
+
+    def raw_frame(self, products: list[dict[str, Any]], image_paths: list[str | None]) -> pd.DataFrame:
+        """The products as a table named as the training table, with the checked image files."""
         columns = self.spec.required_columns(with_target=False)
         raw = pd.DataFrame({c: [p.get(c) for p in products] for c in columns}, dtype=object)
-        frame = prepare_table(raw, self.spec, with_target=False).frame
-        frame["image_path"] = pd.Series(image_paths, index=frame.index, dtype=object)
-        return frame
+        raw[IMAGE_FILE] = pd.Series(image_paths, dtype=object)
+        return raw
 
     def image_paths(self, products: list[dict[str, Any]], uploads: dict[int, bytes]) -> list[str | None]:
         paths: list[str | None] = []
@@ -158,14 +168,13 @@ async def categorize(request: Request) -> Response:
                                                       f"but the request has {len(products)} product(s)")
     paths = service.image_paths(products, uploads)
     try:
-        frame = service.prepared(products, paths)
-        predictions = await service.batcher.predict(frame)
+        predictions = await service.batcher.predict(service.raw_frame(products, paths))
     finally:
         service.images.release(paths)
     rows = [_prediction(row, top_k, service) for row in predictions.itertuples(index=False)]
-    for row, product_frame_row, path in zip(rows, frame.itertuples(index=False), paths):
+    for row, product, path in zip(rows, predictions.itertuples(index=False), paths):
         if row["review"] == "review":
-            service.pending.add(_pending_item(row, product_frame_row, path, service))
+            service.pending.add(_pending_item(row, product, path, service))
     return JSONResponse({"model_version": service.predictor.model_version, "predictions": rows})
 
 

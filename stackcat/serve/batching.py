@@ -98,6 +98,10 @@ class MicroBatcher:
                 if item is not None:
                     batch.append(item)
                     rows += len(item[0])
+                elif busy:
+                    # The worker just finished. While it held the GIL, requests may have waited unread:
+                    # one more window lets the event loop read them into this batch.
+                    deadline = loop.time() + self.window_s
             if running is not None:
                 await running
             running = asyncio.ensure_future(self._predict_batch(loop, batch))
