@@ -30,6 +30,7 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -140,7 +141,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
 
-    log = Path(args.out or "bench_serve").with_suffix(".server.log")
+    log = Path(tempfile.mkdtemp(prefix="bench-serve-")) / "server.log"
     process, cold = start_server(args.model, args.port, args.image_root, log)
     url = f"http://127.0.0.1:{args.port}"
     try:
