@@ -40,6 +40,7 @@ from typing import Any
 
 import pandas as pd
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response
@@ -239,7 +240,9 @@ async def add_correction(request: Request) -> Response:
     for name in ("was", "source"):
         if body.get(name) is not None and not isinstance(body[name], str):
             raise RequestError(name, "expected a string or null")
-    record = service.store.add(str(body["id"]), label, was=body.get("was"), source=body.get("source"))
+    # the commit waits for the disk (synchronous=FULL): off the event loop
+    record = await run_in_threadpool(service.store.add, str(body["id"]), label, was=body.get("was"),
+                                     source=body.get("source"))
     return JSONResponse(record, status_code=201)
 
 
