@@ -167,7 +167,7 @@ async def categorize(request: Request) -> Response:
     if bad_uploads:
         raise RequestError(f"image_{bad_uploads[0]}", f"an image for product {bad_uploads[0]}, "
                                                       f"but the request has {len(products)} product(s)")
-    paths = service.image_paths(products, uploads)
+    paths = await run_in_threadpool(service.image_paths, products, uploads)  # reads image headers
     try:
         predictions = await service.batcher.predict(service.raw_frame(products, paths))
     finally:
