@@ -264,3 +264,10 @@ def test_serve_refuses_bad_arguments_before_loading_the_model(tmp_path, capsys):
     assert "--image-root" in capsys.readouterr().err
     assert main(["serve", str(tmp_path), "--products", str(tmp_path / "nope.csv")]) == EXIT_RUN_ERROR
     assert "--products" in capsys.readouterr().err
+
+
+def test_serve_listens_on_loopback_unless_told_otherwise():
+    from stackcat.cli import build_parser
+
+    args = build_parser().parse_args(["serve", "run"])
+    assert (args.host, args.port, args.token, args.corrections) == ("127.0.0.1", 8000, None, None)
