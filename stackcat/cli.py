@@ -1,4 +1,4 @@
-"""The ``stackcat`` command line: ``fit``, ``predict``, ``evaluate``, ``export``, ``label-issues`` and ``demo``.
+"""The ``stackcat`` command line: ``fit``, ``predict``, ``evaluate``, ``export``, ``serve``, ``label-issues`` and ``demo``.
 
 Output: a line per stage on stdout (time-stamped: texts and images encoded,
 each job, each epoch, with counts and rates), bars on a terminal only (see
@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     fit = commands.add_parser("fit", help="fit the stack on a labelled CSV/Parquet table; writes a run folder")
     fit.add_argument("train", type=Path, help="training table (.csv, .tsv or .parquet)")
+    fit.add_argument("--corrections", type=Path, metavar="FILE",
+                     help="reviewers' corrections (CSV id,label, from stackcat serve): a corrected id's "
+                          "label overrides the table's")
     _add_table_options(fit)
     _add_stack_options(fit)
     fit.set_defaults(handler=run_fit)
@@ -114,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "slightly different probabilities")
     _add_trust_option(export)
     export.set_defaults(handler=run_export)
+    _add_serve_parser(commands)
 
     demo = commands.add_parser("demo", help="fit the whole stack on the embedded demo data and write its report")
     demo.add_argument("--run-dir", type=Path, default=Path("artifacts/demo"))
@@ -129,6 +133,25 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-progress", action="store_true")
     demo.set_defaults(handler=run_demo)
     return parser
+
+
+def _add_serve_parser(commands: Any) -> None:
+    serve = commands.add_parser("serve", help="answer categorization requests over HTTP, with a review page")
+    serve.add_argument("run_dir", type=Path, metavar="RUN_OR_BUNDLE")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--token", help="token that POST /v1/corrections needs (default: $STACKCAT_SERVE_TOKEN)")
+    serve.add_argument("--corrections", type=Path, metavar="FILE.sqlite",
+                       help="SQLite file where reviewers' decisions are kept (none kept without it)")
+    serve.add_argument("--image-root", action="append", default=[], metavar="DIR",
+                       help="folder whose images requests may name by path (repeatable)")
+    serve.add_argument("--products", type=Path, metavar="TABLE",
+                       help="products table whose text and photos the review queue shows")
+    serve.add_argument("--precision", type=float, default=0.99, help="review rule, as in stackcat predict")
+    serve.add_argument("--batch-window-ms", type=float, default=4.0,
+                       help="how long a request waits for concurrent ones to be predicted together")
+    _add_trust_option(serve)
+    serve.set_defaults(handler=run_serve)
 
 
 def _add_trust_option(parser: argparse.ArgumentParser) -> None:
@@ -199,20 +222,35 @@ def _names(value: str) -> list[str]:
 
 def run_fit(args: argparse.Namespace) -> int:
     from stackcat.columns import infer_spec
+    from stackcat.corrections import apply_corrections
     from stackcat.data import prepare_table, read_table
 
     run_dir = args.run_dir = args.run_dir or Path("artifacts") / args.train.stem  # for the Ctrl-C hint
     _check_stack_numbers(args)
     _check_run_folder(run_dir, args.resume)
+    corrections = _read_corrections(args.corrections)
     raw = read_table(args.train)
     inferred = infer_spec(raw, base_dir=args.train.parent, **_spec_overrides(args))
     if inferred.inferred:
         print(inferred.describe())
     spec = _absolute_image_dir(inferred.spec, args.train.parent)
+    if corrections is not None:
+        raw, applied = apply_corrections(raw, spec, corrections)
+        print(f"{applied.describe()} ({args.corrections})")
     prepared = prepare_table(raw, spec, strict=args.strict, base_dir=args.train.parent)
     print(prepared.summary())
     models = _models_from_args(args, run_dir)
     return _fit_and_report(prepared, models, run_dir, args, source=str(args.train))
+
+
+def _read_corrections(path: Path | None) -> Any:
+    from stackcat.corrections import read_corrections
+
+    if path is None:
+        return None
+    if not path.is_file():
+        raise UsageError(f"--corrections {path}: no such file")
+    return read_corrections(path)
 
 
 def _check_stack_numbers(args: argparse.Namespace) -> None:
@@ -541,6 +579,24 @@ def run_export(args: argparse.Namespace) -> int:
     size = sum(entry["bytes"] for entry in manifest["files"].values())
     print(f"wrote bundle {out} ({manifest['model_version']}): {len(manifest['files'])} files, "
           f"{size / 1e6:.1f} MB, in {time.perf_counter() - start:.1f} s")
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------- serve
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import os
+
+    from stackcat.serve import serve
+
+    if not 0 < args.precision <= 1:
+        raise UsageError(f"--precision {args.precision}: expected a share in (0, 1], e.g. 0.99")
+    if not 0 < args.port < 65536:
+        raise UsageError(f"--port {args.port}: expected 1 to 65535")
+    serve(args.run_dir, host=args.host, port=args.port, token=args.token or os.environ.get("STACKCAT_SERVE_TOKEN"),
+          corrections=args.corrections, image_roots=args.image_root, products=args.products,
+          precision=args.precision, trusted=args.trust_run_dir, batch_window_ms=args.batch_window_ms)
     return EXIT_OK
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -202,16 +203,33 @@ def limit_threads(n_threads: int | None) -> Iterator[None]:
         yield
         return
     import torch
-    from threadpoolctl import threadpool_limits
 
     threads = (os.cpu_count() or 1) if n_threads < 0 else max(1, int(n_threads))
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        with threadpool_limits(limits=threads):
+        with _threadpool_controller().limit(limits=threads):
             yield
     finally:
         torch.set_num_threads(before)
+
+
+_controller: tuple[int, Any] | None = None
+
+
+def _threadpool_controller() -> Any:
+    """threadpoolctl's view of the loaded BLAS / OpenMP libraries, found again only after new imports.
+
+    Finding them scans every loaded shared library (about 10 ms); a served model
+    limits threads on every request.
+    """
+    global _controller
+    from threadpoolctl import ThreadpoolController
+
+    loaded = len(sys.modules)
+    if _controller is None or _controller[0] != loaded:
+        _controller = (loaded, ThreadpoolController())
+    return _controller[1]
 
 
 # ---------------------------------------------------------------- files

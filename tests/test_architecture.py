@@ -25,7 +25,8 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "ground floor": ("stackcat", "stackcat.core", "stackcat.topk", "stackcat.progress", "stackcat.files",
                      "stackcat.runs", "stackcat.models._base"),
     # tables in, frozen features out
-    "data and features": ("stackcat.data", "stackcat.columns", "stackcat.demo", "stackcat.features"),
+    "data and features": ("stackcat.data", "stackcat.columns", "stackcat.corrections", "stackcat.demo",
+                          "stackcat.features"),
     "models": ("stackcat.models",),
     "meta": ("stackcat.meta", "stackcat.taxonomy", "stackcat.metrics"),
     "stacking": ("stackcat.stacking", "stackcat.preflight"),
