@@ -128,6 +128,7 @@ def test_invalid_params_rejected_at_fit(toy):
         ImageEmbeddingClassifier(encoder=3).fit(*toy)
 
 
+@pytest.mark.slow
 def test_joblib_round_trip_gives_identical_probabilities(toy, tmp_path):
     paths, y = toy
     folder = tiny_open_clip_dir(tmp_path / "tiny")

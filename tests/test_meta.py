@@ -264,7 +264,7 @@ def test_rerank_beats_the_worst_model_and_reports_inner_scores(many_classes):
     assert len(meta.feature_importances_) == len(meta.feature_names_)
 
 
-@pytest.mark.parametrize("loss", ["YetiRank", "QuerySoftMax"])
+@pytest.mark.parametrize("loss", ["YetiRank", pytest.param("QuerySoftMax", marks=pytest.mark.slow)])
 def test_rerank_ranking_losses_use_groups(loss, many_classes):
     probas, y, _ = many_classes
     meta = RerankMeta(loss=loss, **FAST).fit(probas, y)

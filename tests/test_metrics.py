@@ -188,6 +188,7 @@ def test_write_report_rejects_unknown_headline(tmp_path, report_inputs):
         write_report(tmp_path, results, y, classes, headline="meta")
 
 
+@pytest.mark.slow
 def test_integer_classes_with_indices_need_y_kind(tmp_path):
     # classes {0, 2, 3}: y=[0, 2] reads as labels (rows of class 0 and 2) or as indices (class 0 and 3)
     classes = [0, 2, 3]

@@ -43,6 +43,7 @@ def fitted(run_dir, prepared):
     return stack.fit(prepared.frame, prepared.frame["label"])
 
 
+@pytest.mark.slow
 def test_python_gets_the_run_folder_of_stackcat_fit(tmp_path):
     prepared = prepare_table(table_with_images(tmp_path / "images"), SPEC)
     run = RunFolder(tmp_path / "run")

@@ -242,6 +242,7 @@ def test_the_key_is_made_once_and_private(tmp_path, monkeypatch):
     assert key_path().read_bytes() == key and load_pickle(first) == {"a": 1}
 
 
+@pytest.mark.slow
 def test_parallel_workers_write_unsigned_models_that_the_driver_signs(tmp_path):
     X, y = toy_table(n_per_class=9, n_classes=3)
     StackingCategorizer([("a", NaiveBayesText())], meta="average", n_splits=3, run_dir=tmp_path / "run",
@@ -354,6 +355,7 @@ FASTTEXT_DRIVER = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.slow
 def test_kill_during_a_fasttext_fold_leaves_nothing_in_tmpdir(table, tmp_path):
     tmpdir, run_dir, event = tmp_path / "tmpdir", tmp_path / "run", tmp_path / "training-text"
     tmpdir.mkdir()
@@ -477,6 +479,7 @@ LARGE_IMAGE_PEAK = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.slow
 def test_a_large_transparent_image_costs_little_more_than_its_pixels(tmp_path):
     # 3000 x 3000 RGBA: 36 MB of pixels; converting it whole added 206 MB (copies for compositing), 63 now.
     Image.new("RGB", (16, 16), "red").save(tmp_path / "small.png")
@@ -500,6 +503,7 @@ def test_thin_images_keep_their_centre(tmp_path):
     assert kept[:, 10:30].min() == 255 and kept[:, :10].max() == 0 and kept[:, 30:].max() == 0
 
 
+@pytest.mark.slow
 def test_a_fit_logs_a_line_per_job_without_a_terminal(table, tmp_path):
     """No TTY, bars on: no bar characters in the captured output, and a time-stamped line per job."""
     options = [o for o in FIT_OPTIONS if o != "--no-progress"]

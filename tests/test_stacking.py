@@ -213,6 +213,7 @@ def test_refit_uses_one_model_on_all_rows():
     np.testing.assert_allclose(stack.predict_base_proba(X)["a"], full.predict_proba(X), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_parallel_jobs_equal_sequential():
     X, y = toy_table()
     estimators = [("a", NaiveBayesText()), ("b", NaiveBayesText(alpha=0.2))]

@@ -69,6 +69,7 @@ def test_meta_learners_take_and_give_top_k(proba, meta):
     np.testing.assert_allclose(np.asarray(out.sum(axis=1)).ravel(), 1.0, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_a_stack_keeps_top_k_oof_resumes_and_predicts(tmp_path):
     X, y = toy_table(n_per_class=12, n_classes=6)
     params = dict(meta="auto", n_splits=3, progress=False, verbose=0, oof_top_k=2, run_dir=tmp_path / "run")
