@@ -437,7 +437,8 @@ def run_predict(args: argparse.Namespace) -> int:
             predictions.to_csv(handle, header=number == 0, index=False)
             written += len(predictions)
             accepted += int((predictions["review"] == AUTO).sum())
-            print(f"{written:,} rows predicted ({written / (time.perf_counter() - start):.0f} rows/s)",
+            rate = written / (time.perf_counter() - start)
+            print(f"{written:,} rows predicted ({rate:.{0 if rate >= 10 else 1}f} rows/s)",
                   file=sys.stderr)
     _report_predict_images(concat_image_inputs(images), args.out)
     share = f"{accepted / written:.1%}" if written else "0%"
