@@ -55,10 +55,12 @@ def products(n: int, seed: int = 0, with_photo: bool = False) -> list[dict]:
     return out
 
 
-def start_server(model: str, port: int, image_root: str, log: Path) -> tuple[subprocess.Popen, float]:
+def start_server(model: str, port: int, image_root: str, log: Path,
+                 options: list[str]) -> tuple[subprocess.Popen, float]:
     start = time.perf_counter()
     process = subprocess.Popen([sys.executable, "-m", "stackcat.cli", "serve", model, "--port", str(port),
-                                "--image-root", image_root], stdout=open(log, "w"), stderr=subprocess.STDOUT)
+                                "--image-root", image_root, *options],
+                               stdout=open(log, "w"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/health"
     while True:
         if process.poll() is not None:
@@ -138,11 +140,16 @@ def main() -> None:
     parser.add_argument("--batch-rows", type=int, default=512)
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--seconds", type=float, default=60)
+    parser.add_argument("--threads", type=int, help="stackcat serve --threads (default: its own)")
+    parser.add_argument("--batch-window-ms", type=float, help="stackcat serve --batch-window-ms (default: its own)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
+    options = [*(["--threads", str(args.threads)] if args.threads is not None else []),
+               *(["--batch-window-ms", str(args.batch_window_ms)] if args.batch_window_ms is not None else [])]
 
     log = Path(tempfile.mkdtemp(prefix="bench-serve-")) / "server.log"
-    process, cold = start_server(args.model, args.port, args.image_root, log)
+    load_before = [round(x, 2) for x in os.getloadavg()]
+    process, cold = start_server(args.model, args.port, args.image_root, log, options)
     url = f"http://127.0.0.1:{args.port}"
     try:
         with httpx.Client(base_url=url, timeout=120) as client:
@@ -160,10 +167,12 @@ def main() -> None:
         process.terminate()
         process.wait(30)
     batches = [line for line in metrics.splitlines() if line.startswith("stackcat_batch_rows_")]
-    report = {"model": args.model, "cold_start_s": round(cold, 2), "text_only": text_only, "with_photo": photo,
+    report = {"model": args.model, "serve_options": options, "cold_start_s": round(cold, 2),
+              "server_log": log.read_text().splitlines()[-3:], "text_only": text_only, "with_photo": photo,
               "batch": {"rows": args.batch_rows, "rows_per_s": batch_rows_per_s}, "load": under_load,
               "server_peak_rss_mb": rss, "batch_rows_metrics": batches,
               "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                          "load_average_before": load_before,
                           "load_average": [round(x, 2) for x in os.getloadavg()]}}
     text = json.dumps(report, indent=2)
     print(text)
