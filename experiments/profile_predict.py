@@ -1,7 +1,7 @@
 """Where one product's prediction spends its time: per stage and per member, on a loaded model.
 
 Loads MODEL (a bundle or a run folder) in this process, timing the imports and
-the load, predicts one made-up product to warm up (first calls load encoders),
+the load, predicts one demo product to warm up (first calls load the encoders),
 then predicts ``--repeats`` single products (text-only, or with a demo photo
 each: ``--photo``) and reports the median milliseconds of each stage:
 
@@ -11,15 +11,17 @@ each: ``--photo``) and reports the median milliseconds of each stage:
 - ``signals``: the re-ranker's retrieval and name signals (``_predict_signals``);
 - ``meta``: the meta-learner's ``predict_proba`` on the members' probabilities;
 - ``output``: top-k, review marks and the output frame;
-- ``total``: ``Predictor.predict_prepared`` end to end, called separately.
+- ``total``: ``Predictor.predict_prepared`` end to end on the same product again: its
+  text and photo are then in the encoders' memory caches, so this is the cost
+  without the encoders (in ``member:bert``, the first text member, and ``member:image``).
 
 Stages are timed in wall time, or with ``--cpu`` in the process's CPU time
 (all threads), which the other jobs of a shared box inflate much less.
 
 ``--cprofile N`` adds the top N functions by cumulative time over the repeats.
 
-    python experiments/profile_predict.py /work/main/artifacts/demo-bundle --repeats 50
-    python experiments/profile_predict.py /work/main/artifacts/demo-bundle --repeats 30 --photo
+    python experiments/profile_predict.py artifacts/demo-bundle --repeats 50 --cpu --threads 1
+    python experiments/profile_predict.py artifacts/demo-bundle --repeats 30 --photo --cpu --threads 1
 """
 
 from __future__ import annotations
@@ -110,6 +112,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--photo", action="store_true", help="each product with a demo photo (a new one each time)")
     parser.add_argument("--cprofile", type=int, default=0, metavar="N")
+    parser.add_argument("--threads", type=int, help="compute on this many threads, as stackcat serve --threads")
     parser.add_argument("--cpu", action="store_true", help="stages in CPU time of the process, not wall time")
     parser.add_argument("--sort", default="cumulative", help="cProfile order: cumulative or tottime")
     args = parser.parse_args()
@@ -120,6 +123,10 @@ def main() -> None:
     began = time.perf_counter()
     predictor = Predictor.load(args.model, trusted=True)
     loaded = time.perf_counter() - began
+    if args.threads is not None:
+        from stackcat.core import set_threads
+
+        set_threads(args.threads)
     rows = raw_rows(predictor, args.repeats + 1, args.photo)
     began = time.perf_counter()
     stage_times(predictor, *rows[0])
@@ -137,6 +144,7 @@ def main() -> None:
     median = {stage: round(1000 * float(np.median([r[stage] for r in runs])), 2) for stage in runs[0]}
     p99 = round(1000 * float(np.percentile([r["total"] for r in runs], 99)), 2)
     report = {"model": args.model, "photo": args.photo, "repeats": args.repeats, "clock": clock.__name__,
+              "threads": args.threads,
               "imports_s": round(imported, 2), "load_s": round(loaded, 2), "first_call_s": round(first, 2),
               "median_ms": median, "total_p99_ms": p99, "load_average": [round(x, 2) for x in os.getloadavg()]}
     print(json.dumps(report, indent=2))
