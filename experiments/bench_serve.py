@@ -12,7 +12,10 @@ one after the other:
   model's rows/s when it gets a whole batch at once);
 - load: ``--clients`` concurrent clients each sending one product per request,
   for ``--seconds``: requests, errors, rows/s and its share of batch rows/s;
-- the server's peak RSS (``VmHWM`` of its process).
+- the server's peak RSS (``VmHWM`` of its process);
+- the server's CPU time per request in each phase (user + system, all its threads): on a box
+  shared with other jobs, wall times grow with the load average, CPU times much less, and on
+  an idle box a one-thread server's latency is about its CPU time plus the loopback.
 
 Products are the embedded demo's (their names, attributes and photos). Every
 load is bounded in count and time, and nothing listens beyond 127.0.0.1.
@@ -33,7 +36,9 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -55,10 +60,12 @@ def products(n: int, seed: int = 0, with_photo: bool = False) -> list[dict]:
     return out
 
 
-def start_server(model: str, port: int, image_root: str, log: Path) -> tuple[subprocess.Popen, float]:
+def start_server(model: str, port: int, image_root: str, log: Path,
+                 options: list[str]) -> tuple[subprocess.Popen, float]:
     start = time.perf_counter()
     process = subprocess.Popen([sys.executable, "-m", "stackcat.cli", "serve", model, "--port", str(port),
-                                "--image-root", image_root], stdout=open(log, "w"), stderr=subprocess.STDOUT)
+                                "--image-root", image_root, *options],
+                               stdout=open(log, "w"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/health"
     while True:
         if process.poll() is not None:
@@ -121,6 +128,19 @@ def load(url: str, clients: int, seconds: float, pool: list[dict]) -> dict:
             "rows_per_s": round(counts["requests"] / elapsed, 1), "latency": percentiles(times)}
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far (all its threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_ms_per_request(pid: int, requests: int, run: Callable[[], Any]) -> tuple[Any, float]:
+    """``run()``'s result and the server's CPU milliseconds per request while it ran."""
+    before = cpu_seconds(pid)
+    result = run()
+    return result, round(1000 * (cpu_seconds(pid) - before) / max(requests, 1), 1)
+
+
 def peak_rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -138,21 +158,34 @@ def main() -> None:
     parser.add_argument("--batch-rows", type=int, default=512)
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--seconds", type=float, default=60)
+    parser.add_argument("--threads", type=int, help="stackcat serve --threads (default: its own)")
+    parser.add_argument("--batch-window-ms", type=float, help="stackcat serve --batch-window-ms (default: its own)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
+    options = [*(["--threads", str(args.threads)] if args.threads is not None else []),
+               *(["--batch-window-ms", str(args.batch_window_ms)] if args.batch_window_ms is not None else [])]
 
     log = Path(tempfile.mkdtemp(prefix="bench-serve-")) / "server.log"
-    process, cold = start_server(args.model, args.port, args.image_root, log)
+    load_before = [round(x, 2) for x in os.getloadavg()]
+    process, cold = start_server(args.model, args.port, args.image_root, log, options)
     url = f"http://127.0.0.1:{args.port}"
     try:
+        pid = process.pid
         with httpx.Client(base_url=url, timeout=120) as client:
-            text_only = percentiles(latencies(client, products(args.requests, seed=1)))
-            photo = percentiles(latencies(client, products(args.photo_requests, seed=2, with_photo=True)))
+            times, text_cpu = cpu_ms_per_request(pid, args.requests, lambda: latencies(
+                client, products(args.requests, seed=1)))
+            text_only = {**percentiles(times), "server_cpu_ms_per_request": text_cpu}
+            times, photo_cpu = cpu_ms_per_request(pid, args.photo_requests, lambda: latencies(
+                client, products(args.photo_requests, seed=2, with_photo=True)))
+            photo = {**percentiles(times), "server_cpu_ms_per_request": photo_cpu}
             batch = products(args.batch_rows, seed=3)
             began = time.perf_counter()
-            client.post("/v1/categorize", json={"products": batch}).raise_for_status()
+            _, batch_cpu = cpu_ms_per_request(pid, args.batch_rows, lambda: client.post(
+                "/v1/categorize", json={"products": batch}).raise_for_status())
             batch_rows_per_s = round(args.batch_rows / (time.perf_counter() - began), 1)
-        under_load = load(url, args.clients, args.seconds, products(2000, seed=4))
+        under_load, load_cpu = cpu_ms_per_request(pid, 1, lambda: load(url, args.clients, args.seconds,
+                                                                        products(2000, seed=4)))
+        under_load["server_cpu_ms_per_product"] = round(load_cpu / max(under_load["requests"], 1), 1)
         under_load["share_of_batch"] = round(under_load["rows_per_s"] / batch_rows_per_s, 3)
         metrics = httpx.get(url + "/metrics").text
         rss = peak_rss_mb(process.pid)
@@ -160,10 +193,14 @@ def main() -> None:
         process.terminate()
         process.wait(30)
     batches = [line for line in metrics.splitlines() if line.startswith("stackcat_batch_rows_")]
-    report = {"model": args.model, "cold_start_s": round(cold, 2), "text_only": text_only, "with_photo": photo,
-              "batch": {"rows": args.batch_rows, "rows_per_s": batch_rows_per_s}, "load": under_load,
+    report = {"model": args.model, "serve_options": options, "cold_start_s": round(cold, 2),
+              "server_log": log.read_text().splitlines()[-3:], "text_only": text_only, "with_photo": photo,
+              "batch": {"rows": args.batch_rows, "rows_per_s": batch_rows_per_s,
+                        "server_cpu_ms_per_row": batch_cpu},
+              "load": under_load,
               "server_peak_rss_mb": rss, "batch_rows_metrics": batches,
               "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                          "load_average_before": load_before,
                           "load_average": [round(x, 2) for x in os.getloadavg()]}}
     text = json.dumps(report, indent=2)
     print(text)

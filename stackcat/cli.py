@@ -150,6 +150,9 @@ def _add_serve_parser(commands: Any) -> None:
     serve.add_argument("--precision", type=float, default=0.99, help="review rule, as in stackcat predict")
     serve.add_argument("--batch-window-ms", type=float, default=4.0,
                        help="how long a request waits for concurrent ones to be predicted together")
+    serve.add_argument("--threads", type=int, default=1,
+                       help="threads the model computes on (default 1: on a few cores, one product's small "
+                            "matrix products run faster on one thread, and the server needs the others)")
     _add_trust_option(serve)
     serve.set_defaults(handler=run_serve)
 
@@ -595,9 +598,12 @@ def run_serve(args: argparse.Namespace) -> int:
         raise UsageError(f"--precision {args.precision}: expected a share in (0, 1], e.g. 0.99")
     if not 0 < args.port < 65536:
         raise UsageError(f"--port {args.port}: expected 1 to 65535")
+    if args.threads < 1:
+        raise UsageError(f"--threads {args.threads}: expected 1 or more")
     serve(args.run_dir, host=args.host, port=args.port, token=args.token or os.environ.get("STACKCAT_SERVE_TOKEN"),
           corrections=args.corrections, image_roots=args.image_root, products=args.products,
-          precision=args.precision, trusted=args.trust_run_dir, batch_window_ms=args.batch_window_ms)
+          precision=args.precision, trusted=args.trust_run_dir, batch_window_ms=args.batch_window_ms,
+          threads=args.threads)
     return EXIT_OK
 
 

@@ -23,6 +23,7 @@ __all__ = [
     "Precision",
     "current_umask",
     "limit_threads",
+    "set_threads",
     "encode_labels",
     "label_positions",
     "normalize_rows",
@@ -205,6 +206,9 @@ def limit_threads(n_threads: int | None) -> Iterator[None]:
     import torch
 
     threads = (os.cpu_count() or 1) if n_threads < 0 else max(1, int(n_threads))
+    if _thread_budget is not None and threads >= _thread_budget:
+        yield  # the process already runs on no more threads (set_threads)
+        return
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -212,6 +216,32 @@ def limit_threads(n_threads: int | None) -> Iterator[None]:
             yield
     finally:
         torch.set_num_threads(before)
+
+
+# Threads the whole process computes on, once set_threads said so (None: the libraries' defaults).
+_thread_budget: int | None = None
+
+
+def set_threads(n_threads: int) -> None:
+    """From now on, run torch, the BLAS / OpenMP libraries and new onnxruntime sessions on ``n_threads``.
+
+    For a service answering one product at a time: on a few cores, libraries
+    that split a tiny matrix product over every core spend more time waking and
+    spinning threads than computing (one demo product took half the CPU time on
+    one thread). OpenMP's setting belongs to the calling thread: call this in
+    every thread that predicts. :func:`limit_threads` never raises a limit set here.
+
+    Examples
+    --------
+    >>> set_threads(1)  # doctest: +SKIP
+    """
+    global _thread_budget
+    import torch
+
+    threads = max(1, int(n_threads))
+    torch.set_num_threads(threads)
+    _threadpool_controller().limit(limits=threads)  # kept: not left as a context manager would
+    _thread_budget = threads
 
 
 _controller: tuple[int, Any] | None = None

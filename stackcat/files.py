@@ -11,7 +11,8 @@ other users).
 Hashing: :func:`file_digest` is the BLAKE2b-128 of a file's bytes, remembered
 per (absolute path, size, mtime) in this process, so each unchanged file is
 read once whatever asks for it (image cache keys, run-folder fingerprints,
-encoder identities); :func:`folder_digest` does the same for a folder's files;
+encoder identities); :func:`folder_digest` does the same for a folder's files
+(and, inside :func:`folders_fixed`, reads each folder's file list once per block);
 :func:`digest` hashes Python values (job keys).
 """
 
@@ -39,6 +40,7 @@ __all__ = [
     "file_content_hash",
     "file_digest",
     "folder_digest",
+    "folders_fixed",
     "folder_files",
     "forget_digests",
     "write_bytes_atomic",
@@ -273,6 +275,9 @@ def folder_digest(folder: str | os.PathLike) -> str:
     32
     """
     folder = Path(folder)
+    fixed = getattr(_fixed, "digests", None)
+    if fixed is not None and str(folder) in fixed:
+        return fixed[str(folder)]
     files = folder_files(folder)
     if not files:
         raise FileNotFoundError(f"{str(folder)!r} holds no files")
@@ -281,16 +286,54 @@ def folder_digest(folder: str | os.PathLike) -> str:
     memo_key = (str(folder.resolve()), stats)
     with _memo_lock:
         known = _folder_memo.get(memo_key)
-    if known is not None:
-        return known
-    hasher = hashlib.blake2b(digest_size=16)
-    for path, (relative, size, _) in zip(files, stats, strict=True):
-        hasher.update(f"{relative}\0{size}\0".encode())
-        _hash_into(hasher, path)
-    value = hasher.hexdigest()
-    with _memo_lock:
-        _folder_memo[memo_key] = value
-    return value
+    if known is None:
+        hasher = hashlib.blake2b(digest_size=16)
+        for path, (relative, size, _) in zip(files, stats, strict=True):
+            hasher.update(f"{relative}\0{size}\0".encode())
+            _hash_into(hasher, path)
+        known = hasher.hexdigest()
+        with _memo_lock:
+            _folder_memo[memo_key] = known
+    if fixed is not None:
+        fixed[str(folder)] = known
+    return known
+
+
+# The digests read inside this thread's folders_fixed() block, by folder as named.
+_fixed = threading.local()
+
+
+@contextlib.contextmanager
+def folders_fixed() -> Iterator[None]:
+    """Within the block, :func:`folder_digest` looks at each folder's files once, in this thread.
+
+    One prediction asks for its text encoder's identity once per member and
+    per signal (a dozen times); each time, every file of the checkpoint folder
+    was listed and stat'ed again. Inside the block the first answer stands, so
+    a folder that changes is still seen by the next prediction, not in the
+    middle of one. Nested blocks share the outermost one's answers.
+
+    Examples
+    --------
+    >>> import tempfile, os
+    >>> folder = tempfile.mkdtemp()
+    >>> _ = write_text_atomic(os.path.join(folder, "config.json"), "{}")
+    >>> with folders_fixed():
+    ...     first = folder_digest(folder)
+    ...     _ = write_text_atomic(os.path.join(folder, "config.json"), '{"changed": 1}')
+    ...     folder_digest(folder) == first
+    True
+    >>> folder_digest(folder) == first
+    False
+    """
+    if getattr(_fixed, "digests", None) is not None:
+        yield
+        return
+    _fixed.digests = {}
+    try:
+        yield
+    finally:
+        _fixed.digests = None
 
 
 def forget_digests() -> None:

@@ -124,6 +124,7 @@ class Predictor:
         self.source = source
         self.review = self._review_at(precision)
         self._said_no_image_column = False
+        self._image_members: tuple[str, ...] | None = None
 
     # -- loading ---------------------------------------------------------------
 
@@ -210,7 +211,10 @@ class Predictor:
         """Names of the members that read images (from their declared file columns)."""
         from stackcat.runs import file_columns_of
 
-        return tuple(name for name, estimator in self.stack.estimators if file_columns_of(estimator))
+        if self._image_members is None:  # asked per prediction; the stack does not change
+            self._image_members = tuple(name for name, estimator in self.stack.estimators
+                                        if file_columns_of(estimator))
+        return self._image_members
 
     def with_precision(self, precision: float) -> Predictor:
         """The same predictor with another review precision."""

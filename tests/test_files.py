@@ -50,6 +50,24 @@ def test_a_file_is_read_once_until_it_changes(tmp_path, monkeypatch):
     assert len(read) == 3
 
 
+def test_inside_folders_fixed_a_folder_is_listed_once(tmp_path, monkeypatch):
+    folder = write_checkpoint(tmp_path / "model")
+    listed = []
+    folder_files = files.folder_files
+    monkeypatch.setattr(files, "folder_files", lambda f: listed.append(f) or folder_files(f))
+    before = files.folder_digest(folder)
+    with files.folders_fixed():
+        assert files.folder_digest(folder) == before
+        (folder / "sub" / "model.bin").write_bytes(b"changed")  # seen by the next block, not this one
+        with files.folders_fixed():  # nested: the outer block's answers
+            assert files.folder_digest(folder) == before
+        assert files.folder_digest(folder) == before
+    assert len(listed) == 2
+    with files.folders_fixed():
+        assert files.folder_digest(folder) != before
+    assert len(listed) == 3
+
+
 def test_a_folder_digest_follows_its_files(tmp_path):
     folder = write_checkpoint(tmp_path / "model")
     before = files.folder_digest(folder)

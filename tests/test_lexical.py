@@ -8,6 +8,7 @@ import pytest
 from sklearn.base import clone
 from sklearn.linear_model import LogisticRegression
 
+from stackcat.core import normalize_rows
 from stackcat.models.lexical import TfidfClassifier, tfidf_features
 
 from contract import check_fitted_contract, check_sklearn_contract
@@ -52,6 +53,18 @@ def test_probabilities_are_the_multinomial_logistic_regressions_on_the_tfidf_fea
     reference = LogisticRegression(C=3.0, max_iter=200, tol=1e-6).fit(features.fit_transform(X), y)
     new = ["cotton jeans", "brown shoes 3"]
     np.testing.assert_allclose(clf.predict_proba(new), reference.predict_proba(features.transform(new)), atol=1e-4)
+
+
+def test_coefficients_are_kept_by_column_for_sparse_rows_with_the_same_probabilities():
+    X, y = small_data(["shirt", "jeans", "wallet", "shoes"])
+    clf = TfidfClassifier().fit(X, y)
+    clf.head_.coef_ = np.ascontiguousarray(clf.head_.coef_)  # as a fit or a bundle may leave it
+    new = ["cotton jeans", "brown shoes 3"]
+    expected = clf.head_.predict_proba(clf.features_.transform(new))
+    proba = clf.predict_proba(new)
+    assert clf.head_.coef_.T.flags.c_contiguous
+    np.testing.assert_array_equal(proba, normalize_rows(expected))
+    np.testing.assert_array_equal(clf.predict_proba(new), proba)
 
 
 def test_words_and_character_ngrams_both_count():

@@ -150,6 +150,19 @@ def test_probabilities_match_a_brute_force_reference(toy_images, backend):
     np.testing.assert_allclose(knn.set_params(chunk_size=1000).predict_proba(paths[12:]), expected, atol=1e-6)
 
 
+def test_the_float32_index_is_made_once_per_fitted_index(toy_images, monkeypatch):
+    paths, y = toy_images
+    knn = image_knn(n_neighbors=3).fit(paths[:12], y[:12])
+    first = knn.predict_proba(paths[12:])
+    index = knn._float32_index()
+    np.testing.assert_array_equal(index, knn.index_.astype(np.float32))
+    assert knn._float32_index() is index
+    np.testing.assert_array_equal(knn.predict_proba(paths[12:]), first)
+    knn.fit(paths[6:], y[6:])  # a new index_: converted again
+    assert knn._float32_index() is not index and len(knn._float32_index()) == len(knn.index_)
+    assert "_float32" not in str(vars(knn))  # kept beside the model: its pickle and bundle stay as they were
+
+
 def test_smoothing_keeps_every_class_above_zero(toy_images):
     paths, y = toy_images
     smoothed = image_knn(n_neighbors=2).fit(paths, y).predict_proba(paths)

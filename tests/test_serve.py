@@ -222,6 +222,49 @@ def test_an_unexpected_failure_is_a_json_500_without_traceback(predictor):
         assert broken.get("/health").status_code == 200
 
 
+def test_the_batchers_worker_thread_is_set_up_before_its_first_batch():
+    import asyncio
+    import threading
+
+    import pandas as pd
+
+    from stackcat.serve.batching import MicroBatcher
+
+    setup_threads, model_threads = [], []
+
+    async def run():
+        batcher = MicroBatcher(lambda frame: model_threads.append(threading.get_ident()) or frame,
+                               worker_setup=lambda: setup_threads.append(threading.get_ident()))
+        await batcher.start()
+        for i in range(2):
+            await batcher.predict(pd.DataFrame({"x": [i]}))
+        await batcher.stop()
+
+    asyncio.run(run())
+    assert len(setup_threads) == 1 and model_threads == setup_threads * 2
+    assert setup_threads[0] != threading.get_ident()
+
+
+def test_set_threads_caps_the_process_and_limit_threads_never_raises_it(monkeypatch):
+    import torch
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    from stackcat import core
+
+    monkeypatch.setattr(core, "_thread_budget", None)
+    before = torch.get_num_threads()
+    try:
+        with threadpool_limits(limits=None):  # puts the libraries' threads back after the block
+            core.set_threads(1)
+            assert torch.get_num_threads() == 1
+            assert all(info["num_threads"] == 1 for info in threadpool_info())
+            with core.limit_threads(2):
+                assert torch.get_num_threads() == 1
+            assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_requests_arriving_while_the_model_is_busy_form_the_next_batch():
     import asyncio
     import time as clock

@@ -51,6 +51,17 @@ def tfidf_features(word_ngrams: tuple[int, int] = (1, 2), char_ngrams: tuple[int
     return FeatureUnion(parts)
 
 
+def _coefficients_by_column(head: LogisticRegression) -> None:
+    """Store ``head.coef_`` in Fortran order (once): the same values and probabilities.
+
+    ``sparse_rows @ coef_.T`` needs ``coef_.T`` C-contiguous, and scipy copied the
+    whole ``(n_classes, n_features)`` matrix on every call otherwise (the larger
+    part of one product's time in this member).
+    """
+    if not head.coef_.T.flags.c_contiguous:
+        head.coef_ = np.asfortranarray(head.coef_)
+
+
 class TfidfClassifier(ProbaClassifierMixin, ClassifierMixin, BaseEstimator):
     """TF-IDF word 1-2-grams and ``char_wb`` 2-5-grams into a multinomial logistic regression.
 
@@ -180,6 +191,7 @@ class TfidfClassifier(ProbaClassifierMixin, ClassifierMixin, BaseEstimator):
             return np.ones((len(texts), 1))
         if not texts:
             return np.zeros((0, len(self.classes_)))
+        _coefficients_by_column(self.head_)
         return normalize_rows(self.head_.predict_proba(self.features_.transform(texts)))
 
     def _texts(self, X: Any) -> list[str]:

@@ -16,6 +16,7 @@ flat inner-product index instead, for millions of rows.
 from __future__ import annotations
 
 import os
+import weakref
 from collections.abc import Sequence
 from numbers import Integral, Real
 from typing import Any
@@ -28,6 +29,11 @@ from sklearn.utils.validation import check_is_fitted
 from stackcat.features.hub import DEFAULT_TEXT_MODEL
 from stackcat.features.image_encoders import DEFAULT_IMAGE_ENCODER
 from stackcat.models._base import ProbaClassifierMixin, as_texts, column_values, encode_labels
+
+# A fitted model's index_ (float16: half the memory and disk) as float32 for BLAS, converted once per
+# fitted index instead of on every call; kept beside the model, not in it, so that neither its pickle
+# nor its bundle grows.
+_FLOAT32_INDEX: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def l2_normalized(vectors: np.ndarray) -> np.ndarray:
@@ -302,10 +308,17 @@ class NeighboursClassifier(ProbaClassifierMixin, ClassifierMixin, BaseEstimator)
     def kneighbors_similarities(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Cosines and ``index_`` rows of the ``n_neighbors`` nearest training rows of unit ``queries``."""
         check_is_fitted(self, "index_")
-        index = self.index_.astype(np.float32)
+        index = self._float32_index()
         if self.backend == "faiss":
             return faiss_nearest_neighbours(queries, index, self.n_neighbors)
         return nearest_neighbours(queries, index, self.n_neighbors, chunk_size=self.chunk_size)
+
+    def _float32_index(self) -> np.ndarray:
+        known = _FLOAT32_INDEX.get(self)
+        if known is None or known[0] is not self.index_:  # first call, or fitted again since
+            known = (self.index_, self.index_.astype(np.float32))
+            _FLOAT32_INDEX[self] = known
+        return known[1]
 
     def embed(self, X: Any) -> np.ndarray:
         """``(n_rows, dim)`` float32 unit vectors of the rows of ``X`` (zero rows: no usable image).

@@ -35,6 +35,7 @@ import json
 import logging
 from collections.abc import Sequence
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,7 @@ from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, R
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from stackcat.core import set_threads
 from stackcat.data import prepare_table
 from stackcat.serve.batching import DEFAULT_MAX_ROWS, DEFAULT_WINDOW_S, MicroBatcher
 from stackcat.serve.images import ImagePolicy
@@ -81,7 +83,7 @@ class Service:
 
     def __init__(self, predictor: Any, *, token: str | None, store: CorrectionStore | None,
                  images: ImagePolicy, products: ProductTable | None, window_s: float, max_batch_rows: int,
-                 max_products: int, metrics: Metrics) -> None:
+                 max_products: int, metrics: Metrics, threads: int | None = None) -> None:
         self.predictor = predictor
         self.fields = ProductFields.from_spec(predictor.spec)
         self.spec = service_spec(predictor)
@@ -94,7 +96,8 @@ class Service:
         self.metrics = metrics
         self.paths = dict(zip((str(c) for c in predictor.categories()["category"]), predictor.category_paths))
         self.batcher = MicroBatcher(self._predict, window_s=window_s, max_rows=max_batch_rows,
-                                    on_batch=metrics.observe_batch)
+                                    on_batch=metrics.observe_batch,
+                                    worker_setup=None if threads is None else partial(set_threads, threads))
 
     def _predict(self, raw: pd.DataFrame) -> pd.DataFrame:
         """Predictions of a micro-batch of raw products, with each product's ``title`` and ``text``.
@@ -341,7 +344,8 @@ async def _server_error(request: Request, exc: Exception) -> Response:
 def create_app(predictor: Any, *, token: str | None = None, corrections: str | Path | None = None,
                image_roots: Sequence[str | Path] = (), products: str | Path | None = None,
                batch_window_ms: float = DEFAULT_WINDOW_S * 1000, max_batch_rows: int = DEFAULT_MAX_ROWS,
-               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, max_products: int = MAX_PRODUCTS) -> Starlette:
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, max_products: int = MAX_PRODUCTS,
+               threads: int | None = None) -> Starlette:
     """The service's ASGI app around a loaded predictor.
 
     Parameters
@@ -364,6 +368,9 @@ def create_app(predictor: Any, *, token: str | None = None, corrections: str | P
         Larger request bodies get 413.
     max_products : int, default=1000
         Products in one request at most.
+    threads : int, optional
+        Threads the model computes on (:func:`stackcat.core.set_threads`, in the
+        thread that predicts); None leaves the libraries' defaults.
 
     Examples
     --------
@@ -372,13 +379,15 @@ def create_app(predictor: Any, *, token: str | None = None, corrections: str | P
     """
     if batch_window_ms < 0 or max_batch_rows < 1 or max_body_bytes < 1 or max_products < 1:
         raise ValueError("batch_window_ms must be >= 0 and max_batch_rows, max_body_bytes, max_products >= 1")
+    if threads is not None and threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
     product_table = ProductTable.read(products, predictor.spec) if products is not None else None
     roots = list(image_roots)
     store = CorrectionStore(corrections) if corrections is not None else None
     registry = Metrics()
     service = Service(predictor, token=token, store=store, images=ImagePolicy(roots), products=product_table,
                       window_s=batch_window_ms / 1000, max_batch_rows=max_batch_rows,
-                      max_products=max_products, metrics=registry)
+                      max_products=max_products, metrics=registry, threads=threads)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):

@@ -48,10 +48,13 @@ class MicroBatcher:
         A batch is predicted as soon as it holds this many rows.
     on_batch : callable, optional
         Called with each batch's row count (metrics).
+    worker_setup : callable, optional
+        Called once in the worker thread before its first batch (its thread settings).
     """
 
     def __init__(self, predict: Callable[[pd.DataFrame], pd.DataFrame], *, window_s: float = DEFAULT_WINDOW_S,
-                 max_rows: int = DEFAULT_MAX_ROWS, on_batch: Callable[[int], None] | None = None) -> None:
+                 max_rows: int = DEFAULT_MAX_ROWS, on_batch: Callable[[int], None] | None = None,
+                 worker_setup: Callable[[], None] | None = None) -> None:
         self.predict_frame = predict
         self.window_s = window_s
         self.max_rows = max_rows
@@ -59,7 +62,8 @@ class MicroBatcher:
         self.batches = 0
         self._queue: asyncio.Queue | None = None
         self._task: asyncio.Task | None = None
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stackcat-predict")
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stackcat-predict",
+                                          initializer=worker_setup)
 
     async def start(self) -> None:
         self._queue = asyncio.Queue()

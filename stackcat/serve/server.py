@@ -14,11 +14,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from stackcat.core import set_threads
 from stackcat.data import prepare_table
 from stackcat.serve.app import DEFAULT_MAX_BODY_BYTES, create_app, service_spec
 from stackcat.serve.batching import DEFAULT_WINDOW_S
 
 DEFAULT_HOST = "127.0.0.1"
+# Threads the model computes on: one product's tiny matrix products gain nothing from more, and on a
+# few cores the event loop (reading requests, writing answers) needs the others.
+DEFAULT_THREADS = 1
 DEFAULT_PORT = 8000
 # Connections held at once (idle ones included) before new requests get 503.
 MAX_CONNECTIONS = 2048
@@ -30,10 +34,11 @@ def serve(model: str | Path, *, host: str = DEFAULT_HOST, port: int = DEFAULT_PO
           corrections: str | Path | None = None, image_roots: Sequence[str | Path] = (),
           products: str | Path | None = None, precision: float = 0.99, trusted: bool = False,
           batch_window_ms: float = DEFAULT_WINDOW_S * 1000, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-          log_level: str = "info") -> None:
+          threads: int = DEFAULT_THREADS, log_level: str = "info") -> None:
     """Load ``model`` (a run folder or a bundle) and answer requests until stopped (Ctrl-C, SIGTERM).
 
-    Everything that can be wrong with the arguments is checked before the model loads.
+    Everything that can be wrong with the arguments is checked before the model loads. The model
+    computes on ``threads`` threads (:func:`stackcat.core.set_threads`).
     """
     import uvicorn
 
@@ -44,11 +49,15 @@ def serve(model: str | Path, *, host: str = DEFAULT_HOST, port: int = DEFAULT_PO
             raise FileNotFoundError(f"--image-root {root}: no such folder")
     if products is not None and not Path(products).is_file():
         raise FileNotFoundError(f"--products {products}: no such file")
+    if threads < 1:
+        raise ValueError(f"--threads {threads}: expected 1 or more")
     start = time.perf_counter()
     predictor = Predictor.load(model, trusted=trusted, precision=precision)
+    set_threads(threads)  # before the warm-up: the encoders' sessions take their thread count when made
     warm_up(predictor)
     app = create_app(predictor, token=token, corrections=corrections, image_roots=image_roots,
-                     products=products, batch_window_ms=batch_window_ms, max_body_bytes=max_body_bytes)
+                     products=products, batch_window_ms=batch_window_ms, max_body_bytes=max_body_bytes,
+                     threads=threads)
     print(f"loaded {model} ({predictor.model_version}, {len(predictor.classes):,} categories) in "
           f"{time.perf_counter() - start:.1f} s; serving on http://{host}:{port}", file=sys.stderr, flush=True)
     _allow_connections(MAX_CONNECTIONS + 64)
@@ -74,4 +83,4 @@ def _allow_connections(wanted: int) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
 
 
-__all__ = ["DEFAULT_HOST", "DEFAULT_PORT", "serve"]
+__all__ = ["DEFAULT_HOST", "DEFAULT_PORT", "DEFAULT_THREADS", "serve"]

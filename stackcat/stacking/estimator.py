@@ -41,6 +41,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from stackcat import __version__, topk
 from stackcat.core import encode_labels, label_positions
+from stackcat.files import folders_fixed
 from stackcat.preflight import check_before_jobs
 from stackcat.progress import log_stage, progress_bar
 from stackcat.runs import (
@@ -717,10 +718,11 @@ class StackingCategorizer(ClassifierMixin, _BaseComposition, BaseEstimator):
             raise RuntimeError("the fold models were not kept (keep_models=False): this stack cannot predict new data")
         top_k = getattr(self, "oof_top_k_", None)
         out = {}
-        for name, refs in self.fold_models_.items():
-            fold_probas = [predict_aligned(self._model(ref), X, self.classes_, "float32", top_k) for ref in refs]
-            mean = _plain_average(fold_probas)
-            out[name] = mean if top_k is None else topk.as_top_k(mean, top_k)
+        with folders_fixed():  # the members check their frozen encoder's folder once, not one by one
+            for name, refs in self.fold_models_.items():
+                fold_probas = [predict_aligned(self._model(ref), X, self.classes_, "float32", top_k) for ref in refs]
+                mean = _plain_average(fold_probas)
+                out[name] = mean if top_k is None else topk.as_top_k(mean, top_k)
         return out
 
     def predict_proba(self, X: Any, base_proba: dict[str, np.ndarray] | None = None) -> np.ndarray:
@@ -729,8 +731,9 @@ class StackingCategorizer(ClassifierMixin, _BaseComposition, BaseEstimator):
         ``base_proba``: the base models' probabilities of X when already at hand
         (:meth:`predict_base_proba`).
         """
-        base = self.predict_base_proba(X) if base_proba is None else base_proba
-        return self.meta_.predict_proba(base, **self._predict_context(X))
+        with folders_fixed():
+            base = self.predict_base_proba(X) if base_proba is None else base_proba
+            return self.meta_.predict_proba(base, **self._predict_context(X))
 
     def predict(self, X: Any) -> np.ndarray:
         return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
