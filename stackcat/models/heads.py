@@ -209,7 +209,11 @@ class TorchHeadClassifier(ProbaClassifierMixin, ClassifierMixin, BaseEstimator):
         def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
             return torch.nn.functional.cross_entropy(logits, labels, weight=loss_weights)
 
-        generator = torch.Generator().manual_seed(self.random_state or 0)
+        generator = torch.Generator()
+        if self.random_state is None:
+            generator.seed()  # a fresh, non-deterministic seed
+        else:
+            generator.manual_seed(self.random_state)
         train_batches = _Minibatches(X, y_index, self.batch_size, generator)
         valid_batches = None if valid is None else _Minibatches(*valid, 4096, None)
         # the schedule always spans max_epochs, so a refit for fewer epochs sees the same learning rates
