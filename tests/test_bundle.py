@@ -253,7 +253,7 @@ def test_torch_and_neighbour_members_round_trip(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_image_and_fusion_members_round_trip(tmp_path):
-    """An image head and the fusion net on a tiny random-init open_clip ViT referenced by its folder."""
+    """Image heads (logistic; torch with flip averaging) and the fusion net on a tiny random-init open_clip ViT."""
     from stackcat.models.fusion import FusionClassifier
     from stackcat.models.image import ImageEmbeddingClassifier
 
@@ -266,6 +266,8 @@ def test_image_and_fusion_members_round_trip(tmp_path):
     tiny_model = str(build_tiny_bert(tmp_path / "tiny-bert", X["text"]))
     encoder = f"local-dir:{tiny_open_clip_dir(tmp_path / 'tiny-vit')}"
     estimators = [("image", ImageEmbeddingClassifier(encoder=encoder, progress=False, device="cpu")),
+                  ("image_torch", ImageEmbeddingClassifier(encoder=encoder, head="torch", flip_average=True,
+                                                           progress=False, device="cpu")),
                   ("fusion", FusionClassifier(model_name=tiny_model, image_encoder=encoder, max_length=16,
                                               fusion_dim=16, image_dim=8, image_tokens=2, batch_size=8,
                                               image_epochs=1, frozen_epochs=1, epochs=1, progress=False,

@@ -13,6 +13,7 @@ from sklearn.model_selection import StratifiedKFold
 
 from stackcat.features.image_encoders import OpenClipEncoder, clear_loaded_models
 from stackcat.features.images import clear_memory_cache
+from stackcat.models.heads import TorchHeadClassifier
 from stackcat.models.image import ImageEmbeddingClassifier
 
 from contract import check_fitted_contract, check_sklearn_contract
@@ -40,13 +41,14 @@ def test_sklearn_checks_that_apply():
     check_sklearn_contract(ImageEmbeddingClassifier())
 
 
-@pytest.mark.parametrize("labels", [None, [10, 20, 30]])
-def test_contract_on_a_dataframe(toy, tmp_path, labels):
+@pytest.mark.parametrize(("labels", "head"), [(None, "logistic"), ([10, 20, 30], "logistic"),
+                                              (None, TorchHeadClassifier(learning_rate=0.05))])
+def test_contract_on_a_dataframe(toy, tmp_path, labels, head):
     paths, y = toy
     if labels is not None:
         y = [labels[list(CLASS_COLOURS).index(v)] for v in y]
     frame = pd.DataFrame({"photo": paths, "other": range(len(paths))})
-    clf = stub_classifier(image_column="photo")
+    clf = stub_classifier(image_column="photo", head=head)
     new = pd.DataFrame({"photo": paths[:4] + [None, str(tmp_path / "gone.jpg")]})
     proba = check_fitted_contract(clf, frame, y, new)
     assert (clf.predict(frame) == np.asarray(y)).mean() == 1.0
@@ -60,6 +62,40 @@ def test_plain_list_of_paths_and_learned_attributes(toy):
     assert clf.image_status_counts_["ok"] == len(paths)
     assert clf.scaler_ is None
     assert (clf.predict(paths) == np.asarray(y)).mean() > 0.9
+
+
+def test_torch_head_by_name_or_as_an_estimator(toy):
+    paths, y = toy
+    clf = stub_classifier(head="torch", random_state=3, class_weight="balanced").fit(paths + [None], y + ["hat"])
+    assert isinstance(clf.head_, TorchHeadClassifier)
+    assert (clf.head_.random_state, clf.head_.class_weight) == (3, "balanced")
+    assert list(clf.head_.classes_) == [1, 2, 3]  # "hat" only on the row without image
+    given = TorchHeadClassifier(learning_rate=0.05, max_epochs=50)
+    clf = stub_classifier(head=given).fit(paths, y)
+    assert clf.head_ is not given and clf.head_.max_epochs == 50 and not hasattr(given, "coefs_")
+    assert (clf.predict(paths) == np.asarray(y)).mean() == 1.0
+    with pytest.raises(ValueError, match="head"):
+        stub_classifier(head="sgd").fit(paths, y)
+
+
+def test_flip_average_embeds_each_image_and_its_mirror_once(toy, tmp_path):
+    from stackcat.features.image_encoders import MirroredEncoder
+    from stackcat.features.images import image_embeddings
+
+    paths, y = toy
+    encoder = CountingEncoder()
+    clf = stub_classifier(encoder=encoder, flip_average=True, image_cache_dir=tmp_path / "cache")
+    clf.warm_cache(paths)
+    assert sorted(p.name.split("-")[0] for p in (tmp_path / "cache").iterdir()) == ["counting", "counting"]
+    calls = encoder.calls
+    clf.fit(paths, y)
+    assert encoder.calls == calls  # both views came from the cache
+    plain = image_embeddings(paths, encoder, cache_dir=tmp_path / "cache", progress=False).embeddings
+    mirrored = image_embeddings(paths, MirroredEncoder(encoder), cache_dir=tmp_path / "cache",
+                                progress=False).embeddings
+    np.testing.assert_allclose(clf._embed(np.array(paths, dtype=object)).embeddings, (plain + mirrored) / 2)
+    assert (clf.predict(paths) == np.asarray(y)).mean() > 0.9
+    np.testing.assert_allclose(clf.predict_proba([None]), [clf.class_prior_])
 
 
 def test_rows_without_usable_image_get_the_training_prior(toy, tmp_path):

@@ -9,6 +9,7 @@ from stackcat.meta import AverageBlend, EnsembleSelection, MulticlassMeta, Reran
 from stackcat.models.bert import BertClassifier
 from stackcat.models.fasttext import FastTextClassifier
 from stackcat.models.fusion import FusionClassifier
+from stackcat.models.heads import TorchHeadClassifier
 from stackcat.models.image import ImageEmbeddingClassifier
 from stackcat.models.lexical import TfidfClassifier
 from stackcat.models.neighbours import NeighboursClassifier
@@ -16,7 +17,7 @@ from stackcat.presets import MODEL_NAMES, ModelOptions, build_models
 from stackcat.runs import RUNTIME_PARAMS, model_fingerprint, runtime_params
 
 ESTIMATORS = [BertClassifier, FastTextClassifier, FusionClassifier, ImageEmbeddingClassifier, TfidfClassifier,
-              NeighboursClassifier, AverageBlend, EnsembleSelection, MulticlassMeta, RerankMeta]
+              NeighboursClassifier, TorchHeadClassifier, AverageBlend, EnsembleSelection, MulticlassMeta, RerankMeta]
 
 
 @pytest.mark.parametrize("cls", ESTIMATORS, ids=lambda cls: cls.__name__)

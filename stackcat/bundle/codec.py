@@ -75,6 +75,7 @@ _KNOWN_CLASSES = frozenset({
     "stackcat.models.bert.BertClassifier",
     "stackcat.models.fusion.FusionClassifier",
     "stackcat.models.image.ImageEmbeddingClassifier",
+    "stackcat.models.heads.TorchHeadClassifier",
     "stackcat.models.neighbours.NeighboursClassifier",
     "stackcat.meta.learners.AverageBlend",
     "stackcat.meta.learners.EnsembleSelection",

@@ -51,6 +51,7 @@ __all__ = [
     "EfficientNetLite0Encoder",
     "EfficientNetLite2Encoder",
     "ImageEncoder",
+    "MirroredEncoder",
     "OpenClipEncoder",
     "PretrainedWeightsNotFoundError",
     "get_encoder",
@@ -689,3 +690,42 @@ def clear_loaded_models() -> None:
     with _loaded_models_lock:
         _loaded_models.clear()
     onnx_backend.clear_sessions()
+
+
+class MirroredEncoder:
+    """Another encoder's embeddings of the images flipped left to right (flip averaging, flip augmentation).
+
+    Its ``name`` is the wrapped encoder's plus ``"+hflip"``, so the flipped
+    embeddings get their own entries in the embedding cache.
+
+    Parameters
+    ----------
+    encoder : ImageEncoder
+        The encoder that embeds the mirrored images.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from PIL import Image
+    >>> class LeftColumn:  # the mean of the leftmost pixel column
+    ...     name = "left-column"
+    ...     def encode(self, images):
+    ...         return np.array([np.asarray(im, np.float32)[:, 0].mean(0) for im in images])
+    >>> image = Image.fromarray(np.array([[[0, 0, 0], [255, 255, 255]]], dtype=np.uint8))
+    >>> mirrored = MirroredEncoder(LeftColumn())
+    >>> mirrored.name, mirrored.encode([image]).tolist()
+    ('left-column+hflip', [[255.0, 255.0, 255.0]])
+    """
+
+    def __init__(self, encoder: ImageEncoder) -> None:
+        self.encoder = encoder
+        self.name = f"{encoder.name}+hflip"
+
+    @property
+    def dim(self) -> int | None:
+        return getattr(self.encoder, "dim", None)
+
+    def encode(self, images: list[Image.Image]) -> np.ndarray:
+        from PIL import ImageOps
+
+        return self.encoder.encode([ImageOps.mirror(image) for image in images])
