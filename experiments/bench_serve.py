@@ -49,15 +49,22 @@ FIELDS = [*DEMO_COLUMNS["text_columns"], *DEMO_COLUMNS["attribute_columns"]]
 
 
 def products(n: int, seed: int = 0, with_photo: bool = False) -> list[dict]:
+    """``n`` demo products, each with its own text (a tag ``#<seed>-<i>`` after the name): the server
+    keeps encoded texts in memory, so a text seen before would cost it nothing."""
     raw, _ = load_demo()
     rows = raw.sample(n=n, replace=n > len(raw), random_state=seed).to_dict("records")
     out = []
-    for row in rows:
+    for i, row in enumerate(rows):
         product = {name: (None if row[name] is None else str(row[name])) for name in FIELDS}
+        product[FIELDS[0]] = unique_text(product[FIELDS[0]], f"{seed}-{i}")
         if with_photo:
             product["image_path"] = Path(row["image_path"]).name
         out.append(product)
     return out
+
+
+def unique_text(text: str | None, tag: str) -> str:
+    return f"{text or ''} #{tag}"
 
 
 def start_server(model: str, port: int, image_root: str, log: Path,
@@ -108,7 +115,9 @@ def load(url: str, clients: int, seconds: float, pool: list[dict]) -> dict:
             while time.monotonic() < stop:
                 began = time.perf_counter()
                 try:
-                    ok = client.post("/v1/categorize", json={"products": [pool[step % len(pool)]]}).status_code == 200
+                    product = dict(pool[step % len(pool)])
+                    product[FIELDS[0]] = unique_text(product[FIELDS[0]], f"load-{step}")  # never seen before
+                    ok = client.post("/v1/categorize", json={"products": [product]}).status_code == 200
                 except httpx.HTTPError:
                     ok = False
                 with lock:

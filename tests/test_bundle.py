@@ -287,3 +287,17 @@ def test_every_known_class_of_stackcat_is_where_the_list_says():
 
     for name in sorted(n for n in known_classes() if n.startswith("stackcat.")):
         assert f"{known_class(name).__module__}.{known_class(name).__qualname__}" == name
+
+
+def test_a_param_added_since_the_bundle_was_written_takes_its_default(tmp_path):
+    from stackcat.bundle.codec import ArrayStore, decode, encode
+    from stackcat.models.lexical import TfidfClassifier
+
+    labels = np.array(["a", "b", "a", "b"] * 3, dtype=object)
+    model = TfidfClassifier(max_iter=3).fit(["red shirt", "blue jeans", "red dress", "blue cap"] * 3, labels)
+    store = ArrayStore()
+    node = encode(model, "m", store, tmp_path)
+    del node["state"]["max_iter"]  # written by a release before that param
+    loaded = decode(node, store, tmp_path)
+    assert loaded.max_iter == TfidfClassifier().max_iter
+    assert loaded.get_params()["max_iter"] == TfidfClassifier().max_iter

@@ -360,6 +360,7 @@ class _Decoder:
     def _decode_object(self, node: dict) -> Any:
         cls = self._class(node["class"])
         obj = cls.__new__(cls)
+        obj.__dict__.update(_param_defaults(cls))  # params added since the bundle was written
         obj.__dict__.update({k: self.decode(v) for k, v in node["state"].items()})
         if "weights" in node:
             _load_torch_weights(obj, self._file(node["weights"]))
@@ -375,6 +376,21 @@ class _Decoder:
         if not path.is_relative_to(self.folder.resolve()):
             raise BundleFormatError(f"{relative}: outside the bundle")
         return path
+
+
+def _param_defaults(cls: type) -> dict[str, Any]:
+    """The default of every ``__init__`` parameter of an estimator class (none for other classes).
+
+    A bundle written before a parameter existed has no value for it: the
+    default is what the estimator did then.
+    """
+    import inspect
+
+    if not hasattr(cls, "_get_param_names"):
+        return {}
+    parameters = inspect.signature(cls.__init__).parameters
+    return {name: parameters[name].default for name in cls._get_param_names()
+            if parameters[name].default is not inspect.Parameter.empty}
 
 
 def _load_torch_weights(estimator: Any, folder: Path) -> None:
