@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from test_bert import GROUPS, tiny_clf, toy_data
@@ -12,11 +20,14 @@ from stackcat.features.hub import load_text_encoder, transformer_layers
 from stackcat.features.text_states import clear_memory_cache, token_states
 from stackcat.models.batching import pad_states
 from stackcat.models.bert import BertClassifier, MeanPoolingClassifier, TopLayersClassifier
+from stackcat.stacking import StackingCategorizer
 
 from contract import check_fitted_contract, check_sklearn_contract
 from tiny_bert import build_tiny_bert
+from toy_models import NaiveBayesText
 
 MAX_LENGTH = 32
+TESTS_DIR = Path(__file__).parent
 
 
 @pytest.fixture(scope="module")
@@ -146,3 +157,96 @@ def test_a_changed_checkpoint_is_refused_at_load(tiny_model, tmp_path):
     clear_memory_cache()
     with pytest.raises(ValueError, match="has changed since this model was fitted"):
         BertClassifier.load(folder)
+
+
+# --------------------------------------------------------------------------- kill -9 during a tune, then resume
+
+KILL_DRIVER = textwrap.dedent('''
+    import os, signal, sys
+    sys.path.insert(0, os.environ["TOP_TESTS_DIR"])
+    from stackcat.models.bert import TopLayersClassifier
+    from test_top_layers import stack_for, toy_stack_data
+
+    kill_at, steps = int(os.environ["KILL_AT_STEP"]), [0]
+    forward = TopLayersClassifier.forward
+
+    def counted_forward(self, *args, **kwargs):
+        if self.training:
+            steps[0] += 1
+            if steps[0] == kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+        return forward(self, *args, **kwargs)
+
+    TopLayersClassifier.forward = counted_forward
+    stack_for(sys.argv[1], sys.argv[2]).fit(*toy_stack_data())
+''')
+TRAINING_STEPS_PER_JOB = 2 * 7  # epochs x batches of 8 (53 or 54 rows: the lone last row joins a batch)
+
+
+def toy_stack_data():
+    X, y = toy_data()
+    return pd.DataFrame({"text": X}), np.asarray(y, dtype=object)
+
+
+def stack_for(model_name: str, run_dir: str) -> StackingCategorizer:
+    model = top_clf(model_name, k=1, epochs=2, head_lr=3e-2, text_cache_dir=str(Path(run_dir).parent / "cache"))
+    return StackingCategorizer([("nb", NaiveBayesText()), ("top1", model)], meta="average", n_splits=3,
+                               random_state=0, run_dir=run_dir, progress=False, verbose=0)
+
+
+def job_files(run_dir: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.glob("jobs/*/*.oof.npz"))}
+
+
+@pytest.mark.slow
+def test_kill_during_a_top_layer_tune_then_resume_recomputes_only_that_job(tiny_model, tmp_path, monkeypatch):
+    reference = stack_for(tiny_model, str(tmp_path / "reference")).fit(*toy_stack_data())
+    driver = tmp_path / "driver.py"
+    driver.write_text(KILL_DRIVER, encoding="utf-8")
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "TOP_TESTS_DIR": str(TESTS_DIR), "KILL_AT_STEP": str(TRAINING_STEPS_PER_JOB + 5),
+           "PYTHONPATH": os.pathsep.join([str(TESTS_DIR.parent), os.environ.get("PYTHONPATH", "")])}
+    child = subprocess.run([sys.executable, str(driver), tiny_model, str(run_dir)], env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert child.returncode == -signal.SIGKILL, child.stderr
+    before = job_files(run_dir)
+    assert sum("top1" in name for name in before) == 1, sorted(before)  # killed in the second tune
+
+    fits = []
+    monkeypatch.setattr(BertClassifier, "fit", counting(BertClassifier.fit, fits, "top1"))
+    monkeypatch.setattr(NaiveBayesText, "fit", counting(NaiveBayesText.fit, fits, "nb"))
+    resumed = stack_for(tiny_model, str(run_dir)).fit(*toy_stack_data())
+    after = job_files(run_dir)
+    assert {name: after[name] for name in before} == before  # finished jobs were reused, not redone
+    assert len(fits) == len(after) - len(before)  # every job without a file ran once, no other
+    assert fits.count("top1") == 3 - sum("top1" in name for name in before)
+    for name, matrix in reference.oof_.items():
+        np.testing.assert_allclose(resumed.oof_[name], matrix, rtol=0, atol=1e-6)
+
+
+def counting(fit, calls: list[str], name: str):
+    def counted(self, *args, **kwargs):
+        calls.append(name)
+        return fit(self, *args, **kwargs)
+    return counted
+
+
+@pytest.mark.slow
+def test_bundle_round_trip_keeps_the_tuned_layers(tmp_path):
+    from test_bundle import fit_predictor
+
+    from stackcat.bundle import load_bundle
+
+    from toy_models import toy_table
+
+    tiny_model = str(build_tiny_bert(tmp_path / "tiny-bert", toy_table()[0]["text"]))
+    top = BertClassifier(model_name=tiny_model, freeze_encoder=True, tune_top_layers=1, epochs=2, lr=1e-3,
+                         head_lr=1e-2, max_length=16, batch_size=8, progress=False, n_threads=1, random_state=0)
+    predictor, X = fit_predictor([("top1", top)])
+    folder = predictor.save(tmp_path / "model")
+    assert not list(folder.rglob("model.safetensors")), "the frozen encoder is referenced, not copied"
+    loaded = load_bundle(folder)
+    assert loaded.stack.fold_models_["top1"][0].tuned_layers_ == 1
+    before, after = predictor.stack.predict_results(X), loaded.stack.predict_results(X)
+    for name in before:
+        assert np.abs(np.asarray(before[name]) - np.asarray(after[name])).max() <= 1e-6, name
