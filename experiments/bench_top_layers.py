@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import resource
 import sys
@@ -71,8 +72,12 @@ def main() -> None:
     parser.add_argument("--head-lr", type=float, default=1e-2)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--cache-dir", default=None)
+    parser.add_argument("--log-epochs", action="store_true", help="a line per training epoch")
     parser.add_argument("--out", type=Path, default=ROOT / "experiments" / "results" / "top_layers_myntra.json")
     args = parser.parse_args()
+    if args.log_epochs:
+        logging.basicConfig(format="%(asctime)s %(message)s")
+        logging.getLogger("stackcat").setLevel(logging.DEBUG)
 
     raw = load_subset(args.data, "images")
     frame = prepare_table(raw, SPEC, base_dir=args.data).frame
