@@ -90,7 +90,7 @@ def test_text_int8_is_cached_apart_from_fp32(tiny_model, tmp_path):
     clear_memory_cache()
     runs = []
     real_runner = text_states._onnx_runner
-    text_states._onnx_runner = lambda *args: runs.append(args[-1]) or real_runner(*args)
+    text_states._onnx_runner = lambda *args: runs.append(args[3]) or real_runner(*args)
     try:
         int8 = token_states(TEXTS, tiny_model, 32, cache_dir=cache, backend="onnx-int8", progress=False)
         again = token_states(TEXTS, tiny_model, 32, cache_dir=cache, backend="torch", progress=False)

@@ -26,7 +26,9 @@ __all__ = [
     "load_text_encoder",
     "quiet_transformers",
     "tokenize",
+    "transformer_layers",
     "usable_max_length",
+    "without_top_layers",
 ]
 
 # The text encoder of the reference work: the default of every text member.
@@ -115,3 +117,48 @@ def tokenize(tokenizer: Any, texts: Sequence[str], max_length: int) -> list[list
         return []
     return tokenizer(list(texts), truncation=True, max_length=max_length,
                      add_special_tokens=True)["input_ids"]
+
+
+def transformer_layers(encoder: nn.Module) -> nn.ModuleList:
+    """The encoder's stack of transformer layers, bottom first (BERT-like models: ``encoder.layer``).
+
+    Raises
+    ------
+    ValueError
+        If the model keeps its layers elsewhere (top-layer tuning supports BERT, RoBERTa,
+        XLM-R, e5 and other models built the same way).
+
+    Examples
+    --------
+    >>> encoder, _ = load_text_encoder("/models/e5-small")  # doctest: +SKIP
+    >>> len(transformer_layers(encoder))  # doctest: +SKIP
+    12
+    """
+    from torch import nn
+
+    layers = getattr(getattr(encoder, "encoder", None), "layer", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise ValueError(f"cannot find the transformer layers of a {type(encoder).__name__} "
+                         "(expected a BERT-like model with encoder.layer): tune_top_layers supports "
+                         "BERT, RoBERTa, XLM-R and e5 models; use tune_top_layers=0 with this one")
+    return layers
+
+
+def without_top_layers(encoder: nn.Module, n_layers: int) -> nn.Module:
+    """``encoder`` with its top ``n_layers`` transformer layers removed (in place; returned).
+
+    Its ``last_hidden_state`` is then the input of the removed layers: the hidden
+    states below them.
+
+    Raises
+    ------
+    ValueError
+        If the encoder has fewer than ``n_layers`` layers, or no layers :func:`transformer_layers` finds.
+    """
+    layers = transformer_layers(encoder)
+    if n_layers > len(layers):
+        raise ValueError(f"cannot tune the top {n_layers} layers of an encoder that has {len(layers)}")
+    if n_layers:
+        encoder.encoder.layer = layers[:len(layers) - n_layers]
+        encoder.config.num_hidden_layers = len(layers) - n_layers
+    return encoder

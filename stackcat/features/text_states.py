@@ -9,7 +9,14 @@ process-wide memory LRU). ``BertClassifier(freeze_encoder=True)`` trains its hea
 on their mean (= mean pooling over the attention mask), ``FusionClassifier(freeze_encoder=True)``
 on the states themselves; both read the same entries.
 
-Keys: a BLAKE2b hash of (model identity, ``max_length``, text). The identity of a
+**Below the top layers.** With ``below_top_layers=k`` the states are those that
+enter the encoder's top ``k`` transformer layers (the last hidden states of the
+encoder without them, :func:`stackcat.features.hub.without_top_layers`):
+``BertClassifier(freeze_encoder=True, tune_top_layers=k)`` trains copies of those
+``k`` layers on them. They are keyed apart by ``k`` (``k=0``: the last hidden states).
+
+Keys: a BLAKE2b hash of (model identity, ``max_length``, text); ``k > 0`` adds
+``+below-top-k`` to the identity. The identity of a
 model (:func:`text_model_identity`) is a content hash of its checkpoint folder
 (weights, config and tokenizer files), so a folder whose weights change gets new
 keys and never meets stale states; copied to another folder or machine, it keeps
@@ -56,6 +63,7 @@ from stackcat.features.hub import (
     quiet_transformers,
     tokenize,
     usable_max_length,
+    without_top_layers,
 )
 from stackcat.features.store import EmbeddingStore, MemoryCache, content_key
 from stackcat.files import folder_digest, forget_digests
@@ -66,6 +74,7 @@ __all__ = [
     "check_text_model",
     "clear_memory_cache",
     "mean_pooled",
+    "states_identity_of",
     "text_model_identity",
     "token_states",
 ]
@@ -77,6 +86,7 @@ _memory = MemoryCache(TOKEN_STATES_MEMORY_BYTES)
 # The last encoder loaded: {(identity, device, backend): _Runner}; one model at a time.
 _loaded: dict[tuple[str, str, str], _Runner] = {}
 _INT8_TAG = "+onnx-int8"
+_BELOW_TOP_TAG = "+below-top-{}"
 _lock = threading.RLock()
 
 
@@ -90,6 +100,7 @@ def token_states(
     batch_size: int = 64,
     progress: bool = True,
     backend: str = "auto",
+    below_top_layers: int = 0,
 ) -> list[np.ndarray]:
     """Last hidden states of each text's real tokens under a frozen encoder, each text encoded once.
 
@@ -114,6 +125,10 @@ def token_states(
         What runs the encoder: ``"auto"`` = onnxruntime on CPU when installed, else
         PyTorch (see :func:`stackcat.features.onnx_backend.resolve_backend`). ``"onnx-int8"``
         (int8 weights) gives slightly different states, cached apart.
+    below_top_layers : int, default=0
+        Return the hidden states below the encoder's top ``below_top_layers``
+        transformer layers instead of the last ones (cached apart per value; the
+        encoder runs without those layers).
 
     Returns
     -------
@@ -134,14 +149,15 @@ def token_states(
     identity = text_model_identity(model_name)
     torch_device = resolve_device(device)
     resolved = onnx_backend.resolve_backend(backend, torch_device)
-    states_identity = identity + (_INT8_TAG if resolved == "onnx-int8" else "")
+    states_identity = states_identity_of(identity, resolved, below_top_layers)
     store = _store(model_name, states_identity, max_length, cache_dir)
     keys = [content_key(states_identity, str(max_length), text) for text in texts]
     distinct = dict(zip(keys, texts))
     found = store.get_many(distinct)
     missing = [(key, text) for key, text in distinct.items() if key not in found]
     if missing:
-        runner = _runner_for(model_name, identity, torch_device, resolved, fallback=backend == "auto")
+        runner = _runner_for(model_name, identity, torch_device, resolved, below_top_layers,
+                             fallback=backend == "auto")
         bar = progress_bar(total=len(missing), unit="text", enabled=progress,
                            desc=f"encoding texts [{Path(str(model_name)).name}]")
         start = time.perf_counter()
@@ -152,6 +168,19 @@ def token_states(
         log_stage(f"[{Path(str(model_name)).name}] "
                   + rate(len(missing), "texts encoded", time.perf_counter() - start))
     return [found[key] for key in keys]
+
+
+def states_identity_of(identity: str, backend: str, below_top_layers: int = 0) -> str:
+    """What keys the cached states: the checkpoint's ``identity``, int8 weights and the layer cut.
+
+    Examples
+    --------
+    >>> states_identity_of("abc", "onnx", below_top_layers=2)
+    'abc+below-top-2'
+    """
+    tags = (_INT8_TAG if backend == "onnx-int8" else "") + (
+        _BELOW_TOP_TAG.format(int(below_top_layers)) if below_top_layers else "")
+    return identity + tags
 
 
 def mean_pooled(states: Sequence[np.ndarray]) -> np.ndarray:
@@ -250,31 +279,35 @@ def _padded(sequences: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.nda
     return input_ids, attention_mask
 
 
-def _runner_for(model_name: str | os.PathLike, identity: str, device: torch.device, backend: str, *,
-                fallback: bool = False) -> _Runner:
+def _runner_for(model_name: str | os.PathLike, identity: str, device: torch.device, backend: str,
+                below_top_layers: int = 0, *, fallback: bool = False) -> _Runner:
     """The frozen encoder of ``identity`` on ``device`` through ``backend``; loaded once (one at a time).
+
+    Without its top ``below_top_layers`` layers, when that is not 0.
 
     With ``fallback`` (backend chosen by ``"auto"``), a model that cannot be exported to
     ONNX runs on PyTorch instead (fp32 both: the same states, the same cache keys).
     """
-    slot = (identity, str(device), backend)
+    slot = (identity, str(device), backend, below_top_layers)
     with _lock:
         if slot not in _loaded:
             _loaded.clear()  # one model at a time: the previous one's memory goes back
             try:
                 build = _torch_runner if backend == "torch" else _onnx_runner
-                _loaded[slot] = build(model_name, identity, device, backend)
+                _loaded[slot] = build(model_name, identity, device, backend, below_top_layers)
             except onnx_backend.ExportError as exc:
                 if not fallback:
                     raise
                 warnings.warn(f"{Path(str(model_name)).name}: running on PyTorch, the ONNX export failed "
                               f"({exc})", stacklevel=3)
-                _loaded[slot] = _torch_runner(model_name, identity, device, "torch")
+                _loaded[slot] = _torch_runner(model_name, identity, device, "torch", below_top_layers)
         return _loaded[slot]
 
 
-def _torch_runner(model_name: str | os.PathLike, identity: str, device: torch.device, backend: str) -> _Runner:
+def _torch_runner(model_name: str | os.PathLike, identity: str, device: torch.device, backend: str,
+                  below_top_layers: int) -> _Runner:
     encoder, tokenizer = load_text_encoder(model_name)
+    without_top_layers(encoder, below_top_layers)
     encoder.to(device).eval().requires_grad_(False)
     precision = Precision(device)
 
@@ -288,19 +321,26 @@ def _torch_runner(model_name: str | os.PathLike, identity: str, device: torch.de
     return _Runner(run, tokenizer, getattr(encoder.config, "max_position_embeddings", None))
 
 
-def _onnx_runner(model_name: str | os.PathLike, identity: str, device: torch.device, backend: str) -> _Runner:
+def _onnx_runner(model_name: str | os.PathLike, identity: str, device: torch.device, backend: str,
+                 below_top_layers: int) -> _Runner:
     folder = _checkpoint_folder(model_name)
-    path, metadata = onnx_backend.exported_model(onnx_backend.onnx_folder(folder), f"text\0{identity}",
-                                          lambda target: _export_text_encoder(model_name, target),
-                                          int8=backend == "onnx-int8")
+    export_identity = f"text\0{identity}" + (f"\0below-top-{below_top_layers}" if below_top_layers else "")
+    path, metadata = onnx_backend.exported_model(
+        onnx_backend.onnx_folder(folder), export_identity,
+        lambda target: _export_text_encoder(model_name, target, below_top_layers),
+        int8=backend == "onnx-int8")
     session = onnx_backend.inference_session(path, onnx_backend.torch_thread_budget())
     with quiet_transformers():
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
 
+    # an encoder cut below all its layers (only embeddings left) has no attention_mask input
+    input_names = {node.name for node in session.get_inputs()}
+
     def run(input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        return session.run(None, {"input_ids": input_ids, "attention_mask": attention_mask})[0]
+        feed = {"input_ids": input_ids, "attention_mask": attention_mask}
+        return session.run(None, {name: value for name, value in feed.items() if name in input_names})[0]
 
     return _Runner(run, tokenizer, metadata.get("max_positions"))
 
@@ -314,9 +354,13 @@ class _LastHiddenState(nn.Module):
         return self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
 
-def _export_text_encoder(model_name: str | os.PathLike, path: str) -> dict:
-    """Write the encoder's ``last_hidden_state`` as an fp32 ONNX model; returns its metadata."""
+def _export_text_encoder(model_name: str | os.PathLike, path: str, below_top_layers: int = 0) -> dict:
+    """Write the encoder's ``last_hidden_state`` (without its top layers) as an fp32 ONNX model.
+
+    Returns its metadata.
+    """
     encoder, tokenizer = load_text_encoder(model_name)  # a private copy: the export traces it
+    without_top_layers(encoder, below_top_layers)
     if hasattr(encoder, "set_attn_implementation"):
         encoder.set_attn_implementation("eager")  # plain matrix products trace into ONNX as they are
     example = tokenizer(["a red cotton shirt for men", "jeans"], padding=True, return_tensors="pt")

@@ -2,11 +2,15 @@
 
 With ``freeze_encoder=True`` the encoder is a fixed feature extractor: each text's
 mean-pooled states are computed once and cached (:mod:`stackcat.features.text_states`),
-and only the dropout + linear head trains on them.
+and only the dropout + linear head trains on them. Adding ``tune_top_layers=k``
+caches the states below the encoder's top ``k`` layers instead, and trains copies of
+those layers with the head (:class:`TopLayersClassifier`): a real fine-tune of the
+top of the encoder at a fraction of the cost of a full one.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 from numbers import Integral, Real
 from typing import Any
@@ -15,7 +19,7 @@ import torch
 from sklearn.utils._param_validation import Interval
 from torch import nn
 
-from stackcat.features.hub import DEFAULT_TEXT_MODEL
+from stackcat.features.hub import DEFAULT_TEXT_MODEL, transformer_layers
 from stackcat.models._base import as_texts, column_values
 from stackcat.models.batching import mean_pool
 from stackcat.models.torch_base import TorchClassifier
@@ -51,6 +55,41 @@ class PooledFeaturesClassifier(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.head(self.dropout(features))
+
+
+class TopLayersClassifier(nn.Module):
+    """The top ``n_layers`` layers of an encoder -> masked mean -> dropout -> linear.
+
+    Runs on the hidden states below those layers (cached, see
+    :func:`stackcat.features.text_states.token_states` with ``below_top_layers``) and
+    their attention mask: with the same weights, its logits are those of
+    :class:`MeanPoolingClassifier` on the whole encoder. The layers are copies of
+    ``encoder``'s (which the module does not keep).
+
+    Examples
+    --------
+    >>> module = TopLayersClassifier(encoder, n_layers=1, n_classes=10, dropout=0.1)  # doctest: +SKIP
+    >>> module(text_states=states, attention_mask=mask).shape  # doctest: +SKIP
+    torch.Size([32, 10])
+    """
+
+    def __init__(self, encoder: nn.Module, n_layers: int, n_classes: int, dropout: float):
+        super().__init__()
+        self.config = copy.deepcopy(encoder.config)  # the attention implementation the mask is built for
+        self.top_layers = copy.deepcopy(transformer_layers(encoder)[len(transformer_layers(encoder)) - n_layers:])
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(encoder.config.hidden_size, n_classes)
+
+    def forward(self, text_states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        from transformers.masking_utils import create_bidirectional_mask
+
+        layer_mask = create_bidirectional_mask(config=self.config, inputs_embeds=text_states,
+                                               attention_mask=attention_mask)
+        states = text_states
+        for layer in self.top_layers:
+            output = layer(states, layer_mask)
+            states = output[0] if isinstance(output, tuple) else output
+        return self.head(self.dropout(mean_pool(states, attention_mask)))
 
 
 class BertClassifier(TorchClassifier):
@@ -103,7 +142,14 @@ class BertClassifier(TorchClassifier):
         Dropout before the linear head.
     freeze_encoder : bool, default=False
         Train the head only, on cached mean-pooled states of the frozen encoder
-        (``train_encoder_after`` and ``freeze_embeddings`` are then unused).
+        (``freeze_embeddings`` is then unused, and ``train_encoder_after`` too
+        unless ``tune_top_layers`` is set).
+    tune_top_layers : int, default=0
+        With ``freeze_encoder=True``: train copies of the encoder's top
+        ``tune_top_layers`` transformer layers (at ``lr``) with the head (at
+        ``head_lr``), on the cached hidden states below them (computed once per
+        text, model, ``max_length`` and ``tune_top_layers``). 0: the head alone,
+        on mean-pooled last states. BERT-like encoders only (``encoder.layer``).
     freeze_embeddings : bool, default=False
         Keep the word-embedding matrix frozen while the encoder trains (much
         faster on a CPU for models with large vocabularies).
@@ -139,9 +185,9 @@ class BertClassifier(TorchClassifier):
     ----------
     classes_ : ndarray
         The labels, sorted; columns of ``predict_proba`` follow this order.
-    module_ : MeanPoolingClassifier or PooledFeaturesClassifier
-        The fine-tuned torch module (encoder + head), or the head alone when the
-        encoder is frozen.
+    module_ : MeanPoolingClassifier, PooledFeaturesClassifier or TopLayersClassifier
+        The fine-tuned torch module (encoder + head), the head alone when the
+        encoder is frozen, or the top layers and the head (``tune_top_layers``).
     tokenizer_ : transformers tokenizer
         Fine-tuned models only (a frozen encoder's tokenizer is loaded with it, when needed).
     max_length_ : int
@@ -152,6 +198,8 @@ class BertClassifier(TorchClassifier):
         features came from (see :func:`~stackcat.features.text_states.text_model_identity`).
     hidden_size_ : int
         Frozen encoder only: width of the pooled features.
+    tuned_layers_ : int
+        With ``tune_top_layers``: how many top layers the module holds (absent otherwise).
     history_ : list of dict
         One record per epoch: stage, epoch, train_loss, valid_loss.
     best_epoch_ : dict or None
@@ -167,6 +215,8 @@ class BertClassifier(TorchClassifier):
     >>> BertClassifier.load("artifacts/bert").predict(test)  # doctest: +SKIP
     >>> frozen = BertClassifier(model_name="/models/rubert-tiny2", freeze_encoder=True,
     ...                         lr=0.1, epochs=20, text_cache_dir="artifacts/text-cache")  # doctest: +SKIP
+    >>> top2 = BertClassifier(model_name="/models/e5-small", freeze_encoder=True, tune_top_layers=2,
+    ...                       lr=2e-4, head_lr=1e-2, epochs=6)  # doctest: +SKIP
     """
 
     # params that change how fast, not what, it learns: left out of the run folder's job keys
@@ -179,6 +229,7 @@ class BertClassifier(TorchClassifier):
         "batch_size": [Interval(Integral, 1, None, closed="left")],
         "head_lr": [Interval(Real, 0, None, closed="neither"), None],
         "train_encoder_after": [Interval(Integral, 0, None, closed="left")],
+        "tune_top_layers": [Interval(Integral, 0, None, closed="left")],
     }
 
     def __init__(
@@ -196,6 +247,7 @@ class BertClassifier(TorchClassifier):
         label_smoothing: float = 0.003,
         dropout: float = 0.1,
         freeze_encoder: bool = False,
+        tune_top_layers: int = 0,
         freeze_embeddings: bool = False,
         train_encoder_after: int = 0,
         early_stopping_patience: int | None = 2,
@@ -219,6 +271,7 @@ class BertClassifier(TorchClassifier):
         self.label_smoothing = label_smoothing
         self.dropout = dropout
         self.freeze_encoder = freeze_encoder
+        self.tune_top_layers = tune_top_layers
         self.freeze_embeddings = freeze_embeddings
         self.train_encoder_after = train_encoder_after
         self.early_stopping_patience = early_stopping_patience
@@ -232,7 +285,18 @@ class BertClassifier(TorchClassifier):
     def _texts(self, X: Any) -> list[str]:
         return [self.text_prefix + text for text in as_texts(column_values(X, self.text_column, what="text"))]
 
+    def _check_params(self) -> None:
+        if self.tune_top_layers and not self.freeze_encoder:
+            raise ValueError(f"tune_top_layers={self.tune_top_layers} needs freeze_encoder=True (it tunes the "
+                             "top layers of a frozen encoder on cached states); freeze_encoder=False "
+                             "fine-tunes every layer")
+
+    def _top_layers_to_tune(self) -> int:
+        return self.tune_top_layers
+
     def _build_module(self, encoder: nn.Module | None) -> nn.Module:
+        if getattr(self, "tuned_layers_", 0):
+            return TopLayersClassifier(encoder, self.tuned_layers_, len(self.classes_), self.dropout)
         if encoder is None:
             return PooledFeaturesClassifier(self.hidden_size_, len(self.classes_), self.dropout)
         return MeanPoolingClassifier(encoder, len(self.classes_), self.dropout)
@@ -240,12 +304,16 @@ class BertClassifier(TorchClassifier):
     def _stages(self) -> list[Stage]:
         head = {"params": list(self.module_.head.parameters()),
                 "lr": self.lr if self.head_lr is None else self.head_lr, "weight_decay": self.weight_decay}
-        if self._fitted_on_cached_text():
+        tuned_layers = getattr(self, "tuned_layers_", 0)
+        if self._fitted_on_cached_text() and not tuned_layers:
             return [Stage("head", self.epochs, [head], self.warmup_ratio)]
         head_epochs = min(self.train_encoder_after, self.epochs)
-        encoder = {"params": encoder_parameters(self.module_.encoder, self.freeze_embeddings),
-                   "lr": self.lr, "weight_decay": self.weight_decay}
+        if tuned_layers:
+            trained, name = list(self.module_.top_layers.parameters()), f"top{tuned_layers}"
+        else:
+            trained, name = encoder_parameters(self.module_.encoder, self.freeze_embeddings), "full"
+        encoder = {"params": trained, "lr": self.lr, "weight_decay": self.weight_decay}
         return [
             Stage("head", head_epochs, [head], self.warmup_ratio),
-            Stage("full", self.epochs - head_epochs, [encoder, head], self.warmup_ratio),
+            Stage(name, self.epochs - head_epochs, [encoder, head], self.warmup_ratio),
         ]

@@ -13,6 +13,10 @@ its params. How the text reaches the module is an **input strategy**, chosen fro
   training; each text's token states are computed once and cached
   (:mod:`stackcat.features.text_states`), and batches hold those states (or their
   mean, ``pooled=True``).
+- :class:`CachedLayerInputs`: the encoder stays frozen below its top ``k``
+  layers, whose input states are computed once and cached the same way; copies
+  of the top ``k`` layers train inside the module (a subclass's
+  ``_top_layers_to_tune``).
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
 from stackcat.core import encode_labels, label_positions, limit_threads, resolve_device
-from stackcat.features.hub import load_text_encoder, tokenize, usable_max_length
+from stackcat.features.hub import load_text_encoder, tokenize, transformer_layers, usable_max_length
 from stackcat.features.text_states import (
     check_text_model,
     mean_pooled,
@@ -57,10 +61,10 @@ from stackcat.models.persistence import (
 )
 from stackcat.progress import progress_bar
 
-__all__ = ["CachedStateInputs", "TextInputs", "TokenInputs", "TorchClassifier"]
+__all__ = ["CachedLayerInputs", "CachedStateInputs", "TextInputs", "TokenInputs", "TorchClassifier"]
 
 # Fitted attributes that describe the text inputs: a refit forgets them (it may switch strategy).
-_TEXT_ATTRIBUTES = ("tokenizer_", "text_model_identity_", "max_length_", "hidden_size_")
+_TEXT_ATTRIBUTES = ("tokenizer_", "text_model_identity_", "max_length_", "hidden_size_", "tuned_layers_")
 
 
 class TextInputs:
@@ -257,6 +261,62 @@ class CachedStateInputs(TextInputs):
             self._states(texts)
 
 
+class CachedLayerInputs(CachedStateInputs):
+    """A frozen encoder below its top ``k`` layers: the states that enter them, cached.
+
+    Rows are those states (``text_states`` + ``attention_mask``, padded per batch,
+    keyed apart from the last hidden states by ``k``); the module holds copies of
+    the top ``k`` layers, taken from the pretrained encoder that ``fit_rows`` and
+    ``load`` return (the saved weights then replace them). The top layers'
+    matrix products are those of a real encoder: the module threads are left as
+    they are (``n_threads``).
+
+    Parameters
+    ----------
+    model_name, max_length, cache_dir, device, batch_size, progress, identity :
+        as :class:`CachedStateInputs`
+    top_layers : int
+        ``k``, the number of top transformer layers that train (at least 1).
+
+    Examples
+    --------
+    >>> inputs = CachedLayerInputs("/models/e5-small", 128, None, "cpu", 64, False,
+    ...                            top_layers=1)  # doctest: +SKIP
+    >>> states, _, encoder = inputs.fit_rows(["a text"], None, seed=lambda: None)  # doctest: +SKIP
+    """
+
+    def __init__(self, model_name: str | os.PathLike, max_length: int, cache_dir: str | os.PathLike | None,
+                 device: str, batch_size: int, progress: bool, *, top_layers: int,
+                 identity: str | None = None):
+        super().__init__(model_name, max_length, cache_dir, device, batch_size, progress, pooled=False,
+                         identity=identity)
+        self.top_layers = int(top_layers)
+
+    def fit_rows(self, texts: list[str], eval_texts: list[str] | None,
+                 seed: Callable[[], None]) -> tuple[Any, Any, nn.Module | None]:
+        encoder, _ = load_text_encoder(self.model_name)
+        n_layers = len(transformer_layers(encoder))
+        if self.top_layers > n_layers:  # before any text is encoded
+            raise ValueError(f"tune_top_layers={self.top_layers}, but {str(self.model_name)!r} has "
+                             f"{n_layers} transformer layers")
+        rows, eval_rows, _ = super().fit_rows(texts, eval_texts, seed)
+        self.fitted["tuned_layers_"] = self.top_layers
+        return rows, eval_rows, encoder
+
+    def _states(self, texts: list[str]) -> list[np.ndarray]:
+        return token_states(texts, self.model_name, self.max_length, cache_dir=self.cache_dir,
+                            device=self.device, batch_size=self.batch_size, progress=self.progress,
+                            below_top_layers=self.top_layers)
+
+    def load(self, folder: Path) -> nn.Module:
+        check_text_model(self.model_name, self.identity)
+        encoder, _ = load_text_encoder(self.model_name)
+        return encoder
+
+    def module_threads(self, n_threads: int | None) -> int | None:
+        return n_threads
+
+
 class TorchClassifier(SavableTorchMixin, ProbaClassifierMixin, ClassifierMixin, BaseEstimator):
     """Base of the torch text classifiers: fit, predict_proba, eval set, saving, threads, seeding.
 
@@ -325,6 +385,10 @@ class TorchClassifier(SavableTorchMixin, ProbaClassifierMixin, ClassifierMixin, 
     def _check_params(self) -> None:
         """Checks across params, before fitting."""
 
+    def _top_layers_to_tune(self) -> int:
+        """With a frozen encoder: how many of its top layers train on cached states (0: none)."""
+        return 0
+
 
     # ---------------------------------------------------------------- the input strategy
 
@@ -334,6 +398,11 @@ class TorchClassifier(SavableTorchMixin, ProbaClassifierMixin, ClassifierMixin, 
     def _text_inputs(self, *, fitting: bool) -> TextInputs:
         """The input strategy: from ``freeze_encoder`` when fitting, else from what the fit recorded."""
         cached = self.freeze_encoder if fitting else self._fitted_on_cached_text()
+        top_layers = self._top_layers_to_tune() if fitting else getattr(self, "tuned_layers_", 0)
+        if cached and top_layers:
+            return CachedLayerInputs(self.model_name, self.max_length, self.text_cache_dir, self.device,
+                                     self.encode_batch_size, self.progress, top_layers=top_layers,
+                                     identity=getattr(self, "text_model_identity_", None))
         if cached:
             return CachedStateInputs(self.model_name, self.max_length, self.text_cache_dir, self.device,
                                      self.encode_batch_size, self.progress, pooled=self._pooled_states,
