@@ -131,13 +131,10 @@ class Predictor:
     @classmethod
     def from_stack(cls, stack: Any, spec: Any, **options: Any) -> Predictor:
         """A predictor of a fitted stack in memory (its OOF predictions give the review rule)."""
-        from stackcat.review import oof_for_review
+        from stackcat.review import oof_confidence
 
-        proba, source = oof_for_review(stack)
-        dense = dense_rows(proba, slice(None), spread=False)
-        correct = dense.argmax(axis=1) == np.asarray(stack.oof_target_)
-        return cls(stack, spec, oof_confidence=dense.max(axis=1), oof_correct=correct, review_source=source,
-                   **options)
+        confidence, correct, source = oof_confidence(stack)
+        return cls(stack, spec, oof_confidence=confidence, oof_correct=correct, review_source=source, **options)
 
     @classmethod
     def load(cls, path: str | Path, *, trusted: bool = False, precision: float = DEFAULT_PRECISION) -> Predictor:

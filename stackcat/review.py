@@ -96,9 +96,15 @@ def review_threshold(stack: Any, precision: float = 0.99) -> ReviewThreshold:
     >>> found.threshold, found.oof_coverage
     (0.7, 0.75)
     """
+    confidence, correct, source = oof_confidence(stack)
+    return threshold_for_precision(confidence, correct, precision, source)
+
+
+def oof_confidence(stack: Any) -> tuple[np.ndarray, np.ndarray, str]:
+    """What the review rule reads of a stack's OOF: each row's top-1 probability, whether that class was
+    right, and which OOF probabilities they are (:func:`oof_for_review`)."""
     proba, source = oof_for_review(stack)
-    truth = np.asarray(stack.oof_target_)
-    return threshold_for_precision(row_max(proba), row_argmax(proba) == truth, precision, source)
+    return row_max(proba), row_argmax(proba) == np.asarray(stack.oof_target_), source
 
 
 def threshold_for_precision(confidence: np.ndarray, correct: np.ndarray, precision: float,
