@@ -495,12 +495,9 @@ def _prediction_rows(predictions: Any, id_name: str, target_name: str) -> Any:
     })
 
 
-def _plain(value: Any) -> Any:
-    return value.item() if hasattr(value, "item") else value
-
-
 def run_evaluate(args: argparse.Namespace) -> int:
     from stackcat.bundle import is_bundle
+    from stackcat.core import plain_value
     from stackcat.data import DataError, prepare_table, read_table
     from stackcat.metrics import comparison_table
     from stackcat.predictor import Predictor
@@ -522,7 +519,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         print("warning: " + unseen, file=sys.stderr)
     if not evaluation.scored.any():
         raise DataError(f"{args.table}: no row has a category seen in training "
-                        f"(the run knows {len(stack.classes_)}, e.g. {[_plain(c) for c in stack.classes_[:5]]}): "
+                        f"(the run knows {len(stack.classes_)}, e.g. {[plain_value(c) for c in stack.classes_[:5]]}): "
                         "nothing to score. Is it the right run folder and target column?")
     report_dir = args.report_dir or (
         args.run_dir.parent / f"{args.run_dir.name}-evaluation-{args.table.stem}" if is_bundle(args.run_dir)

@@ -120,6 +120,17 @@ def normalize_rows(proba: np.ndarray) -> np.ndarray:
     return proba / totals
 
 
+def plain_value(value: Any) -> Any:
+    """A NumPy scalar as the Python value it holds (for JSON and CSV); anything else as it is.
+
+    Examples
+    --------
+    >>> plain_value(np.int64(7)), plain_value("shirt")
+    (7, 'shirt')
+    """
+    return value.item() if hasattr(value, "item") else value
+
+
 # ---------------------------------------------------------------- devices
 
 

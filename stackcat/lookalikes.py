@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from stackcat.core import plain_value
 from stackcat.files import write_text_atomic
 from stackcat.topk import row_argmax, values_at
 
@@ -264,7 +265,7 @@ def _examples_by_pair(wrong: np.ndarray, y_index: np.ndarray, predicted: np.ndar
 
 
 def _plain(value: Any) -> Any:
-    value = value.item() if hasattr(value, "item") else value
+    value = plain_value(value)
     return value if isinstance(value, (int, str)) else str(value)
 
 

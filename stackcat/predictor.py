@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 from stackcat import __version__
+from stackcat.core import plain_value
 from stackcat.review import REVIEW, ReviewThreshold, review_marks, threshold_for_precision
 from stackcat.topk import dense_rows
 
@@ -199,7 +200,7 @@ class Predictor:
     def categories(self) -> pd.DataFrame:
         """One row per category: ``category``, ``path``, ``n_train`` (training products)."""
         counts = getattr(self.stack, "class_counts_", None)
-        return pd.DataFrame({"category": [_plain(c) for c in self.classes], "path": self.category_paths,
+        return pd.DataFrame({"category": [plain_value(c) for c in self.classes], "path": self.category_paths,
                              "n_train": (np.asarray(counts, dtype=int) if counts is not None
                                          else np.zeros(len(self.classes), dtype=int))})
 
@@ -304,10 +305,10 @@ class Predictor:
             review[images.unusable] = REVIEW
         return pd.DataFrame({
             "id": frame["id"].to_numpy(dtype=object),
-            "category": [_plain(c) for c in self.classes[top[:, 0]]],
+            "category": [plain_value(c) for c in self.classes[top[:, 0]]],
             "probability": top_proba[:, 0].round(6),
             "review": review,
-            "top_categories": [[_plain(c) for c in self.classes[row]] for row in top],
+            "top_categories": [[plain_value(c) for c in self.classes[row]] for row in top],
             "top_probabilities": [row.round(6).tolist() for row in top_proba],
             "top_paths": [paths[row].tolist() for row in top],
         })
@@ -352,10 +353,6 @@ def _empty_predictions() -> pd.DataFrame:
     return pd.DataFrame({name: pd.Series(dtype=object) for name in
                          ("id", "category", "probability", "review", "top_categories", "top_probabilities",
                           "top_paths")})
-
-
-def _plain(value: Any) -> Any:
-    return value.item() if hasattr(value, "item") else value
 
 
 __all__ = ["DEFAULT_PRECISION", "DEFAULT_TOP_K", "ImageInput", "Predictor", "REVIEW", "concat_image_inputs", "load"]

@@ -48,7 +48,7 @@ from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, R
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from stackcat.core import set_threads
+from stackcat.core import plain_value, set_threads
 from stackcat.data import prepare_table
 from stackcat.serve.batching import DEFAULT_MAX_ROWS, DEFAULT_WINDOW_S, MicroBatcher
 from stackcat.serve.images import ImagePolicy
@@ -305,7 +305,7 @@ async def _payload_and_uploads(request: Request) -> tuple[Any, dict[int, bytes]]
 def _prediction(row: Any, top_k: int, service: Service) -> dict[str, Any]:
     top = [{"category": str(c), "probability": round(float(p), 6), "path": path}
            for c, p, path in zip(row.top_categories, row.top_probabilities, row.top_paths)][:top_k]
-    return {"id": _plain_id(row.id), "category": str(row.category), "probability": round(float(row.probability), 6),
+    return {"id": plain_value(row.id), "category": str(row.category), "probability": round(float(row.probability), 6),
             "review": row.review, "top": top}
 
 
@@ -316,10 +316,6 @@ def _pending_item(row: dict[str, Any], product: Any, path: str | None, service: 
             "candidates": row["top"][:5], "title": product.title, "text": product.text,
             "has_image": kept_image is not None, "image_file": kept_image}
     return with_product(item, service.products)
-
-
-def _plain_id(value: Any) -> Any:
-    return value.item() if hasattr(value, "item") else value
 
 
 async def _request_error(request: Request, exc: Exception) -> Response:

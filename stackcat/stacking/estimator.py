@@ -40,7 +40,7 @@ from sklearn.utils.metaestimators import _BaseComposition
 from sklearn.utils.validation import check_is_fitted
 
 from stackcat import __version__, topk
-from stackcat.core import encode_labels, label_positions
+from stackcat.core import encode_labels, label_positions, plain_value
 from stackcat.files import folders_fixed
 from stackcat.preflight import check_before_jobs
 from stackcat.progress import log_stage, progress_bar
@@ -697,10 +697,10 @@ class StackingCategorizer(ClassifierMixin, _BaseComposition, BaseEstimator):
             "versions": package_versions(),
             "data_fingerprint": data_key,
             "n_rows": n_rows,
-            "classes": [c.item() if hasattr(c, "item") else c for c in self.classes_],
+            "classes": [plain_value(c) for c in self.classes_],
             "folds": {"n_splits": self.n_splits, "random_state": self.random_state,
                       "fingerprint": digest(self.fold_of_row_)},
-            "rare_classes": [c.item() if hasattr(c, "item") else c for c in self.rare_classes_],
+            "rare_classes": [plain_value(c) for c in self.rare_classes_],
             "models": {name: {"class": type(est).__name__, "fingerprint": model_fingerprint(est),
                               "params": {k: repr(v) for k, v in est.get_params(deep=False).items()}}
                        for name, est in self.estimators},
