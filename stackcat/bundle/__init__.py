@@ -38,6 +38,7 @@ from stackcat.bundle.manifest import (
     MANIFEST_FILE,
     BundleError,
     check_manifest,
+    file_digests,
     write_manifest,
 )
 from stackcat.files import atomic_folder
@@ -94,7 +95,8 @@ def save_bundle(predictor: Predictor, path: str | os.PathLike, *, quantize_fastt
     """
     with atomic_folder(path) as scratch:
         fields = _write_contents(predictor, scratch, quantize_fasttext)
-        write_manifest(scratch, fields)
+        files = file_digests(scratch)  # hashed once: the model version and the manifest
+        write_manifest(scratch, {**fields, "model_version": _model_version(files)}, files)
     return Path(path)
 
 
@@ -116,7 +118,7 @@ def _write_contents(predictor: Predictor, folder: Path, quantize_fasttext: bool)
     store.write(folder / ARRAYS_FILE)
     return {"stackcat_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "source": predictor.source, "fasttext_quantized": quantize_fasttext, "versions": package_versions(),
-            "model_version": _model_version(folder), "text_models": _text_models(predictor.stack)}
+            "text_models": _text_models(predictor.stack)}
 
 
 def _stack_state(stack: Any) -> dict[str, Any]:
@@ -218,13 +220,10 @@ def _drop_cache_params(node: Any) -> None:
             _drop_cache_params(value)
 
 
-def _model_version(folder: Path) -> str:
-    """``bundle-<12 hex>``: a digest of the content, the same for the same fitted model."""
+def _model_version(digests: dict[str, dict[str, Any]]) -> str:
+    """``bundle-<12 hex>``: a digest of the content (the files' digests), the same for the same fitted model."""
     import hashlib
 
-    from stackcat.bundle.manifest import file_digests
-
-    digests = file_digests(folder)
     joined = "\n".join(f"{name} {entry['sha256']}" for name, entry in sorted(digests.items()))
     return "bundle-" + hashlib.sha256(joined.encode()).hexdigest()[:12]
 

@@ -20,7 +20,6 @@ Examples
 
 from __future__ import annotations
 
-import json
 import warnings
 from collections.abc import Callable
 from functools import cache
@@ -407,7 +406,3 @@ def _load_torch_weights(estimator: Any, folder: Path) -> None:
     if missing or unexpected:
         raise BundleFormatError(f"{path} does not fit the model: missing {missing}, unexpected {unexpected}")
 
-
-def dumps(tree: Any) -> str:
-    """The JSON text of an encoded tree (stable key order)."""
-    return json.dumps(tree, indent=1, ensure_ascii=False)

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
+
+from stackcat.files import write_text_atomic
 
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "MANIFEST_FILE", "BundleError", "check_manifest", "file_digests",
            "read_manifest", "write_manifest"]
@@ -51,15 +52,13 @@ def file_digests(folder: Path) -> dict[str, dict[str, Any]]:
             for name in _bundle_files(folder)}
 
 
-def write_manifest(folder: Path, fields: dict[str, Any]) -> dict[str, Any]:
-    """Hash every file of ``folder`` and write the manifest (flushed to disk) with ``fields``."""
-    files = file_digests(folder)
+def write_manifest(folder: Path, fields: dict[str, Any], files: dict[str, dict[str, Any]] | None = None
+                   ) -> dict[str, Any]:
+    """Write the manifest of ``folder`` (flushed to disk) with ``fields`` and its files' digests
+    (``files``, from :func:`file_digests`: hashed now when not given)."""
+    files = file_digests(folder) if files is None else files
     manifest = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **fields, "files": files}
-    path = folder / MANIFEST_FILE
-    with open(path, "w", encoding="utf-8") as handle:
-        json.dump(manifest, handle, indent=1, ensure_ascii=False)
-        handle.flush()
-        os.fsync(handle.fileno())
+    write_text_atomic(folder / MANIFEST_FILE, json.dumps(manifest, indent=1, ensure_ascii=False))
     return manifest
 
 
