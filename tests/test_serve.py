@@ -116,6 +116,27 @@ def test_a_photo_by_path_under_the_root_or_uploaded(client, image_root):
     assert form.status_code == 200, form.text
 
 
+def test_each_image_is_checked_once_and_a_product_without_one_goes_to_review(image_root, tmp_path, monkeypatch):
+    import stackcat.features.images as images
+    import stackcat.serve.images as serve_images
+
+    predictor = toy_predictor()
+    predictor._image_members = ("image",)  # as if a member read the photos
+    checked, statuses = [], images.image_statuses
+
+    def counted(paths, **options):
+        checked.extend(paths)
+        return statuses(paths, **options)
+
+    monkeypatch.setattr(serve_images, "image_statuses", counted)
+    monkeypatch.setattr(images, "image_statuses", counted)
+    with TestClient(create_app(predictor, image_roots=[image_root])) as client:
+        with_photo = categorize(client, {"name": "w1", "photo": "red.jpg"}).json()["predictions"][0]
+        without = categorize(client, {"name": "w1"}).json()["predictions"][0]
+    assert len(checked) == 1  # by the request's check; the prediction reuses it
+    assert without["review"] == "review" and with_photo["probability"] == without["probability"]
+
+
 # --------------------------------------------------------------------------- bad input
 
 

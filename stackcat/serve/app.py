@@ -50,6 +50,7 @@ from starlette.staticfiles import StaticFiles
 
 from stackcat.core import plain_value, set_threads
 from stackcat.data import prepare_table
+from stackcat.predictor import USABLE_IMAGE, ImageInput
 from stackcat.serve.batching import DEFAULT_MAX_ROWS, DEFAULT_WINDOW_S, MicroBatcher
 from stackcat.serve.images import ImagePolicy
 from stackcat.serve.inputs import (
@@ -106,9 +107,20 @@ class Service:
         """
         frame = prepare_table(raw, self.spec, with_target=False).frame
         frame["image_path"] = raw[IMAGE_FILE].to_numpy(dtype=object)
-        predictions = self.predictor.predict_prepared(frame, top_k=MAX_TOP_K)
+        predictions = self.predictor.predict_prepared(frame, top_k=MAX_TOP_K, images=self._checked_images(frame))
         return predictions.assign(title=frame["title"].to_numpy(dtype=object),
                                   text=frame["text"].to_numpy(dtype=object))
+
+    def _checked_images(self, frame: pd.DataFrame) -> ImageInput | None:
+        """The batch's image statuses, from the checks every image passed when its request came in
+        (:class:`~stackcat.serve.images.ImagePolicy`): no image file is decoded a second time."""
+        members = self.predictor.image_members
+        if not members:
+            return None
+        paths = frame["image_path"].to_numpy(dtype=object)
+        statuses = pd.DataFrame({"row": frame.index, "id": frame["id"].to_numpy(dtype=object), "image_path": paths,
+                                 "status": [USABLE_IMAGE if path else "no_path" for path in paths]})
+        return ImageInput(members, statuses, named=True)
 
     def raw_frame(self, products: list[dict[str, Any]], image_paths: list[str | None]) -> pd.DataFrame:
         """The products as a table named as the training table, with the checked image files."""
@@ -175,7 +187,7 @@ async def categorize(request: Request) -> Response:
         predictions = await service.batcher.predict(service.raw_frame(products, paths))
     finally:
         service.images.release(paths)
-    rows = [_prediction(row, top_k, service) for row in predictions.itertuples(index=False)]
+    rows = [_prediction(row, top_k) for row in predictions.itertuples(index=False)]
     for row, product, path in zip(rows, predictions.itertuples(index=False), paths):
         if row["review"] == "review":
             service.pending.add(_pending_item(row, product, path, service))
@@ -197,14 +209,14 @@ async def open_queue(request: Request) -> Response:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError:
         raise RequestError("file", "not UTF-8 text") from None
-    decided = service.store.latest() if service.store is not None else {}
+    decided = await _latest_decisions(service)
     items = queue_items(text, paths=service.paths, products=service.products, decided=decided)
     return JSONResponse({"items": items})
 
 
 async def pending_queue(request: Request) -> Response:
     service: Service = request.app.state.service
-    decided = service.store.latest() if service.store is not None else {}
+    decided = await _latest_decisions(service)
     items = [{**{k: v for k, v in item.items() if k != "image_file"}, "decided": decided.get(item["id"])}
              for item in service.pending.items()]
     return JSONResponse({"items": items})
@@ -249,12 +261,18 @@ async def add_correction(request: Request) -> Response:
     return JSONResponse(record, status_code=201)
 
 
+async def _latest_decisions(service: Service) -> dict[str, str]:
+    """Each decided id's latest label, read off the event loop (a commit may hold the store's lock)."""
+    return await run_in_threadpool(service.store.latest) if service.store is not None else {}
+
+
 async def export_corrections(request: Request) -> Response:
     service: Service = request.app.state.service
     if service.store is None:
         raise RequestError("corrections", "this server keeps no corrections (start it with --corrections FILE)",
                            status=409)
-    return PlainTextResponse(service.store.export_csv(), media_type="text/csv",
+    # off the event loop, as the writes are: the store's lock may be held through a commit's fsync
+    return PlainTextResponse(await run_in_threadpool(service.store.export_csv), media_type="text/csv",
                              headers={"content-disposition": "attachment; filename=corrections.csv"})
 
 
@@ -302,9 +320,9 @@ async def _payload_and_uploads(request: Request) -> tuple[Any, dict[int, bytes]]
     return payload, uploads
 
 
-def _prediction(row: Any, top_k: int, service: Service) -> dict[str, Any]:
+def _prediction(row: Any, top_k: int) -> dict[str, Any]:
     top = [{"category": str(c), "probability": round(float(p), 6), "path": path}
-           for c, p, path in zip(row.top_categories, row.top_probabilities, row.top_paths)][:top_k]
+           for c, p, path in zip(row.top_categories[:top_k], row.top_probabilities[:top_k], row.top_paths[:top_k])]
     return {"id": plain_value(row.id), "category": str(row.category), "probability": round(float(row.probability), 6),
             "review": row.review, "top": top}
 

@@ -78,10 +78,6 @@ class CorrectionStore:
             rows = self._db.execute("SELECT id, label FROM corrections ORDER BY seq").fetchall()
         return dict(rows)
 
-    def count(self) -> int:
-        with self._lock:
-            return int(self._db.execute("SELECT COUNT(*) FROM corrections").fetchone()[0])
-
     def export_csv(self) -> str:
         """``id,label``: the latest label of every decided id (the input of ``stackcat fit --corrections``)."""
         out = io.StringIO()
