@@ -192,15 +192,16 @@ def read_label_issues(path: str | os.PathLike) -> pd.DataFrame:
     return table
 
 
-def stack_probabilities(stack: StackingCategorizer) -> tuple[str, Any]:
+def stack_probabilities(stack: StackingCategorizer, results: dict[str, Any] | None = None) -> tuple[str, Any]:
     """The out-of-fold probabilities the stack stands behind, and their name.
 
     The chosen meta-learner's own (nested) out-of-fold probabilities when it
     was evaluated, else the members' plain average, else the single member's.
+    ``results``: ``stack.oof_results()`` when the caller has them already.
     """
     if getattr(stack, "meta_oof_", None) is not None:
         return f"meta:{type(stack.meta_).__name__}", stack.meta_oof_
-    results = stack.oof_results()
+    results = stack.oof_results() if results is None else results
     name = "average" if "average" in results else next(iter(results))
     return name, results[name]
 
@@ -216,7 +217,7 @@ class LabelIssues:
 
 
 def write_label_issues(stack: StackingCategorizer, prepared: PreparedTable, run_dir: str | os.PathLike,
-                       ) -> tuple[LabelIssues, list[str]]:
+                       proba: Any = None, source: str | None = None) -> tuple[LabelIssues, list[str]]:
     """Find the suspected label errors of a fitted stack; write ``label_issues.csv``, thumbnails and report lines.
 
     Parameters
@@ -227,6 +228,8 @@ def write_label_issues(stack: StackingCategorizer, prepared: PreparedTable, run_
         The training table (ids, text, image paths, in the stack's row order).
     run_dir : path
         The run folder.
+    proba, source : optional
+        The out-of-fold probabilities to rank by and their name (default: :func:`stack_probabilities`).
 
     Returns
     -------
@@ -246,13 +249,14 @@ def write_label_issues(stack: StackingCategorizer, prepared: PreparedTable, run_
     if len(frame) != len(y_index):
         raise ValueError(f"the table has {len(frame)} rows but the stack was fitted on {len(y_index)}: "
                          "give the table the stack was fitted on")
-    source, proba = stack_probabilities(stack)
+    if proba is None:
+        source, proba = stack_probabilities(stack)
     ranking = rank_label_issues(proba, y_index)
     table = label_issues_table(ranking, frame["id"].to_numpy(dtype=object), stack.classes_)
     path = write_text_atomic(run_dir / LABEL_ISSUES, table.to_csv(index=False))
     issues = LabelIssues(table, source, len(y_index), path)
-    flagged_rows = ranking.loc[ranking["flagged"], "row"].to_numpy()
-    return issues, label_issues_markdown(issues, frame.iloc[flagged_rows], y_index, stack.classes_, run_dir)
+    examples = ranking.loc[ranking["flagged"], "row"].to_numpy()[:REPORT_EXAMPLES]  # all the section shows
+    return issues, label_issues_markdown(issues, frame.iloc[examples], y_index, stack.classes_, run_dir)
 
 
 def label_issues_markdown(issues: LabelIssues, flagged: pd.DataFrame, y_index: np.ndarray,
@@ -301,22 +305,17 @@ def _one_line(text: Any) -> str:
 
 def _write_thumbnails(image_paths: Sequence[Any], run_dir: Path) -> list[str]:
     """A small JPEG per example photo in ``run_dir/label_issue_thumbnails``; '' where a row has no usable photo."""
-    from PIL import Image
+    from stackcat.features.images import load_image
 
     written = []
     for rank, image_path in enumerate(image_paths):
-        if not isinstance(image_path, str) or not image_path:
+        # the members' own decoder: no path, missing, corrupt or too large give no thumbnail
+        thumbnail, _ = load_image(image_path, draft_size=THUMBNAIL_PIXELS)
+        if thumbnail is None:
             written.append("")
             continue
+        thumbnail.thumbnail((THUMBNAIL_PIXELS, THUMBNAIL_PIXELS))
         relative = f"{THUMBNAILS}/{rank + 1}.jpg"
-        try:
-            with Image.open(image_path) as image:
-                image.draft("RGB", (THUMBNAIL_PIXELS, THUMBNAIL_PIXELS))  # a reduced-size JPEG decode
-                thumbnail = image.convert("RGB")
-                thumbnail.thumbnail((THUMBNAIL_PIXELS, THUMBNAIL_PIXELS))
-        except (OSError, ValueError, Image.DecompressionBombError):  # missing, corrupt or huge: no thumbnail
-            written.append("")
-            continue
         (run_dir / THUMBNAILS).mkdir(parents=True, exist_ok=True)
         with atomic_path(run_dir / relative) as temp:
             thumbnail.save(temp, format="JPEG", quality=85)

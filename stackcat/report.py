@@ -249,21 +249,23 @@ def write_run_report(stack: StackingCategorizer, prepared: PreparedTable, out_di
         notes.append(unseen)
     # the members, not the meta candidates, are the "single models" the stack is compared with
     members = [name for name, _ in stack.estimators if name in results]
-    sections = catalogue_sections(stack, prepared, out_dir) if evaluation is None else []
+    sections = catalogue_sections(stack, prepared, out_dir, results) if evaluation is None else []
     path = write_report(out_dir, results, y_index, stack.classes_, y_kind="indices",
                         train_counts=stack.class_counts_, notes=notes, base_models=members or None,
                         sections=sections)
     return RunReport(path, image_problems)
 
 
-def catalogue_sections(stack: StackingCategorizer, prepared: PreparedTable, run_dir: str | os.PathLike) -> list[str]:
+def catalogue_sections(stack: StackingCategorizer, prepared: PreparedTable, run_dir: str | os.PathLike,
+                       results: dict[str, Any] | None = None) -> list[str]:
     """The catalogue's own mistakes, from the out-of-fold probabilities: writes ``label_issues.csv`` and
-    ``lookalike_categories.csv`` into ``run_dir``; returns the report's two sections."""
+    ``lookalike_categories.csv`` into ``run_dir``; returns the report's two sections. ``results``:
+    ``stack.oof_results()`` when the caller has them already."""
     from stackcat.label_issues import stack_probabilities, write_label_issues
     from stackcat.lookalikes import write_lookalikes
 
-    source, proba = stack_probabilities(stack)
-    _, issue_lines = write_label_issues(stack, prepared, run_dir)
+    source, proba = stack_probabilities(stack, results)
+    _, issue_lines = write_label_issues(stack, prepared, run_dir, proba, source)
     _, lookalike_lines = write_lookalikes(stack, prepared, run_dir, proba, source)
     return issue_lines + lookalike_lines
 
