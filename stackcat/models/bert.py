@@ -76,7 +76,8 @@ class TopLayersClassifier(nn.Module):
     def __init__(self, encoder: nn.Module, n_layers: int, n_classes: int, dropout: float):
         super().__init__()
         self.config = copy.deepcopy(encoder.config)  # the attention implementation the mask is built for
-        self.top_layers = copy.deepcopy(transformer_layers(encoder)[len(transformer_layers(encoder)) - n_layers:])
+        layers = transformer_layers(encoder)
+        self.top_layers = copy.deepcopy(layers[len(layers) - n_layers:])
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(encoder.config.hidden_size, n_classes)
 

@@ -249,19 +249,17 @@ class ImageEmbeddingClassifier(ProbaClassifierMixin, ClassifierMixin, BaseEstima
         if cache_dir is None:
             return
         paths = column_values(X, self.image_column, what="image")
-        encoder = get_encoder(self.encoder, device=self.device)
         with limit_threads(self.n_threads):
-            for each in self._encoders(encoder):
-                image_embeddings(list(paths), each, cache_dir=cache_dir, batch_size=self.encode_batch_size,
-                                 progress=self.progress)
+            self._embed(paths, get_encoder(self.encoder, device=self.device))
 
     def _encoders(self, encoder: Any) -> list[Any]:
         return [encoder, MirroredEncoder(encoder)] if self.flip_average else [encoder]
 
-    def _embed(self, paths: np.ndarray) -> ImageEmbeddings:
-        embedded = [image_embeddings(list(paths), encoder, cache_dir=self.image_cache_dir,
+    def _embed(self, paths: np.ndarray, encoder: Any = None) -> ImageEmbeddings:
+        """The embeddings of ``paths`` by ``encoder`` (default: the fitted ``encoder_``), flip-averaged if asked."""
+        embedded = [image_embeddings(list(paths), each, cache_dir=self.image_cache_dir,
                                      batch_size=self.encode_batch_size, device=self.device, progress=self.progress)
-                    for encoder in self._encoders(self.encoder_)]
+                    for each in self._encoders(self.encoder_ if encoder is None else encoder)]
         if len(embedded) == 1:
             return embedded[0]
         plain, mirrored = embedded  # same decoded image, so the same status per row

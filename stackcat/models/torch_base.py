@@ -314,7 +314,7 @@ class CachedLayerInputs(CachedStateInputs):
         return encoder
 
     def module_threads(self, n_threads: int | None) -> int | None:
-        return n_threads
+        return None  # the estimator's own limit_threads(n_threads) holds around fit and predict
 
 
 class TorchClassifier(SavableTorchMixin, ProbaClassifierMixin, ClassifierMixin, BaseEstimator):
