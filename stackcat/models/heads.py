@@ -26,7 +26,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 from stackcat.core import encode_labels, limit_threads
 from stackcat.models._base import ProbaClassifierMixin, seed_everything
 
-__all__ = ["TorchHeadClassifier"]
+__all__ = ["TorchHeadClassifier", "inner_split", "loss_class_weights"]
 
 
 class TorchHeadClassifier(ProbaClassifierMixin, ClassifierMixin, BaseEstimator):
@@ -164,26 +164,10 @@ class TorchHeadClassifier(ProbaClassifierMixin, ClassifierMixin, BaseEstimator):
         return hidden.astype(np.float64)
 
     def _inner_split(self, y_index: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        rows = np.arange(len(y_index))
-        counts = np.bincount(y_index)
-        splittable = counts[y_index] >= 2
-        n_valid = int(round(self.validation_fraction * splittable.sum()))
-        if n_valid < len(np.unique(y_index[splittable])) or n_valid >= splittable.sum():
-            return rows, None  # too few rows to hold a stratified split out: train on all, all epochs
-        train, valid = train_test_split(rows[splittable], test_size=n_valid, stratify=y_index[splittable],
-                                        random_state=self.random_state)
-        return np.sort(np.concatenate([train, rows[~splittable]])), np.sort(valid)
+        return inner_split(y_index, self.validation_fraction, self.random_state)
 
     def _loss_weights(self, y_index: np.ndarray) -> np.ndarray | None:
-        if self.class_weight is None:
-            return None
-        class_weight = self.class_weight
-        if isinstance(class_weight, dict):  # keyed by label: to class positions
-            class_weight = {i: class_weight.get(label, 1.0) for i, label in enumerate(self.classes_)}
-        present = np.unique(y_index)
-        weights = np.ones(len(self.classes_))
-        weights[present] = compute_class_weight(class_weight, classes=present, y=y_index)
-        return weights
+        return loss_class_weights(self.class_weight, self.classes_, y_index)
 
     def _train(self, X: np.ndarray, y_index: np.ndarray, train: np.ndarray, valid: np.ndarray | None) -> None:
         history = self._train_module(X[train], y_index[train], None if valid is None else (X[valid], y_index[valid]),
@@ -226,6 +210,50 @@ class TorchHeadClassifier(ProbaClassifierMixin, ClassifierMixin, BaseEstimator):
         self.coefs_ = [layer.weight.detach().numpy().T.copy() for layer in linears]
         self.intercepts_ = [layer.bias.detach().numpy().copy() for layer in linears]
         return history
+
+
+def loss_class_weights(class_weight: dict | str | None, classes: np.ndarray,
+                       y_index: np.ndarray) -> np.ndarray | None:
+    """One loss weight per class (as scikit-learn's ``class_weight``: a dict keyed by label, or
+    ``"balanced"``), for labels encoded as positions in ``classes``; None without class weights.
+
+    Examples
+    --------
+    >>> loss_class_weights("balanced", np.array(["a", "b"]), np.array([0, 0, 0, 1])).tolist()
+    [0.6666666666666666, 2.0]
+    """
+    if class_weight is None:
+        return None
+    if isinstance(class_weight, dict):  # keyed by label: to class positions
+        class_weight = {i: class_weight.get(label, 1.0) for i, label in enumerate(classes)}
+    present = np.unique(y_index)
+    weights = np.ones(len(classes))
+    weights[present] = compute_class_weight(class_weight, classes=present, y=y_index)
+    return weights
+
+
+def inner_split(y_index: np.ndarray, validation_fraction: float,
+                random_state: int | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """``(train rows, held-out rows)``: a stratified split for early stopping, or ``(all rows, None)``.
+
+    Classes with fewer than 2 rows always stay in training; when the held-out share
+    cannot hold one row per class (or would take every row), nothing is held out.
+
+    Examples
+    --------
+    >>> train, valid = inner_split(np.array([0, 0, 0, 0, 1, 1, 1, 1, 2]), 0.5, random_state=0)
+    >>> len(train), np.array([0, 0, 0, 0, 1, 1, 1, 1, 2])[valid].tolist()
+    (5, [0, 0, 1, 1])
+    """
+    rows = np.arange(len(y_index))
+    counts = np.bincount(y_index)
+    splittable = counts[y_index] >= 2
+    n_valid = int(round(validation_fraction * splittable.sum()))
+    if n_valid < len(np.unique(y_index[splittable])) or n_valid >= splittable.sum():
+        return rows, None  # too few rows to hold a stratified split out: train on all, all epochs
+    train, valid = train_test_split(rows[splittable], test_size=n_valid, stratify=y_index[splittable],
+                                    random_state=random_state)
+    return np.sort(np.concatenate([train, rows[~splittable]])), np.sort(valid)
 
 
 class _Minibatches:

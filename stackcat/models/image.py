@@ -1,6 +1,8 @@
 """ImageEmbeddingClassifier: a frozen image encoder + a softmax head (L-BFGS logistic regression or a torch head).
 
-The head is the same whatever the encoder (open_clip, EfficientNet...).
+The head is the same whatever the encoder (open_clip, EfficientNet...). With an
+EfficientNet-Lite encoder, ``tune_top_blocks=k`` trains copies of its last ``k``
+blocks with the head instead, on cached feature maps (:mod:`stackcat.models.image_top_blocks`).
 """
 
 from __future__ import annotations
@@ -18,7 +20,14 @@ from sklearn.utils._param_validation import HasMethods, Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
 from stackcat.core import limit_threads
-from stackcat.features.image_encoders import DEFAULT_IMAGE_ENCODER, MirroredEncoder, get_encoder
+from stackcat.features.image_encoders import (
+    DEFAULT_IMAGE_ENCODER,
+    EfficientNetLite0Encoder,
+    EfficientNetLiteBlockInputs,
+    MirroredEncoder,
+    efficientnet_lite_block_count,
+    get_encoder,
+)
 from stackcat.features.images import ImageEmbeddings, image_embeddings
 from stackcat.models._base import (
     ProbaClassifierMixin,
@@ -27,7 +36,7 @@ from stackcat.models._base import (
     normalize_rows,
     proba_for_classes,
 )
-from stackcat.models.heads import TorchHeadClassifier
+from stackcat.models.heads import TorchHeadClassifier, loss_class_weights
 
 _SHOWN_ROWS = 10
 
@@ -75,7 +84,29 @@ class ImageEmbeddingClassifier(ProbaClassifierMixin, ClassifierMixin, BaseEstima
     flip_average : bool, default=False
         Also embed every image flipped left to right (cached under the encoder's
         name + ``"+hflip"``) and use the mean of both vectors, in training and
-        prediction. Costs a second encoding of each image.
+        prediction. Costs a second encoding of each image. With ``tune_top_blocks``:
+        at prediction, the mean of the probabilities of the image and of its mirror image.
+    tune_top_blocks : int, default=0
+        EfficientNet-Lite encoders only. 0: the encoder is frozen (the head trains on
+        its embeddings). ``k >= 1``: the feature maps that enter the encoder's last
+        ``k`` MBConv blocks are computed once per image and per mirror image (cached
+        as float16 in ``image_cache_dir``, keyed by the encoder, ``k`` and the image
+        size), and copies of those ``k`` blocks, the head convolution and a linear
+        classifier train on them (each epoch sees each photo plain or mirrored: flip
+        augmentation), stopping early on 10% of the rows held out (stratified) and
+        keeping the best epoch's weights. ``normalize``, ``head``, ``C`` and
+        ``max_iter`` are then unused. Costs two encodings of each image and, per
+        epoch, a forward and backward pass of the tuned blocks per training image.
+    tune_epochs : int, default=8
+        With ``tune_top_blocks``: epochs in all, the first of which trains the linear
+        classifier alone.
+    tune_lr : float, default=3e-4
+        With ``tune_top_blocks``: peak AdamW learning rate of the tuned blocks and head
+        convolution (linear warmup, then linear decay).
+    tune_head_lr : float, default=3e-3
+        With ``tune_top_blocks``: peak learning rate of the linear classifier.
+    tune_batch_size : int, default=64
+        With ``tune_top_blocks``: images per training step.
     C : float, default=100.0
         Inverse regularization strength of the logistic head. Unit-length features are small,
         hence a much larger C than scikit-learn's default 1.0: on the demo data
@@ -117,7 +148,17 @@ class ImageEmbeddingClassifier(ProbaClassifierMixin, ClassifierMixin, BaseEstima
         Fitted when ``normalize="standard"``.
     head_ : LogisticRegression, TorchHeadClassifier or DummyClassifier
         Trained on the rows with a usable image, on class indices (a
-        ``DummyClassifier`` when those rows hold a single class).
+        ``DummyClassifier`` when those rows hold a single class). Absent with
+        ``tune_top_blocks``.
+    top_blocks_state_ : dict of str to ndarray
+        With ``tune_top_blocks``: the trained weights (tuned blocks, head convolution,
+        batch norm, classifier) of a :class:`~stackcat.models.image_top_blocks.TopBlocksClassifier`.
+    feature_map_shape_ : tuple of int
+        With ``tune_top_blocks``: ``(channels, height, width)`` of the cached maps.
+    history_ : list of dict
+        With ``tune_top_blocks``: one record per epoch (stage, epoch, train_loss, valid_loss).
+    best_epoch_ : dict or None
+        With ``tune_top_blocks``: the epoch whose weights were kept (None without a held-out split).
     n_images_failed_ : int
         Training rows without a usable image.
     image_status_counts_ : dict
@@ -151,6 +192,11 @@ class ImageEmbeddingClassifier(ProbaClassifierMixin, ClassifierMixin, BaseEstima
         "normalize": [StrOptions({"l2", "standard"}), None],
         "head": [StrOptions({"logistic", "torch"}), HasMethods(["fit", "predict_proba"])],
         "flip_average": ["boolean"],
+        "tune_top_blocks": [Interval(Integral, 0, None, closed="left")],
+        "tune_epochs": [Interval(Integral, 1, None, closed="left")],
+        "tune_lr": [Interval(Real, 0, None, closed="neither")],
+        "tune_head_lr": [Interval(Real, 0, None, closed="neither")],
+        "tune_batch_size": [Interval(Integral, 1, None, closed="left")],
         "C": [Interval(Real, 0, None, closed="neither")],
         "max_iter": [Interval(Integral, 1, None, closed="left")],
         "class_weight": [dict, StrOptions({"balanced"}), None],
@@ -170,6 +216,11 @@ class ImageEmbeddingClassifier(ProbaClassifierMixin, ClassifierMixin, BaseEstima
         normalize: str | None = "l2",
         head: Any = "logistic",
         flip_average: bool = False,
+        tune_top_blocks: int = 0,
+        tune_epochs: int = 8,
+        tune_lr: float = 3e-4,
+        tune_head_lr: float = 3e-3,
+        tune_batch_size: int = 64,
         C: float = 100.0,
         max_iter: int = 1000,
         class_weight: dict | str | None = None,
@@ -186,6 +237,11 @@ class ImageEmbeddingClassifier(ProbaClassifierMixin, ClassifierMixin, BaseEstima
         self.normalize = normalize
         self.head = head
         self.flip_average = flip_average
+        self.tune_top_blocks = tune_top_blocks
+        self.tune_epochs = tune_epochs
+        self.tune_lr = tune_lr
+        self.tune_head_lr = tune_head_lr
+        self.tune_batch_size = tune_batch_size
         self.C = C
         self.max_iter = max_iter
         self.class_weight = class_weight
@@ -198,12 +254,21 @@ class ImageEmbeddingClassifier(ProbaClassifierMixin, ClassifierMixin, BaseEstima
 
     @_fit_context(prefer_skip_nested_validation=True)
     def fit(self, X: Any, y: Any) -> ImageEmbeddingClassifier:
-        """Embed the images of ``X`` and train the head on the rows whose image is usable."""
+        """Embed the images of ``X`` and train the head on the rows whose image is usable.
+
+        With ``tune_top_blocks``: compute the feature maps of the images and of their
+        mirror images, and train the top blocks and the head on them.
+        """
         paths = column_values(X, self.image_column, what="image")
         self.classes_, y_index = encode_labels(y, len(paths))
         self.encoder_ = get_encoder(self.encoder, device=self.device)
+        if self.tune_top_blocks:
+            self._block_inputs(self.encoder_)  # refuse an encoder or k that cannot be tuned before encoding
         with limit_threads(self.n_threads):
-            embedded = self._embed(paths)
+            if self.tune_top_blocks:
+                embedded, mirrored = self._maps(paths, mirrored=True)
+            else:
+                embedded = self._embed(paths)
             self._record_image_status(embedded)
             usable = embedded.ok
             if not usable.any():
@@ -215,6 +280,9 @@ class ImageEmbeddingClassifier(ProbaClassifierMixin, ClassifierMixin, BaseEstima
             if self.missing_image == "error":
                 self._raise_for_failed(embedded, paths)
             self.class_prior_ = np.bincount(y_index, minlength=len(self.classes_)) / len(y_index)
+            if self.tune_top_blocks:
+                self._fit_top_blocks(embedded.embeddings[usable], mirrored.embeddings[usable], y_index[usable])
+                return self
             self.embedding_dim_ = int(embedded.embeddings.shape[1])
             features = self._fit_features(embedded.embeddings[usable])
             self.head_ = self._make_head(y_index[usable]).fit(features, y_index[usable])
@@ -225,15 +293,22 @@ class ImageEmbeddingClassifier(ProbaClassifierMixin, ClassifierMixin, BaseEstima
 
         Rows without a usable image get ``class_prior_`` (``missing_image="prior"``).
         """
-        check_is_fitted(self, "head_")
+        check_is_fitted(self, ["head_", "top_blocks_state_"], all_or_any=any)
         paths = column_values(X, self.image_column, what="image")
+        tuned = hasattr(self, "top_blocks_state_")
         with limit_threads(self.n_threads):
-            embedded = self._embed(paths)
+            if tuned:
+                embedded, mirrored = self._maps(paths, mirrored=self.flip_average)
+            else:
+                embedded = self._embed(paths)
             if self.missing_image == "error":
                 self._raise_for_failed(embedded, paths)
             proba = np.tile(self._fallback_proba(), (len(paths), 1))
             usable = embedded.ok
-            if usable.any():
+            if usable.any() and tuned:
+                views = [embedded] + ([mirrored] if mirrored is not None else [])
+                proba[usable] = self._top_blocks_proba([view.embeddings[usable] for view in views])
+            elif usable.any():
                 head_proba = self.head_.predict_proba(self._features(embedded.embeddings[usable]))
                 proba[usable] = proba_for_classes(head_proba, self.head_.classes_,
                                                   range(len(self.classes_)))
@@ -249,8 +324,12 @@ class ImageEmbeddingClassifier(ProbaClassifierMixin, ClassifierMixin, BaseEstima
         if cache_dir is None:
             return
         paths = column_values(X, self.image_column, what="image")
+        encoder = get_encoder(self.encoder, device=self.device)
         with limit_threads(self.n_threads):
-            self._embed(paths, get_encoder(self.encoder, device=self.device))
+            if self.tune_top_blocks:
+                self._maps(paths, mirrored=True, encoder=encoder)
+            else:
+                self._embed(paths, encoder)
 
     def _encoders(self, encoder: Any) -> list[Any]:
         return [encoder, MirroredEncoder(encoder)] if self.flip_average else [encoder]
@@ -264,6 +343,59 @@ class ImageEmbeddingClassifier(ProbaClassifierMixin, ClassifierMixin, BaseEstima
             return embedded[0]
         plain, mirrored = embedded  # same decoded image, so the same status per row
         return ImageEmbeddings((plain.embeddings + mirrored.embeddings) / 2, plain.ok & mirrored.ok, plain.status)
+
+    def _block_inputs(self, encoder: Any) -> EfficientNetLiteBlockInputs:
+        """What the top-block tune trains on: the maps entering ``encoder``'s last ``tune_top_blocks`` blocks."""
+        k = self.tune_top_blocks
+        if not isinstance(encoder, EfficientNetLite0Encoder):
+            raise ValueError(
+                f"tune_top_blocks={k} tunes the top blocks of an EfficientNet-Lite encoder ('efficientnet-lite0', "
+                f"'efficientnet-lite2'); encoder {getattr(encoder, 'name', encoder)!r} is not one: use "
+                f"tune_top_blocks=0 (a frozen encoder and a head) with it"
+            )
+        n_blocks = efficientnet_lite_block_count(encoder.variant)
+        if k > n_blocks:
+            raise ValueError(f"tune_top_blocks={k}, but encoder {encoder.variant!r} has {n_blocks} MBConv blocks")
+        return EfficientNetLiteBlockInputs(encoder, k)
+
+    def _maps(self, paths: np.ndarray, mirrored: bool,
+              encoder: Any = None) -> tuple[ImageEmbeddings, ImageEmbeddings | None]:
+        """The flattened maps entering the tuned blocks, of the images and (when asked) of their mirror images."""
+        block_inputs = self._block_inputs(self.encoder_ if encoder is None else encoder)
+        encoders = [block_inputs, MirroredEncoder(block_inputs)] if mirrored else [block_inputs]
+        maps = [image_embeddings(list(paths), each, cache_dir=self.image_cache_dir, batch_size=self.encode_batch_size,
+                                 device=self.device, progress=self.progress, dtype=np.float16)
+                for each in encoders]
+        return maps[0], (maps[1] if mirrored else None)
+
+    def _fit_top_blocks(self, plain: np.ndarray, mirrored: np.ndarray, y_usable: np.ndarray) -> None:
+        if len(np.unique(y_usable)) < 2:
+            raise ValueError(f"tune_top_blocks={self.tune_top_blocks} needs at least 2 classes among the training "
+                             f"rows with a usable image; they hold only {self.classes_[y_usable[0]]!r}")
+        from stackcat.models.image_top_blocks import (
+            TopBlocksClassifier,
+            TopBlocksTraining,
+            fit_top_blocks,
+        )
+
+        block_inputs = self._block_inputs(self.encoder_)
+        model, _ = self.encoder_._model_and_preprocess()
+        module = TopBlocksClassifier(model, self.tune_top_blocks, block_inputs.map_shape, len(self.classes_))
+        training = TopBlocksTraining(epochs=self.tune_epochs, lr=self.tune_lr, head_lr=self.tune_head_lr,
+                                     batch_size=self.tune_batch_size, progress=self.progress)
+        weights = loss_class_weights(self.class_weight, self.classes_, y_usable)
+        self.history_, self.best_epoch_ = fit_top_blocks(module, plain, mirrored, y_usable, len(self.classes_),
+                                                         training, weights, self.random_state)
+        self.feature_map_shape_ = block_inputs.map_shape
+        self.top_blocks_state_ = {name: value.detach().cpu().numpy().copy()
+                                  for name, value in module.state_dict().items()}
+
+    def _top_blocks_proba(self, views: list[np.ndarray]) -> np.ndarray:
+        from stackcat.models.image_top_blocks import build_module, predict_top_blocks
+
+        module = build_module(self.encoder_.variant, self.tune_top_blocks, self.feature_map_shape_,
+                              len(self.classes_), self.top_blocks_state_)
+        return predict_top_blocks(module, views, len(self.classes_))
 
     def _record_image_status(self, embedded: ImageEmbeddings) -> None:
         self.image_status_counts_ = embedded.status_counts
