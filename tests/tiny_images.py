@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from stackcat.features.image_encoders import EfficientNetLite0Encoder
+
 # Colours that a mean-colour encoder tells apart: one per class of the toy data.
 CLASS_COLOURS = {"shirt": (200, 30, 30), "jeans": (30, 40, 190), "shoes": (30, 170, 40)}
 
@@ -148,3 +150,44 @@ def tiny_open_clip_dir(folder: Path) -> Path:
               "preprocess_cfg": {"size": 32, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}}
     (folder / "open_clip_config.json").write_text(json.dumps(config), encoding="utf-8")
     return folder
+
+
+class TinyLiteEncoder(EfficientNetLite0Encoder):
+    """EfficientNet-Lite0's architecture with seeded random weights, on 64 px images: a fast stand-in.
+
+    Every stride-2 layer sees an even size at 64 px as at 224 px, so the "same" padding
+    the architecture computes for 224 px holds. ``seed`` changes the weights and the name.
+    """
+
+    image_size = 64
+
+    def __init__(self, seed: int = 0, **settings) -> None:
+        super().__init__(**{"device": "cpu", "backend": "torch", **settings})
+        self.seed = seed
+        self.name = f"tiny-efficientnet-lite0/seed{seed}"
+
+    def _load_key(self) -> tuple:
+        return ("tiny-efficientnet-lite0", self.seed)
+
+    def _content_identity(self) -> str:
+        return self.name
+
+    def _build(self, device):
+        import torch
+
+        from stackcat.features.image_encoders import efficientnet_lite_architecture
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            model = efficientnet_lite_architecture(self.variant)
+            # Batch norm statistics of a batch of colours: with them, the random layers keep
+            # the images apart (with the identity statistics every image gets the same vector).
+            for module in model.modules():
+                if isinstance(module, torch.nn.BatchNorm2d):
+                    module.reset_running_stats()
+                    module.momentum = None  # the batch's own statistics
+            colours = torch.rand(16, 3, 1, 1) * 2 - 1
+            with torch.no_grad():
+                model.train().extract_features(colours.expand(16, 3, self.image_size, self.image_size)
+                                               + 0.1 * torch.randn(16, 3, self.image_size, self.image_size))
+        return model.eval().requires_grad_(False).to(device), self._transform()

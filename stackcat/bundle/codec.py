@@ -4,7 +4,8 @@
 go to an :class:`ArrayStore` (one ``.npz`` read with ``allow_pickle=False``),
 and the models that have a format of their own are written next to it:
 fastText ``.bin`` (or quantized ``.ftz``), CatBoost ``.cbm``, torch weights as
-``.safetensors`` (plus ``save_pretrained`` folders for a fine-tuned encoder).
+``.safetensors`` (plus ``save_pretrained`` folders for a fine-tuned encoder), and so
+are the weight arrays an estimator names in ``_tensor_attributes``.
 :func:`decode` rebuilds the objects, and only of the classes named in
 :func:`known_classes`: a name read from the file is looked up there, never
 imported.
@@ -227,8 +228,18 @@ class _Encoder:
             node["weights"] = self._torch_weights(value, key)
             for attribute in (*value._torch_attributes, *value._transient_attributes):
                 state.pop(attribute, None)
+        tensors = {name: state.pop(name) for name in getattr(value, "_tensor_attributes", ()) if name in state}
+        if tensors:
+            node["tensors"] = {name: self._safetensors(arrays, f"{key}.{name}") for name, arrays in tensors.items()}
         node["state"] = {k: self.encode(v, f"{key}.{k}") for k, v in state.items()}
         return node
+
+    def _safetensors(self, arrays: dict[str, np.ndarray], key: str) -> str:
+        """A dict of weight arrays (a torch module's state as NumPy) as one ``.safetensors`` file."""
+        from safetensors.numpy import save_file
+
+        return self._write(key, ".safetensors",
+                           lambda path: save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, path))
 
     def _fasttext(self, model: Any, key: str) -> dict[str, Any]:
         path = self._write(key, ".bin", model.save_model)
@@ -361,6 +372,10 @@ class _Decoder:
         obj = cls.__new__(cls)
         obj.__dict__.update(_param_defaults(cls))  # params added since the bundle was written
         obj.__dict__.update({k: self.decode(v) for k, v in node["state"].items()})
+        for name, relative in node.get("tensors", {}).items():
+            from safetensors.numpy import load_file
+
+            obj.__dict__[name] = load_file(str(self._file(relative)))
         if "weights" in node:
             _load_torch_weights(obj, self._file(node["weights"]))
         return obj

@@ -35,6 +35,7 @@ from stackcat.models._base import (
     encode_labels,
     normalize_rows,
     proba_for_classes,
+    seed_everything,
 )
 from stackcat.models.heads import TorchHeadClassifier, loss_class_weights
 
@@ -184,6 +185,8 @@ class ImageEmbeddingClassifier(ProbaClassifierMixin, ClassifierMixin, BaseEstima
 
     # params that change how fast, not what, it learns: left out of the run folder's job keys
     _runtime_params = ("encode_batch_size", "image_cache_dir", "n_threads", "progress")
+    # weight arrays a model bundle writes as safetensors files
+    _tensor_attributes = ("top_blocks_state_",)
 
     _parameter_constraints: dict = {
         "image_column": [str],
@@ -380,6 +383,7 @@ class ImageEmbeddingClassifier(ProbaClassifierMixin, ClassifierMixin, BaseEstima
 
         block_inputs = self._block_inputs(self.encoder_)
         model, _ = self.encoder_._model_and_preprocess()
+        seed_everything(self.random_state)  # the classifier's initial weights
         module = TopBlocksClassifier(model, self.tune_top_blocks, block_inputs.map_shape, len(self.classes_))
         training = TopBlocksTraining(epochs=self.tune_epochs, lr=self.tune_lr, head_lr=self.tune_head_lr,
                                      batch_size=self.tune_batch_size, progress=self.progress)
