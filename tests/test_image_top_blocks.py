@@ -266,8 +266,8 @@ def toy_stack_data(folder: str):
 
 def stack_for(run_dir: str) -> StackingCategorizer:
     model = tuned(Path(run_dir).parent / "cache", k=1, tune_epochs=2)
-    frozen = ImageEmbeddingClassifier(encoder=CountingEncoder(), normalize="standard", progress=False)
-    return StackingCategorizer([("colour", frozen), ("top1", model)], meta="average", n_splits=3,
+    frozen = tuned(Path(run_dir).parent / "cache", k=0)
+    return StackingCategorizer([("frozen", frozen), ("top1", model)], meta="average", n_splits=3,
                                random_state=0, run_dir=run_dir, progress=False, verbose=0)
 
 
@@ -277,7 +277,7 @@ def job_files(run_dir: Path) -> dict[str, bytes]:
 
 def counting(fit, calls: list[str], name: str):
     def counted(self, *args, **kwargs):
-        calls.append(name if self.tune_top_blocks else "colour")
+        calls.append(name if self.tune_top_blocks else "frozen")
         return fit(self, *args, **kwargs)
     return counted
 
