@@ -63,8 +63,7 @@ def tuned(cache_dir=None, k=1, **params) -> ImageEmbeddingClassifier:
 
 def untrained_module(encoder, k: int) -> tuple[TopBlocksClassifier, EfficientNetLiteBlockInputs]:
     block_inputs = EfficientNetLiteBlockInputs(encoder, k)
-    model, _ = encoder._model_and_preprocess()
-    return TopBlocksClassifier(model, k, block_inputs.map_shape, n_classes=3).eval(), block_inputs
+    return TopBlocksClassifier(encoder.network(), k, block_inputs.map_shape, n_classes=3).eval(), block_inputs
 
 
 @pytest.mark.parametrize("k", [1, 2])
@@ -144,6 +143,15 @@ def test_top_blocks_learn_and_the_head_only_stage_leaves_them_alone(toy, cache_d
     changed = [name for name, value in pretrained.state_dict().items()
                if not name.startswith("classifier.") and not np.array_equal(clf.top_blocks_state_[name], value.numpy())]
     assert any(name.startswith("blocks.0.") for name in changed) and any(n.startswith("conv_head.") for n in changed)
+
+
+def test_a_refit_in_the_other_mode_forgets_the_tuned_weights(toy, cache_dir):
+    frame, labels = toy
+    clf = tuned(cache_dir, k=1, tune_epochs=2).fit(frame, labels)
+    frozen = clf.set_params(tune_top_blocks=0).fit(frame, labels)
+    assert not hasattr(frozen, "top_blocks_state_") and not hasattr(frozen, "history_")
+    np.testing.assert_array_equal(frozen.predict_proba(frame), tuned(cache_dir, k=0).fit(frame, labels).predict_proba(frame))
+    assert not hasattr(frozen.set_params(tune_top_blocks=1).fit(frame, labels), "head_")
 
 
 def test_the_same_seed_gives_the_same_model(toy, cache_dir):
@@ -324,8 +332,7 @@ def test_real_weights_cached_path_equals_the_encoder_under_onnxruntime(variant):
     expected = torch_encoder.encode(images)
     block_inputs = EfficientNetLiteBlockInputs(get_encoder(variant, device="cpu", backend="onnx"), 1)
     maps = block_inputs.encode(images)  # the frozen part under onnxruntime
-    model, _ = torch_encoder._model_and_preprocess()
-    module = TopBlocksClassifier(model, 1, block_inputs.map_shape, n_classes=3).eval()
+    module = TopBlocksClassifier(torch_encoder.network(), 1, block_inputs.map_shape, n_classes=3).eval()
     with torch.no_grad():
         pooled = module.pooled(torch.from_numpy(maps)).numpy()
         from_fp16 = module.pooled(torch.from_numpy(maps.astype(np.float16).astype(np.float32))).numpy()

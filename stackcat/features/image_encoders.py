@@ -548,6 +548,11 @@ class EfficientNetLite0Encoder(_TorchImageEncoder):
     def _transform(self) -> Callable:
         return _resize_crop_scale(self.image_size, self._MEAN[0], self._STD[0])
 
+    def network(self) -> Any:
+        """The frozen torch network (``efficientnet_lite_pytorch.EfficientNet``), loaded once and shared."""
+        model, _ = self._model_and_preprocess()
+        return model
+
     def _forward(self, model: Any, batch: Any) -> Any:
         import torch
 

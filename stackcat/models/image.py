@@ -40,6 +40,9 @@ from stackcat.models._base import (
 from stackcat.models.heads import TorchHeadClassifier, loss_class_weights
 
 _SHOWN_ROWS = 10
+# fitted attributes of one mode only: the frozen encoder's head, or the tuned top blocks
+_MODE_ATTRIBUTES = ("head_", "scaler_", "embedding_dim_", "top_blocks_state_", "feature_map_shape_", "history_",
+                    "best_epoch_")
 
 
 class ImageEmbeddingClassifier(ProbaClassifierMixin, ClassifierMixin, BaseEstimator):
@@ -263,6 +266,8 @@ class ImageEmbeddingClassifier(ProbaClassifierMixin, ClassifierMixin, BaseEstima
         mirror images, and train the top blocks and the head on them.
         """
         paths = column_values(X, self.image_column, what="image")
+        for name in _MODE_ATTRIBUTES:  # a refit in the other mode must not predict with this one's weights
+            self.__dict__.pop(name, None)
         self.classes_, y_index = encode_labels(y, len(paths))
         self.encoder_ = get_encoder(self.encoder, device=self.device)
         if self.tune_top_blocks:
@@ -382,14 +387,13 @@ class ImageEmbeddingClassifier(ProbaClassifierMixin, ClassifierMixin, BaseEstima
         )
 
         block_inputs = self._block_inputs(self.encoder_)
-        model, _ = self.encoder_._model_and_preprocess()
         seed_everything(self.random_state)  # the classifier's initial weights
-        module = TopBlocksClassifier(model, self.tune_top_blocks, block_inputs.map_shape, len(self.classes_))
+        module = TopBlocksClassifier(self.encoder_.network(), self.tune_top_blocks, block_inputs.map_shape, len(self.classes_))
         training = TopBlocksTraining(epochs=self.tune_epochs, lr=self.tune_lr, head_lr=self.tune_head_lr,
                                      batch_size=self.tune_batch_size, progress=self.progress)
         weights = loss_class_weights(self.class_weight, self.classes_, y_usable)
-        self.history_, self.best_epoch_ = fit_top_blocks(module, plain, mirrored, y_usable, len(self.classes_),
-                                                         training, weights, self.random_state)
+        self.history_, self.best_epoch_ = fit_top_blocks(module, plain, mirrored, y_usable, training, weights,
+                                                         self.random_state)
         self.feature_map_shape_ = block_inputs.map_shape
         self.top_blocks_state_ = {name: value.detach().cpu().numpy().copy()
                                   for name, value in module.state_dict().items()}

@@ -133,7 +133,7 @@ class TopBlocksTraining:
 
 
 def fit_top_blocks(module: TopBlocksClassifier, plain: np.ndarray, mirrored: np.ndarray, y_index: np.ndarray,
-                   n_classes: int, training: TopBlocksTraining, class_weight: np.ndarray | None,
+                   training: TopBlocksTraining, class_weight: np.ndarray | None,
                    random_state: int | None) -> tuple[list[dict], dict | None]:
     """Train ``module`` on the maps of the photos (``plain``) and of their mirror images; returns its history.
 
