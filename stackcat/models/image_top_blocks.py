@@ -37,7 +37,7 @@ from stackcat.models.training import (
     training_callbacks,
 )
 
-__all__ = ["TopBlocksClassifier", "TopBlocksTraining", "fit_top_blocks", "predict_top_blocks"]
+__all__ = ["TopBlocksClassifier", "TopBlocksTraining", "build_module", "fit_top_blocks", "predict_top_blocks"]
 
 # Share of the training photos held out for early stopping.
 VALIDATION_FRACTION = 0.1
@@ -109,7 +109,13 @@ class TopBlocksClassifier(nn.Module):
 
 def build_module(variant: str, n_blocks: int, map_shape: tuple[int, int, int], n_classes: int,
                  state: dict[str, np.ndarray] | None = None) -> TopBlocksClassifier:
-    """A :class:`TopBlocksClassifier` of ``variant``'s architecture, with ``state`` (NumPy weights) loaded."""
+    """A :class:`TopBlocksClassifier` of ``variant``'s architecture, with ``state`` (NumPy weights) loaded.
+
+    Examples
+    --------
+    >>> build_module("efficientnet-lite0", 1, (192, 7, 7), n_classes=3).classifier.out_features
+    3
+    """
     module = TopBlocksClassifier(efficientnet_lite_architecture(variant), n_blocks, map_shape, n_classes)
     if state is not None:
         module.load_state_dict({name: torch.from_numpy(np.asarray(value)) for name, value in state.items()})
@@ -140,6 +146,14 @@ def fit_top_blocks(module: TopBlocksClassifier, plain: np.ndarray, mirrored: np.
     ``VALIDATION_FRACTION`` of the photos (stratified, plain maps) are held out for early
     stopping; the module ends with the weights of the epoch with the lowest held-out loss.
     Returns ``(history, best_epoch)`` as :func:`stackcat.models.training.history_records`.
+
+    Examples
+    --------
+    >>> module = TopBlocksClassifier(encoder.network(), 1, (192, 7, 7), n_classes=75)  # doctest: +SKIP
+    >>> history, best = fit_top_blocks(module, plain, mirrored, y_index, TopBlocksTraining(epochs=6),
+    ...                                class_weight=None, random_state=0)  # doctest: +SKIP
+    >>> best["stage"], best["epoch"]  # doctest: +SKIP
+    ('top1', 4)
     """
     seed_everything(random_state)
     train, valid = inner_split(y_index, VALIDATION_FRACTION, random_state)
@@ -171,7 +185,13 @@ def _stages(module: TopBlocksClassifier, training: TopBlocksTraining) -> list[St
 def predict_top_blocks(module: TopBlocksClassifier, maps: list[np.ndarray], n_classes: int,
                        batch_size: int = 256) -> np.ndarray:
     """Probabilities ``(n, n_classes)``: the mean of the module's softmax over each array of ``maps``
-    (the photos' maps, and those of their mirror images for flip averaging)."""
+    (the photos' maps, and those of their mirror images for flip averaging).
+
+    Examples
+    --------
+    >>> predict_top_blocks(module, [plain, mirrored], n_classes=75).shape  # doctest: +SKIP
+    (1917, 75)
+    """
     proba = [predict_probabilities(module, _rows(each, batch_size), len(each), n_classes, torch.device("cpu"))
              for each in maps]
     return np.mean(proba, axis=0)
