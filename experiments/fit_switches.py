@@ -102,7 +102,7 @@ def photo_labels(data: Path, label: str) -> np.ndarray:
     from image_encoders_myntra import image_subset
 
     ids = image_subset(data)["id"]
-    raw = read_table(data / "styles_merged.csv").set_index("id").loc[ids].reset_index()
+    raw = pd.read_csv(data / "styles_merged.csv").set_index("id").loc[ids].reset_index()
     values = raw[label.split("+")].fillna("?").astype(str).to_numpy(dtype=object)
     return np.asarray([" | ".join(row) for row in values], dtype=object)
 
