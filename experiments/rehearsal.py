@@ -56,6 +56,9 @@ CLASS_LINEAR = {"fasttext", "lexical", "image", "clip"}  # "clip": the image mem
 # The switches' stages: fit_switches.py's switch name -> the rehearsal's stage names.
 SWITCH_STAGES = {"fasttext": ("member_fasttext",), "lexical": ("member_lexical",),
                  "image_head": ("member_image", "member_clip")}
+# fit_switches.py configs: what the defaults now do at 874 classes, and what they did when measured
+CHOSEN = {"fasttext": "fasttext loss=softmax", "lexical": "lexical max_iter=10", "image_head": "image head=torch"}
+BASELINE = {"fasttext": "fasttext loss=softmax", "lexical": "lexical max_iter=10", "image_head": "image head=logistic"}
 
 
 def fit_one(raw, size: int, run_dir: Path, data_dir: Path) -> dict:
@@ -134,12 +137,13 @@ def meta_factor(measured_rows: int, target_rows: int, bound: int | None) -> floa
 
 def switch_factors(path: Path, chosen: dict[str, str], baseline: dict[str, str],
                    label: str = "articleType+baseColour") -> dict[str, float]:
-    """Fit-time ratio chosen / baseline per switch, from fit_switches.py's JSON lines at ``label``."""
+    """Fit CPU-time ratio chosen / baseline per switch, from fit_switches.py's JSON lines at ``label``
+    (CPU seconds: the wall seconds of a shared box say more about the neighbours' load)."""
     seconds = {}
     for line in path.read_text().splitlines():
         row = json.loads(line)
         if row["label"] == label:
-            seconds[(row["switch"], row["config"])] = row["fit_seconds"]
+            seconds[(row["switch"], row["config"])] = row["fit_cpu_seconds"]
     return {switch: seconds[(switch, chosen[switch])] / seconds[(switch, baseline[switch])]
             for switch in chosen if (switch, chosen[switch]) in seconds and (switch, baseline[switch]) in seconds}
 
