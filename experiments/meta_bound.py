@@ -5,8 +5,8 @@
 RUN_DIR is a finished ``stackcat fit`` run folder (its table is read again from the
 path in table.json; the retrieval signals are recomputed out of fold from the
 run's cached embeddings, as the fit computes them). One split: the meta learns
-from the OOF probabilities and signals of the rows outside the run's fold 0 and
-is scored on fold 0's rows, once per bound (RerankMeta defaults otherwise,
+from the OOF probabilities and signals of the rows outside one of the run's folds
+(``--fold``, default 0) and is scored on that fold's rows, once per bound (RerankMeta defaults otherwise,
 random_state 0). With ``meta="auto"`` the fit runs this learner six times (five
 nested folds and the final fit), so its fit seconds here are about a sixth of
 the meta stage.
@@ -35,6 +35,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--bounds", nargs="+", type=bound_value, default=[None, 20_000, 10_000])
+    parser.add_argument("--fold", type=int, default=0, help="the run's fold scored (the meta learns from the others)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     table = json.loads((args.run_dir / "table.json").read_text())
@@ -46,7 +47,7 @@ def main() -> None:
     start = time.perf_counter()
     signals = stack._fit_signals(frame, y_index)
     signal_seconds = time.perf_counter() - start
-    train, test = np.flatnonzero(stack.fold_of_row_ != 0), np.flatnonzero(stack.fold_of_row_ == 0)
+    train, test = np.flatnonzero(stack.fold_of_row_ != args.fold), np.flatnonzero(stack.fold_of_row_ == args.fold)
     oof_train = {k: topk.take_rows(v, train) for k, v in stack.oof_.items()}
     oof_test = {k: topk.take_rows(v, test) for k, v in stack.oof_.items()}
     signals_train = {k: topk.take_rows(v, train) for k, v in signals.items()}
@@ -64,7 +65,7 @@ def main() -> None:
                      "fit_seconds": round(fit_wall, 1), "fit_cpu_seconds": round(fit_cpu, 1),
                      "iterations": int(meta.best_iteration_)})
         print(json.dumps(rows[-1]), flush=True)
-    summary = {"run_dir": str(args.run_dir), "signal_seconds": round(signal_seconds, 1), "rows": rows}
+    summary = {"run_dir": str(args.run_dir), "fold": args.fold, "signal_seconds": round(signal_seconds, 1), "rows": rows}
     print(json.dumps(summary, indent=2))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
