@@ -32,7 +32,8 @@ DEFAULT_PRESET = "default"
 # What each preset of stackcat.presets.PRESETS holds and costs (measured) for --help, which imports no model code.
 PRESET_COSTS = {
     "default": "fasttext, lexical, then bert (frozen), image, fusion and knn_text where their weights are at "
-               "hand",
+               "hand; measured: the demo's 2,005 products in 137 s on a quiet 2-core box (68 errors, 3.4%%), "
+               "44,446 Myntra products in 2,792 CPU-s, 62 min on 2 shared cores (2.08%% errors)",
     "best": "default + knn_image, the text encoder's top layer tuned, flip-averaged photos",
 }
 ALL_MODELS = "fasttext,lexical,bert,image,fusion,knn_text,knn_image"
