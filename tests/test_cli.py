@@ -133,3 +133,50 @@ def test_demo_end_to_end_small(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "report:" in result.stdout and (tmp_path / "demo" / "report.md").exists()
+
+
+def _built_models(monkeypatch, argv):
+    from stackcat import cli
+
+    built = {}
+    monkeypatch.setattr(cli, "_fit_and_report", lambda prepared, models, *args, **kwargs: built.update(models))
+    assert main(argv) in (EXIT_OK, None)
+    return built
+
+
+def test_fit_builds_the_preset_and_explicit_flags_override_it(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from stackcat.presets import get_preset
+
+    train = Path(__file__).parent / "data" / "ke_products.csv"
+    common = ["fit", str(train), "--no-progress", "--text-model", "/models/e5"]
+    plain = _built_models(monkeypatch, [*common, "--run-dir", str(tmp_path / "a")])
+    assert list(plain) == ["fasttext", "lexical", "bert", "knn_text"]  # no photos: no image members
+    assert plain["bert"].freeze_encoder  # the default preset freezes the encoder on any device
+    best = _built_models(monkeypatch, [*common, "--run-dir", str(tmp_path / "b"), "--preset", "best",
+                                       "--param", "bert__epochs=2", "--max-length", "40",
+                                       "--no-freeze-text-encoder", "--models", "bert,lexical"])
+    assert list(best) == ["bert", "lexical"]
+    bert = best["bert"]
+    assert bert.epochs == 2 and bert.max_length == 40 and not bert.freeze_encoder
+    assert bert.tune_top_layers == get_preset("best").params["bert"]["tune_top_layers"]
+
+
+def test_fit_refuses_an_unknown_preset_with_the_names_before_any_work(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as info:
+        main(["fit", "missing.csv", "--preset", "fastest", "--run-dir", str(tmp_path / "run")])
+    assert info.value.code == EXIT_USAGE
+    assert "invalid choice: 'fastest' (choose from 'default', 'best')" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_demo_takes_a_preset_and_keeps_its_own_settings(tmp_path, monkeypatch):
+    from stackcat.presets import get_preset
+
+    built = _built_models(monkeypatch, ["demo", "--preset", "best", "--models", "fasttext,bert", "--rows", "200",
+                                        "--run-dir", str(tmp_path / "demo")])
+    assert built["fasttext"].get_params()["n_threads"] == 1  # the demo's own param
+    assert built["bert"].tune_top_layers == get_preset("best").params["bert"]["tune_top_layers"]
+    assert built["bert"].max_length == 32  # the demo's text length wins over the preset's

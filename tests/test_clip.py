@@ -230,3 +230,15 @@ def test_warm_cache_encodes_every_image_once_for_later_folds(toy, tmp_path):
     clear_memory_cache()
     clf.fit(paths, y).predict_proba(paths)
     assert encoder.calls == calls  # fit and predict only read the cache
+
+
+def test_auto_head_is_logistic_up_to_the_class_threshold_and_torch_above(toy, monkeypatch):
+    from sklearn.linear_model import LogisticRegression
+
+    from stackcat.models import image
+
+    paths, y = toy  # 3 classes
+    assert isinstance(stub_classifier().fit(paths, y).head_, LogisticRegression)
+    monkeypatch.setattr(image, "TORCH_HEAD_ABOVE", 2)
+    assert isinstance(stub_classifier().fit(paths, y).head_, TorchHeadClassifier)
+    assert isinstance(stub_classifier(head="logistic").fit(paths, y).head_, LogisticRegression)

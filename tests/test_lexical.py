@@ -107,3 +107,15 @@ def test_repeatable():
     a = clone(TfidfClassifier()).fit(X, y).predict_proba(X)
     b = clone(TfidfClassifier()).fit(X, y).predict_proba(X)
     np.testing.assert_array_equal(a, b)
+
+
+def test_auto_passes_are_fewer_above_the_class_threshold(monkeypatch):
+    from stackcat.models import lexical
+
+    X = ["red cotton shirt", "blue denim jeans", "green wool hat"] * 20
+    y = ["shirt", "jeans", "hat"] * 20
+    tight = {"tol": 1e-12, "random_state": 0}  # no early stop: every allowed pass runs
+    assert TfidfClassifier(**tight).fit(X, y).n_iter_ == lexical.AUTO_PASSES
+    monkeypatch.setattr(lexical, "MANY_CLASSES", 2)
+    assert TfidfClassifier(**tight).fit(X, y).n_iter_ == lexical.AUTO_PASSES_MANY_CLASSES
+    assert TfidfClassifier(max_iter=7, **tight).fit(X, y).n_iter_ == 7

@@ -1,12 +1,19 @@
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from stackcat.presets import (
     FROZEN_BERT,
     FROZEN_FUSION,
+    MODEL_NAMES,
+    PRESETS,
     ModelOptions,
     build_models,
+    get_preset,
+    preset_members,
+    preset_params,
     register_model,
     unregister_model,
 )
@@ -71,3 +78,40 @@ def test_register_model_adds_a_name_and_unregister_removes_it():
         unregister_model("lexical")
     with pytest.raises(ValueError, match="comma"):
         register_model("a,b", lambda options: MultinomialNB())
+
+
+def test_default_preset_keeps_the_members_whose_weights_are_at_hand():
+    default = get_preset("default")
+    assert preset_members(default, text_model=False, image_encoder=False, images=True) == ["fasttext", "lexical"]
+    assert preset_members(default, text_model=True, image_encoder=True, images=False) == \
+        ["fasttext", "lexical", "bert", "knn_text"]  # no photos in the table: no image members
+    assert preset_members(default, text_model=True, image_encoder=True, images=True) == \
+        ["fasttext", "lexical", "bert", "image", "fusion", "knn_text"]
+
+
+def test_preset_params_are_overridden_key_by_key():
+    best = get_preset("best")
+    params = preset_params(best, ["bert", "image", "lexical"], {"bert": {"epochs": 2}, "lexical": {"C": 3.0}})
+    assert params["bert"]["epochs"] == 2 and params["bert"]["tune_top_layers"] == best.params["bert"]["tune_top_layers"]
+    assert params["image"] == dict(best.params["image"]) and params["lexical"] == {"C": 3.0}
+
+
+def test_every_preset_builds_with_its_params():
+    options = ModelOptions(text_model="/models/e5", image_encoder="efficientnet-lite0")
+    for preset in PRESETS.values():
+        names = preset_members(preset, text_model=True, image_encoder=True, images=True)
+        assert set(names) <= set(MODEL_NAMES) and set(preset.params) <= set(names)
+        built = dict(build_models(names, replace(options, **preset.options), preset_params(preset, names)))
+        for name, params in preset.params.items():
+            assert {k: built[name].get_params()[k] for k in params} == dict(params)
+
+
+def test_unknown_preset_lists_the_names():
+    with pytest.raises(ValueError, match=r"unknown preset 'fast'; choose one of \['default', 'best'"):
+        get_preset("fast")
+
+
+def test_the_cli_describes_every_preset():
+    from stackcat.cli import DEFAULT_PRESET, PRESET_COSTS
+
+    assert list(PRESET_COSTS) == list(PRESETS) and DEFAULT_PRESET in PRESETS

@@ -132,9 +132,12 @@ class RerankMeta(_BoostedMeta):
     hierarchy_levels : int, default=2
         With ``ancestors`` in ``fit``: each model's probability mass on the
         candidate's parent (1), grandparent (2) ...; 0 switches it off.
-    max_train_products : int or None, default=300000
+    max_train_products : int or None, default=20000
         The booster learns from at most this many products (a random sample);
-        None uses all. Prediction always scores every product.
+        None uses all. Prediction always scores every product. With
+        ``meta="auto"`` the meta is fitted six times (five nested folds and the
+        final fit), so this bounds most of the meta stage's time at scale
+        (experiments/RESULTS.md, "Fit time at scale").
     early_stopping_rounds : int or None, default=50
         None (or ``eval_fraction=0``) trains ``iterations`` trees on all
         products, with temperature 1.
@@ -213,7 +216,7 @@ class RerankMeta(_BoostedMeta):
         signal_groups: Sequence[str] = ("retrieval", "names"),
         candidate_signals: Sequence[str] = ("knn_share", "name:"),
         hierarchy_levels: int = 2,
-        max_train_products: int | None = 300_000,
+        max_train_products: int | None = 20_000,
         early_stopping_rounds: int | None = 50,
         eval_fraction: float = 0.15,
         refit: bool = False,
