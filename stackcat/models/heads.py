@@ -164,15 +164,7 @@ class TorchHeadClassifier(ProbaClassifierMixin, ClassifierMixin, BaseEstimator):
         return hidden.astype(np.float64)
 
     def _inner_split(self, y_index: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        rows = np.arange(len(y_index))
-        counts = np.bincount(y_index)
-        splittable = counts[y_index] >= 2
-        n_valid = int(round(self.validation_fraction * splittable.sum()))
-        if n_valid < len(np.unique(y_index[splittable])) or n_valid >= splittable.sum():
-            return rows, None  # too few rows to hold a stratified split out: train on all, all epochs
-        train, valid = train_test_split(rows[splittable], test_size=n_valid, stratify=y_index[splittable],
-                                        random_state=self.random_state)
-        return np.sort(np.concatenate([train, rows[~splittable]])), np.sort(valid)
+        return inner_split(y_index, self.validation_fraction, self.random_state)
 
     def _loss_weights(self, y_index: np.ndarray) -> np.ndarray | None:
         if self.class_weight is None:
@@ -226,6 +218,30 @@ class TorchHeadClassifier(ProbaClassifierMixin, ClassifierMixin, BaseEstimator):
         self.coefs_ = [layer.weight.detach().numpy().T.copy() for layer in linears]
         self.intercepts_ = [layer.bias.detach().numpy().copy() for layer in linears]
         return history
+
+
+def inner_split(y_index: np.ndarray, fraction: float,
+                random_state: int | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """``(train, valid)`` row positions: ``fraction`` of the rows held out, stratified.
+
+    Classes with fewer than 2 rows stay in training; ``valid`` is None when too
+    few rows are left to hold one row of each class out.
+
+    Examples
+    --------
+    >>> train, valid = inner_split(np.array([0, 0, 1, 1, 2, 2, 2, 2, 3]), 0.4, 0)
+    >>> valid.tolist(), 8 in train  # one row of each class with 2+ rows; class 3's only row trains
+    ([0, 3, 5], True)
+    """
+    rows = np.arange(len(y_index))
+    counts = np.bincount(y_index)
+    splittable = counts[y_index] >= 2
+    n_valid = int(round(fraction * splittable.sum()))
+    if n_valid < len(np.unique(y_index[splittable])) or n_valid >= splittable.sum():
+        return rows, None  # too few rows to hold a stratified split out: train on all, all epochs
+    train, valid = train_test_split(rows[splittable], test_size=n_valid, stratify=y_index[splittable],
+                                    random_state=random_state)
+    return np.sort(np.concatenate([train, rows[~splittable]])), np.sort(valid)
 
 
 class _Minibatches:
