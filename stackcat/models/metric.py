@@ -91,6 +91,8 @@ class MetricSpaceClassifier(ProbaClassifierMixin, ClassifierMixin, BaseEstimator
         Dimensions of the learned space.
     hidden_units : int, default=0
         Units of a hidden ReLU layer before the projection; 0 = a linear projection.
+    dropout : float, default=0.0
+        Dropout on the standardized inputs while training.
     margin : float, default=0.1
         Additive cosine margin of the true class in the training loss.
     scale : float, default=16.0
@@ -185,6 +187,7 @@ class MetricSpaceClassifier(ProbaClassifierMixin, ClassifierMixin, BaseEstimator
         "image_cache_dir": [str, os.PathLike, None],
         "dim": [Interval(Integral, 2, None, closed="left")],
         "hidden_units": [Interval(Integral, 0, None, closed="left")],
+        "dropout": [Interval(Real, 0, 1, closed="left")],
         "margin": [Interval(Real, 0, 1, closed="left")],
         "scale": [Interval(Real, 0, None, closed="neither")],
         "learning_rate": [Interval(Real, 0, None, closed="neither")],
@@ -218,6 +221,7 @@ class MetricSpaceClassifier(ProbaClassifierMixin, ClassifierMixin, BaseEstimator
         image_cache_dir: str | os.PathLike | None = None,
         dim: int = 128,
         hidden_units: int = 0,
+        dropout: float = 0.0,
         margin: float = 0.1,
         scale: float = 16.0,
         learning_rate: float = 1e-3,
@@ -248,6 +252,7 @@ class MetricSpaceClassifier(ProbaClassifierMixin, ClassifierMixin, BaseEstimator
         self.image_cache_dir = image_cache_dir
         self.dim = dim
         self.hidden_units = hidden_units
+        self.dropout = dropout
         self.margin = margin
         self.scale = scale
         self.learning_rate = learning_rate
@@ -438,7 +443,8 @@ class MetricSpaceClassifier(ProbaClassifierMixin, ClassifierMixin, BaseEstimator
         from stackcat.models.training import Stage, TrainingLoop, training_callbacks
 
         seed_everything(self.random_state)
-        module = _proxy_space_module(X.shape[1], self.hidden_units, self.dim, len(self.classes_), self.scale)
+        module = _proxy_space_module(X.shape[1], self.hidden_units, self.dim, len(self.classes_), self.scale,
+                                     self.dropout)
         margin_logit = self.scale * self.margin
 
         def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -506,7 +512,8 @@ def fit_temperature(cosines: np.ndarray, y_index: np.ndarray) -> float:
     return float(np.exp(result.x))
 
 
-def _proxy_space_module(n_features: int, hidden_units: int, dim: int, n_classes: int, scale: float) -> Any:
+def _proxy_space_module(n_features: int, hidden_units: int, dim: int, n_classes: int, scale: float,
+                        dropout: float) -> Any:
     """``features -> scale * cos(unit projection, unit class proxies)``: the logits of the proxy loss."""
     import torch
     from torch import nn
@@ -519,10 +526,11 @@ def _proxy_space_module(n_features: int, hidden_units: int, dim: int, n_classes:
             for n_in, n_out in zip(sizes[:-1], sizes[1:], strict=True):
                 layers += [nn.Linear(n_in, n_out), nn.ReLU()]
             self.layers = nn.Sequential(*layers[:-1])
+            self.dropout = nn.Dropout(dropout)
             self.proxies = nn.Parameter(torch.randn(n_classes, dim) / dim ** 0.5)
 
         def forward(self, features):
-            projected = nn.functional.normalize(self.layers(features), dim=1)
+            projected = nn.functional.normalize(self.layers(self.dropout(features)), dim=1)
             return scale * projected @ nn.functional.normalize(self.proxies, dim=1).T
 
     return ProxySpace()
