@@ -118,8 +118,8 @@ def run(args: argparse.Namespace) -> None:
     out["signals"] = sorted(signals)
     for name, proba in stack.oof_.items():
         out["stack"].append(scores(f"member {name}", proba, y_index))
-    for space, with_member, with_signals in (("off", False, False), ("member only", True, False),
-                                             ("signals only", False, True), ("member + signals", True, True)):
+    for space, with_member, with_signals in (("off", False, False), ("member + signals", True, True),
+                                             ("member only", True, False), ("signals only", False, True)):
         oof = {k: v for k, v in stack.oof_.items() if with_member or k != "metric"}
         if not with_signals:
             out["stack"].append(scores(f"average [{space}]", np.mean(list(oof.values()), axis=0), y_index))
