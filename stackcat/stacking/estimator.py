@@ -110,7 +110,10 @@ class StackingCategorizer(ClassifierMixin, _BaseComposition, BaseEstimator):
         for every member that can embed its input (``embed(X)``, e.g.
         :class:`~stackcat.models.neighbours.NeighboursClassifier`), each
         product's cosine to every class's centroid and nearest product, and
-        each class's share of its nearest neighbours -- computed out of fold.
+        each class's share of its nearest neighbours -- computed out of fold. A
+        member with a learned space (``project(X)``, e.g.
+        :class:`~stackcat.models.metric.MetricSpaceClassifier`) gives the same
+        signals in its space, each fold's model scoring its own held-out rows.
     category_names : "auto", mapping or None, default="auto"
         Names of the classes, embedded by a member's text encoder
         (``embed_texts``) to score each product against each category's name.
