@@ -29,6 +29,7 @@ _EXPORTS = {
     "FusionClassifier": "stackcat.models.fusion",
     "TfidfClassifier": "stackcat.models.lexical",
     "NeighboursClassifier": "stackcat.models.neighbours",
+    "MetricSpaceClassifier": "stackcat.models.metric",
     "TorchHeadClassifier": "stackcat.models.heads",
     "StackingCategorizer": "stackcat.stacking",
     "RerankMeta": "stackcat.meta",

@@ -38,7 +38,7 @@ PRESET_COSTS = {
             "308 s per fold of 7,666 texts against 18 s for the frozen head), flip-averaged photos (each photo "
             "encoded twice)",
 }
-ALL_MODELS = "fasttext,lexical,bert,image,fusion,knn_text,knn_image"
+ALL_MODELS = "fasttext,lexical,bert,image,fusion,knn_text,knn_image,metric"
 
 
 _RUN_FOLDER_NAMES = ("TABLE_SETTINGS", "DATA_PROBLEMS", "IMAGE_PROBLEMS")

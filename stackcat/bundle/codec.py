@@ -77,6 +77,7 @@ _KNOWN_CLASSES = frozenset({
     "stackcat.models.image.ImageEmbeddingClassifier",
     "stackcat.models.heads.TorchHeadClassifier",
     "stackcat.models.neighbours.NeighboursClassifier",
+    "stackcat.models.metric.MetricSpaceClassifier",
     "stackcat.meta.learners.AverageBlend",
     "stackcat.meta.learners.EnsembleSelection",
     "stackcat.meta.learners.MulticlassMeta",

@@ -17,6 +17,14 @@ Per embedding view (e.g. ``"text"``, ``"image"``; rows L2-normalized):
 ``name:<view>`` -- cosine between the product and the category's name (or its
 path in a tree), through the same encoder.
 
+A member with a *learned* space (``project(X)`` and its projected training rows
+``index_`` / ``index_labels_``, e.g.
+:class:`~stackcat.models.metric.MetricSpaceClassifier`) gives the same three
+kinds in that space (:func:`learned_space_signals`; ``centroid`` is then the
+cosine to its class prototypes). The space was trained on labels, so each fold's
+model scores its own held-out rows against its own training rows: the stack
+computes them inside the fold jobs, never with a model that saw the row.
+
 Honesty: the reference rows of a training product are the rows of the
 *other* folds (:func:`oof_signals`), the same folds that made the base
 models' OOF, so no product ever meets itself or its fold; the nested meta
@@ -44,6 +52,7 @@ from typing import Any
 import numpy as np
 from scipy import sparse
 
+from stackcat.core import label_positions
 from stackcat.topk import is_top_k, put_rows, top_k_rows
 
 QUERY_CHUNK = 2048  # query rows per similarity block: bounds the (chunk x reference) float32 matrix
@@ -154,6 +163,34 @@ def oof_signals(embeddings: Mapping[str, np.ndarray], y: np.ndarray, n_classes: 
                                          k=k, temperature=temperature, top_k=top_k).items():
             parts.setdefault(name, []).append((held_out, values))
     return {name: put_rows(blocks, len(y), n_classes) for name, blocks in parts.items()}
+
+
+def learned_space_signals(model: Any, X: Any, classes: np.ndarray, top_k: int | None = None) -> dict[str, Any]:
+    """Retrieval signals of the rows of ``X`` in a fitted member's learned space, in ``classes`` columns.
+
+    The reference rows are the member's own projected training rows
+    (``model.index_``, classes ``model.index_labels_`` into ``model.classes_``);
+    the queries are ``model.project(X)``. A class the member never saw scores 0.
+    With ``top_k`` each signal is a top-k CSR matrix.
+
+    Examples
+    --------
+    >>> from types import SimpleNamespace
+    >>> member = SimpleNamespace(index_=np.eye(2, dtype=np.float16), index_labels_=np.array([0, 1]),
+    ...                          classes_=np.array(["a", "b"]), project=lambda X: np.asarray(X, np.float32))
+    >>> signals = learned_space_signals(member, [[1.0, 0.0]], np.array(["a", "b", "c"]))
+    >>> signals["centroid"].tolist()
+    [[1.0, 0.0, 0.0]]
+    """
+    index = NeighbourIndex(np.asarray(model.index_, dtype=np.float32), np.asarray(model.index_labels_),
+                           len(model.classes_))
+    known = label_positions(classes, list(model.classes_), what="the member's classes_")
+    out = {}
+    for kind, values in index_signals(index, model.project(X)).items():
+        aligned = np.zeros((len(values), len(classes)), dtype=np.float32)
+        aligned[:, known] = values
+        out[kind] = aligned if top_k is None else top_k_rows(aligned, top_k)
+    return out
 
 
 def name_signal(product_embeddings: np.ndarray, name_embeddings: np.ndarray, top_k: int | None = None) -> Any:

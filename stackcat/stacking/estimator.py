@@ -61,6 +61,7 @@ from stackcat.runs import (
 from stackcat.stacking.jobs import (
     Job,
     JobResult,
+    has_learned_space,
     load_job,
     make_folds,
     predict_aligned,
@@ -109,7 +110,10 @@ class StackingCategorizer(ClassifierMixin, _BaseComposition, BaseEstimator):
         for every member that can embed its input (``embed(X)``, e.g.
         :class:`~stackcat.models.neighbours.NeighboursClassifier`), each
         product's cosine to every class's centroid and nearest product, and
-        each class's share of its nearest neighbours -- computed out of fold.
+        each class's share of its nearest neighbours -- computed out of fold. A
+        member with a learned space (``project(X)``, e.g.
+        :class:`~stackcat.models.metric.MetricSpaceClassifier`) gives the same
+        signals in its space, each fold's model scoring its own held-out rows.
     category_names : "auto", mapping or None, default="auto"
         Names of the classes, embedded by a member's text encoder
         (``embed_texts``) to score each product against each category's name.
@@ -285,8 +289,8 @@ class StackingCategorizer(ClassifierMixin, _BaseComposition, BaseEstimator):
                 run.write_manifest(self._manifest(data_key, n_rows, status="running"))
             jobs = self._plan_jobs(data_key, X)
             results = self._run_jobs(jobs, X, labels, run)
-            self._collect(results, n_rows)
-            signals = self._fit_signals(X, y_index)
+            learned_signals = self._collect(results, n_rows)
+            signals = self._fit_signals(X, y_index, learned_signals)
             self._fit_meta_explained(y_index, [job.key for job in jobs], run, signals)
             self.oof_scores_ = self._score_table(y_index)
             if run:
@@ -367,10 +371,11 @@ class StackingCategorizer(ClassifierMixin, _BaseComposition, BaseEstimator):
         return jobs
 
     def _run_jobs(self, jobs: list[Job], X: Any, labels: np.ndarray, run: RunFolder | None) -> list[JobResult]:
-        done = [r for r in (load_job(run, job) for job in jobs) if r is not None] if run else []
+        estimators = self.named_estimators
+        done = [r for r in (load_job(run, job, has_learned_space(estimators[job.model])) for job in jobs)
+                if r is not None] if run else []
         finished = {(r.model, r.name) for r in done}
         pending = [job for job in jobs if (job.model, job.name) not in finished]
-        estimators = self.named_estimators
         run_path = str(run.path) if run else None
         results = list(done)
         self._warm_caches([estimators[name] for name in dict.fromkeys(job.model for job in pending)], X)
@@ -459,9 +464,11 @@ class StackingCategorizer(ClassifierMixin, _BaseComposition, BaseEstimator):
             line += f", {len(result.test):,} held-out rows, accuracy {(predicted == labels[result.test]).mean():.4f}"
         return line
 
-    def _collect(self, results: Iterable[JobResult], n_rows: int) -> None:
+    def _collect(self, results: Iterable[JobResult], n_rows: int) -> dict[str, Any]:
+        """Gather the jobs' OOF blocks and fold models; returns the learned members' OOF retrieval signals."""
         names = [name for name, _ in self.estimators]
         parts: dict[str, list] = {name: [] for name in names}
+        signal_parts: dict[str, list] = {}
         filled = {name: np.zeros(n_rows, dtype=np.int32) for name in names}
         models: dict[str, dict[str, Any]] = {name: {} for name in names}
         records = []
@@ -469,6 +476,8 @@ class StackingCategorizer(ClassifierMixin, _BaseComposition, BaseEstimator):
         for result in results:
             parts[result.model].append((result.test, result.oof))
             filled[result.model][result.test] += 1
+            for kind, values in result.signals.items():
+                signal_parts.setdefault(f"{result.model}:{kind}", []).append((result.test, values))
             if self.keep_models:
                 models[result.model][result.name] = (
                     result.estimator if run is None
@@ -484,6 +493,7 @@ class StackingCategorizer(ClassifierMixin, _BaseComposition, BaseEstimator):
         wanted = ["full"] if self.refit else [f"fold-{k}" for k in range(self.n_splits)]
         self.fold_models_ = {name: [models[name][job] for job in wanted] for name in names} if self.keep_models else {}
         self.jobs_ = pd.DataFrame(records).sort_values(["model", "job"], ignore_index=True)
+        return {name: topk.put_rows(blocks, n_rows, len(self.classes_)) for name, blocks in signal_parts.items()}
 
     def _fit_meta(self, y_index: np.ndarray, job_keys: list[str], run: RunFolder | None,
                   signals: dict[str, Any]) -> None:
@@ -558,8 +568,11 @@ class StackingCategorizer(ClassifierMixin, _BaseComposition, BaseEstimator):
         numeric = sum(label.replace(".", "", 1).lstrip("-").isdigit() for label in labels)
         return None if numeric > len(labels) / 2 else labels
 
-    def _fit_signals(self, X: Any, y_index: np.ndarray) -> dict[str, np.ndarray]:
-        """Out-of-fold retrieval and name signals of the training rows; keeps what predict needs."""
+    def _fit_signals(self, X: Any, y_index: np.ndarray, learned_signals: dict[str, Any]) -> dict[str, np.ndarray]:
+        """Out-of-fold retrieval and name signals of the training rows; keeps what predict needs.
+
+        ``learned_signals``: those of the members with a learned space, computed by their fold jobs.
+        """
         from stackcat.meta.retrieval import NeighbourIndex, name_signal, oof_signals
 
         embedders = self._embedders()
@@ -577,6 +590,8 @@ class StackingCategorizer(ClassifierMixin, _BaseComposition, BaseEstimator):
                 self.name_embeddings_[name] = est.embed_texts(names)
                 signals[f"name:{name}"] = name_signal(embeddings[name], self.name_embeddings_[name],
                                                       self.oof_top_k_)
+        if self.retrieval:
+            signals.update(learned_signals)
         return signals
 
     def _predict_signals(self, X: Any) -> dict[str, np.ndarray]:
@@ -590,6 +605,23 @@ class StackingCategorizer(ClassifierMixin, _BaseComposition, BaseEstimator):
             signals.update({f"{name}:{kind}": values for kind, values in index_signals(index, embedded, top_k).items()})
             if name in self.name_embeddings_:
                 signals[f"name:{name}"] = name_signal(embedded, self.name_embeddings_[name], top_k)
+        signals.update(self._predict_learned_signals(X, top_k))
+        return signals
+
+    def _predict_learned_signals(self, X: Any, top_k: int | None) -> dict[str, Any]:
+        """Signals in each learned member's space: the mean over its fold models (or its refit model)."""
+        from stackcat.meta.retrieval import learned_space_signals
+
+        if not self.retrieval:
+            return {}
+        signals: dict[str, Any] = {}
+        for name, estimator in self.estimators:
+            if not has_learned_space(estimator) or name not in self.fold_models_:
+                continue
+            per_model = [learned_space_signals(self._model(ref), X, self.classes_) for ref in self.fold_models_[name]]
+            for kind in per_model[0]:
+                mean = np.mean([signals_of[kind] for signals_of in per_model], axis=0, dtype=np.float32)
+                signals[f"{name}:{kind}"] = mean if top_k is None else topk.top_k_rows(mean, top_k)
         return signals
 
     def _score_table(self, y_index: np.ndarray) -> pd.DataFrame:

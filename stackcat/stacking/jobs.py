@@ -62,7 +62,8 @@ class JobResult:
     n_train: int
     estimator: Any = None  # the fitted model when it is not kept on disk
     cached: bool = False
-    extra: dict = field(default_factory=dict)
+    # retrieval signals of the held-out rows in a learned member's space (see has_learned_space)
+    signals: dict[str, Any] = field(default_factory=dict)
 
 
 
@@ -100,6 +101,15 @@ def take_rows(X: Any, rows: np.ndarray) -> Any:
     if isinstance(X, np.ndarray):
         return X[rows]
     return [X[i] for i in rows]
+
+
+def has_learned_space(estimator: Any) -> bool:
+    """Whether a member learns its own retrieval space (``project(X)``, e.g. ``MetricSpaceClassifier``).
+
+    Its signals depend on the labels it was fitted on, so they are computed by each
+    fold job for its held-out rows (:func:`stackcat.meta.retrieval.learned_space_signals`).
+    """
+    return callable(getattr(estimator, "project", None))
 
 
 def run_job(job: Job, estimator: Any, X: Any, y: np.ndarray, classes: np.ndarray,
@@ -145,24 +155,32 @@ def _run_job(job: Job, estimator: Any, X: Any, y: np.ndarray, classes: np.ndarra
     else:
         oof = np.zeros((0, len(classes)), dtype=oof_dtype)
     predict_seconds = time.perf_counter() - start
+    signals = {}
+    if has_learned_space(model) and len(job.test):
+        from stackcat.meta.retrieval import learned_space_signals
+
+        signals = learned_space_signals(model, take_rows(X, job.test), classes, top_k)
     result = JobResult(job.model, job.name, job.key, job.test, oof, fit_seconds, predict_seconds,
-                       len(job.train), estimator=model)
+                       len(job.train), estimator=model, signals=signals)
     if run_path is not None:
         run = RunFolder(run_path)
         write_joblib(model, run.model_path(job.model, job.name, job.key), sign=False)
         write_npz(run.oof_path(job.model, job.name, job.key), test=job.test, **_oof_arrays(oof),
-                  timings=np.array([fit_seconds, predict_seconds]), n_train=np.array(len(job.train)))
+                  **_signal_arrays(signals), timings=np.array([fit_seconds, predict_seconds]),
+                  n_train=np.array(len(job.train)))
         result.estimator = None
     return result
 
 
-def load_job(run: RunFolder, job: Job) -> JobResult | None:
+def load_job(run: RunFolder, job: Job, learned_space: bool = False) -> JobResult | None:
     """The stored result of ``job``, or None when it has not finished.
 
     A job whose files were damaged or deleted since (disk errors, a hand-edited
     folder) is not trusted: it is recomputed, with a warning. Its model file
     must carry this user's signature (see :mod:`stackcat.runs`), which also
-    catches a truncated or overwritten model without unpickling it.
+    catches a truncated or overwritten model without unpickling it. With
+    ``learned_space`` (the member has one) a fold job's file must hold its
+    held-out rows' signals too.
     """
     path = run.oof_path(job.model, job.name, job.key)
     if not path.exists():
@@ -180,8 +198,11 @@ def load_job(run: RunFolder, job: Job) -> JobResult | None:
             if not np.array_equal(stored["test"], job.test):
                 return None
             fit_seconds, predict_seconds = stored["timings"].tolist()
+            signals = _stored_signals(stored)
+            if learned_space and len(job.test) and not signals:
+                return None
             return JobResult(job.model, job.name, job.key, stored["test"], _stored_oof(stored), fit_seconds,
-                             predict_seconds, int(stored["n_train"]), cached=True)
+                             predict_seconds, int(stored["n_train"]), cached=True, signals=signals)
     except Exception as exc:  # a damaged zip raises BadZipFile, ValueError, KeyError, EOFError...
         warnings.warn(f"{path}: unreadable ({type(exc).__name__}: {exc}); the job is computed again",
                       stacklevel=3)
@@ -196,11 +217,31 @@ def _oof_arrays(oof: Any) -> dict[str, np.ndarray]:
             "oof_shape": np.array(oof.shape)}
 
 
-def _stored_oof(stored: Any) -> Any:
-    if "oof" in stored:
-        return stored["oof"]
-    return sparse.csr_matrix((stored["oof_data"], stored["oof_indices"], stored["oof_indptr"]),
-                             shape=tuple(stored["oof_shape"]))
+def _stored_oof(stored: Any, prefix: str = "oof") -> Any:
+    if prefix in stored:
+        return stored[prefix]
+    return sparse.csr_matrix((stored[f"{prefix}_data"], stored[f"{prefix}_indices"], stored[f"{prefix}_indptr"]),
+                             shape=tuple(stored[f"{prefix}_shape"]))
+
+
+_TOP_K_PARTS = ("_data", "_indices", "_indptr", "_shape")  # a top-k CSR matrix stored as its parts
+
+
+def _signal_arrays(signals: dict[str, Any]) -> dict[str, np.ndarray]:
+    """The arrays that store a job's learned-space signals in its ``.oof.npz`` (``signal.<kind>...``)."""
+    arrays = {}
+    for kind, matrix in signals.items():
+        arrays.update({f"signal.{kind}{name[3:]}": values for name, values in _oof_arrays(matrix).items()})
+    return arrays
+
+
+def _stored_signals(stored: Any) -> dict[str, Any]:
+    kinds = set()
+    for name in stored.files:
+        if name.startswith("signal."):
+            kind = name[len("signal."):]
+            kinds.add(kind.rsplit("_", 1)[0] if kind.endswith(_TOP_K_PARTS) else kind)
+    return {kind: _stored_oof(stored, f"signal.{kind}") for kind in kinds}
 
 
 # --------------------------------------------------------------------------- the estimator
