@@ -26,7 +26,8 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 from stackcat.core import encode_labels, limit_threads
 from stackcat.models._base import ProbaClassifierMixin, seed_everything
 
-__all__ = ["TorchHeadClassifier", "inner_split", "loss_class_weights"]
+__all__ = ["FeatureMinibatches", "TorchHeadClassifier", "inner_split", "loss_class_weights", "nonzero_scale",
+           "softmax_rows", "stop_after"]
 
 
 class TorchHeadClassifier(ProbaClassifierMixin, ClassifierMixin, BaseEstimator):
@@ -141,7 +142,7 @@ class TorchHeadClassifier(ProbaClassifierMixin, ClassifierMixin, BaseEstimator):
         if len(self.classes_) < 2:
             raise ValueError(f"y holds a single class ({self.classes_[0]!r}); a classifier needs at least 2")
         self.mean_ = X.mean(axis=0)
-        self.scale_ = _nonzero(X.std(axis=0))
+        self.scale_ = nonzero_scale(X.std(axis=0))
         standardized = (X - self.mean_) / self.scale_
         train, valid = self._inner_split(y_index)
         with limit_threads(self.n_threads):
@@ -154,7 +155,7 @@ class TorchHeadClassifier(ProbaClassifierMixin, ClassifierMixin, BaseEstimator):
         X = validate_data(self, X, dtype=np.float32, reset=False)
         with limit_threads(self.n_threads):
             logits = self._logits((X - self.mean_) / self.scale_)
-        return _softmax(logits)
+        return softmax_rows(logits)
 
     def _logits(self, hidden: np.ndarray) -> np.ndarray:
         for layer, (weights, bias) in enumerate(zip(self.coefs_, self.intercepts_, strict=True)):
@@ -198,13 +199,13 @@ class TorchHeadClassifier(ProbaClassifierMixin, ClassifierMixin, BaseEstimator):
             generator.seed()  # a fresh, non-deterministic seed
         else:
             generator.manual_seed(self.random_state)
-        train_batches = _Minibatches(X, y_index, self.batch_size, generator)
-        valid_batches = None if valid is None else _Minibatches(*valid, 4096, None)
+        train_batches = FeatureMinibatches(X, y_index, self.batch_size, generator)
+        valid_batches = None if valid is None else FeatureMinibatches(*valid, 4096, None)
         # the schedule always spans max_epochs, so a refit for fewer epochs sees the same learning rates
         stage = Stage("head", self.max_epochs, [{"params": list(module.parameters()), "lr": self.learning_rate,
                                                   "weight_decay": self.weight_decay}])
         callbacks = training_callbacks(progress=False, monitored=valid is not None, patience=self.patience)
-        loop = TrainingLoop(module, loss_fn, torch.device("cpu"), [*callbacks, _stop_after(epochs)])
+        loop = TrainingLoop(module, loss_fn, torch.device("cpu"), [*callbacks, stop_after(epochs)])
         history = loop.fit([stage], train_batches, valid_batches)
         linears = [layer for layer in module.layers if isinstance(layer, torch.nn.Linear)]
         self.coefs_ = [layer.weight.detach().numpy().T.copy() for layer in linears]
@@ -256,7 +257,7 @@ def inner_split(y_index: np.ndarray, validation_fraction: float,
     return np.sort(np.concatenate([train, rows[~splittable]])), np.sort(valid)
 
 
-class _Minibatches:
+class FeatureMinibatches:
     """Re-iterable minibatches of a feature matrix, reshuffled each pass when a generator is given."""
 
     def __init__(self, X: np.ndarray, y: np.ndarray, batch_size: int, generator: Any) -> None:
@@ -278,7 +279,7 @@ class _Minibatches:
             yield {"features": self.X[rows], "labels": self.y[rows]}
 
 
-def _stop_after(epochs: int) -> Any:
+def stop_after(epochs: int) -> Any:
     """A training callback that ends the stage after ``epochs`` epochs."""
     from stackcat.models.training import Callback
 
@@ -307,10 +308,12 @@ def _head_module(n_features: int, hidden_units: int, n_classes: int) -> Any:
     return Head()
 
 
-def _nonzero(scale: np.ndarray) -> np.ndarray:
+def nonzero_scale(scale: np.ndarray) -> np.ndarray:
+    """Standard deviations usable as divisors: ~0 becomes 1 (a constant feature stays 0 once centred)."""
     return np.where(scale > 1e-12, scale, 1.0).astype(np.float32)
 
 
-def _softmax(logits: np.ndarray) -> np.ndarray:
+def softmax_rows(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax of a ``(n, k)`` logit matrix, shifted by each row's maximum for stability."""
     shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
     return shifted / shifted.sum(axis=1, keepdims=True)

@@ -37,7 +37,13 @@ from stackcat.core import limit_threads
 from stackcat.features.hub import DEFAULT_TEXT_MODEL
 from stackcat.features.image_encoders import DEFAULT_IMAGE_ENCODER
 from stackcat.models._base import ProbaClassifierMixin, encode_labels, seed_everything
-from stackcat.models.heads import _Minibatches, _nonzero, _softmax, _stop_after, inner_split
+from stackcat.models.heads import (
+    FeatureMinibatches,
+    inner_split,
+    nonzero_scale,
+    softmax_rows,
+    stop_after,
+)
 from stackcat.models.neighbours import (
     NeighboursClassifier,
     l2_normalized,
@@ -292,7 +298,7 @@ class MetricSpaceClassifier(ProbaClassifierMixin, ClassifierMixin, BaseEstimator
         features, y_index = features[usable], y_index[usable]
         self.n_input_features_ = features.shape[1]
         self.mean_ = features.mean(axis=0)
-        self.scale_ = _nonzero(features.std(axis=0))
+        self.scale_ = nonzero_scale(features.std(axis=0))
         standardized = (features - self.mean_) / self.scale_
         with limit_threads(self.n_threads):
             self._learn(standardized, y_index)
@@ -424,7 +430,7 @@ class MetricSpaceClassifier(ProbaClassifierMixin, ClassifierMixin, BaseEstimator
     def _blend(self, queries: np.ndarray, weight: float, reference: np.ndarray,
                reference_labels: np.ndarray) -> np.ndarray:
         """``(1 - weight) * softmax(prototype cosines / T) + weight * neighbour votes``."""
-        proba = _softmax((queries @ self.prototypes_.T).astype(np.float64) / self.temperature_)
+        proba = softmax_rows((queries @ self.prototypes_.T).astype(np.float64) / self.temperature_)
         if weight > 0:
             similarities, positions = nearest_neighbours(queries, reference, self.n_neighbors)
             votes = neighbour_votes(similarities, reference_labels[positions], len(self.classes_),
@@ -456,14 +462,14 @@ class MetricSpaceClassifier(ProbaClassifierMixin, ClassifierMixin, BaseEstimator
             generator.seed()
         else:
             generator.manual_seed(self.random_state)
-        train_batches = _Minibatches(X, y_index, self.batch_size, generator)
-        valid_batches = None if valid is None else _Minibatches(*valid, 4096, None)
+        train_batches = FeatureMinibatches(X, y_index, self.batch_size, generator)
+        valid_batches = None if valid is None else FeatureMinibatches(*valid, 4096, None)
         # the schedule always spans max_epochs, so a refit for fewer epochs sees the same learning rates
         stage = Stage("metric space", self.max_epochs, [{"params": list(module.parameters()),
                                                          "lr": self.learning_rate,
                                                          "weight_decay": self.weight_decay}])
         callbacks = training_callbacks(progress=False, monitored=valid is not None, patience=self.patience)
-        loop = TrainingLoop(module, loss_fn, torch.device("cpu"), [*callbacks, _stop_after(epochs)])
+        loop = TrainingLoop(module, loss_fn, torch.device("cpu"), [*callbacks, stop_after(epochs)])
         history = loop.fit([stage], train_batches, valid_batches)
         linears = [layer for layer in module.layers if isinstance(layer, torch.nn.Linear)]
         self.coefs_ = [layer.weight.detach().numpy().T.copy() for layer in linears]
