@@ -33,7 +33,7 @@ DEFAULT_PRESET = "default"
 PRESET_COSTS = {
     "default": "fasttext, lexical, then bert (frozen), image, fusion and knn_text where their weights are at "
                "hand; measured: the demo's 2,005 products in 137 s on a quiet 2-core box (68 errors, 3.4%%), "
-               "44,446 Myntra products in 2,792 CPU-s, 62 min on 2 shared cores (2.08%% errors)",
+               "44,446 Myntra products in 38.5 min (2,940 CPU-s, peak RSS 5.6 GiB; 2.06%% errors)",
     "best": "default + knn_image, the text encoder's top layer tuned (8 epochs; on the Myntra photo subset "
             "308 s per fold of 7,666 texts against 18 s for the frozen head), flip-averaged photos (each photo "
             "encoded twice)",
