@@ -32,8 +32,9 @@ DEFAULT_PRESET = "default"
 # What each preset of stackcat.presets.PRESETS holds and costs (measured) for --help, which imports no model code.
 PRESET_COSTS = {
     "default": "fasttext, lexical, then bert (frozen), image, fusion and knn_text where their weights are at "
-               "hand; measured: the demo's 2,005 products in 137 s on a quiet 2-core box (68 errors, 3.4%%), "
-               "44,446 Myntra products in 38.5 min (2,940 CPU-s, peak RSS 5.6 GiB; 2.06%% errors)",
+               "hand; measured: the demo's 2,005 products in 151 s on a quiet 2-core box (67 errors, 3.3%%), "
+               "44,446 Myntra products in 21.0 min with --n-jobs 2 (38.5 min with one job; peak RSS 5.6 GiB; "
+               "2.01%% errors)",
     "best": "default + knn_image, the text encoder's top layer tuned (8 epochs), flip-averaged photos; "
             "measured on the demo: fit 456 s against 151 s for default, 63 errors against 67",
 }
